@@ -1,0 +1,220 @@
+"""LoRA adapters as plain pytrees: specification, initialisation, merging.
+
+An adapter for a frozen kernel ``W0`` of a Flax ``Dense`` layer (shape
+``(d_in, d_out)``) is the dict ``{"a": (rank, d_in), "b": (d_out, rank)}``,
+the layout of the paper and of PEFT. Its update, in the paper's orientation,
+is ``dW = (alpha / rank) * b @ a`` with shape ``(d_out, d_in)``; the merged
+Flax kernel is ``W0 + dW.T``.
+
+A whole model's adapters are one flat dict from the adapted leaf's "/"-path to
+its adapter, e.g. ``{"encoder/layer_0/attention/query/kernel": {"a": ..., "b": ...}}``.
+Other adapter families (AdaLoRA, SoRA, LoRA²) use the same flat dict with
+their own factor names; `delta_weights` and `merge` understand all of them
+through `adapter_product`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rmlora_jax import paths as paths_lib
+
+Array = jax.Array
+Adapter = Mapping[str, Array]
+Adapters = Mapping[str, Adapter]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+  """Where LoRA adapters go and how large they are.
+
+  Registered as a static pytree node, so a spec may be passed straight into
+  `jax.jit`-compiled functions.
+
+  Example::
+
+    spec = LoraSpec(rank=8, alpha=16.0, targets=(r".*/(query|value)/kernel",))
+  """
+
+  # Inner dimension R of b @ a; the most directions dW can span.
+  rank: int
+  # The update is scaled by alpha / rank, so alpha sets its size independently of rank.
+  alpha: float
+  # Regexes; a leaf is adapted when one of them re.fullmatch-es its "/"-path.
+  targets: tuple[str, ...]
+  # Standard deviation of the Gaussian that initialises `a` (b starts at zero).
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f"LoraSpec.rank must be a positive integer, got {self.rank!r}")
+    if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+      raise ValueError(f"LoraSpec.alpha must be a finite number, got {self.alpha!r}")
+    if isinstance(self.targets, str):
+      raise ValueError(
+          f"LoraSpec.targets must be a tuple of regexes, got the string {self.targets!r}; "
+          f"write ({self.targets!r},)"
+      )
+    targets = tuple(self.targets)
+    if not targets:
+      raise ValueError("LoraSpec.targets is empty: name at least one regex")
+    paths_lib.compile_patterns(targets, where="LoraSpec.targets")
+    object.__setattr__(self, "targets", targets)
+    if not isinstance(self.init_std, (int, float)) or not self.init_std >= 0:
+      raise ValueError(f"LoraSpec.init_std must be >= 0, got {self.init_std!r}")
+
+  @property
+  def scale(self) -> float:
+    """The factor alpha / rank applied to every update."""
+    return self.alpha / self.rank
+
+
+def select_targets(
+    params: Any, spec: LoraSpec, *, where: str = "LoraSpec.targets"
+) -> dict[str, Any]:
+  """The leaves of ``params`` that ``spec`` adapts, checked for shape.
+
+  Args:
+    params: a parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
+    spec: the adapter specification.
+    where: the setting named in error messages.
+
+  Returns:
+    ``{path: leaf}`` for each selected leaf, in tree order.
+
+  Raises:
+    ValueError: a pattern matches nothing, a selected leaf is not 2-D, or the
+      rank exceeds ``min(d_in, d_out)`` of a selected leaf.
+  """
+  flat = paths_lib.flatten_with_paths(params)
+  selected = paths_lib.match_paths(flat, spec.targets, where=where)
+  out = {}
+  for path in selected:
+    leaf = flat[path]
+    shape = tuple(getattr(leaf, "shape", ()))
+    if len(shape) != 2:
+      raise ValueError(
+          f"{where} selects {path!r} with shape {shape}, but only 2-D kernels "
+          f"(d_in, d_out) can be adapted; narrow the pattern"
+      )
+    if spec.rank > min(shape):
+      raise ValueError(
+          f"LoraSpec.rank={spec.rank} exceeds min(d_in, d_out)={min(shape)} of "
+          f"{path!r} (shape {shape})"
+      )
+    out[path] = leaf
+  return out
+
+
+def adapter_dtype(leaf: Any) -> jnp.dtype:
+  """Adapters are kept in at least float32, even over bfloat16 weights."""
+  return jnp.promote_types(leaf.dtype, jnp.float32)
+
+
+def init_lora(key: Array, params: Any, spec: LoraSpec) -> dict[str, dict[str, Array]]:
+  """Creates LoRA adapters for every leaf of ``params`` that ``spec`` targets.
+
+  Args:
+    key: a PRNG key; each adapter gets ``fold_in(key, hash(path))``, so adding
+      a target does not change the others' initial values.
+    params: the frozen parameter pytree (Flax ``Dense`` kernels are (d_in, d_out)).
+    spec: the adapter specification.
+
+  Returns:
+    ``{path: {"a": (rank, d_in) ~ N(0, init_std^2), "b": zeros (d_out, rank)}}``.
+
+  Example::
+
+    adapters = init_lora(jax.random.key(0), params, spec)
+  """
+  adapters = {}
+  for path, leaf in select_targets(params, spec).items():
+    d_in, d_out = leaf.shape
+    dtype = adapter_dtype(leaf)
+    k = jax.random.fold_in(key, paths_lib.path_hash(path))
+    adapters[path] = {
+        "a": spec.init_std * jax.random.normal(k, (spec.rank, d_in), dtype),
+        "b": jnp.zeros((d_out, spec.rank), dtype),
+    }
+  return adapters
+
+
+# Each adapter family registers how its factors multiply into an unscaled
+# (d_out, d_in) update, keyed by its exact set of factor names.
+_PRODUCTS: dict[frozenset[str], Callable[[Adapter], Array]] = {}
+
+
+def register_adapter_kind(names: frozenset[str] | set[str], product: Callable[[Adapter], Array]) -> None:
+  """Teaches `delta_weights` and `merge` a new adapter family.
+
+  Args:
+    names: the exact keys of the family's adapter dicts, e.g. ``{"a", "b"}``.
+    product: maps one adapter to its unscaled update of shape (d_out, d_in).
+  """
+  _PRODUCTS[frozenset(names)] = product
+
+
+def adapter_product(adapter: Adapter, *, path: str = "<adapter>") -> Array:
+  """The unscaled update (d_out, d_in) of one adapter of any registered family."""
+  names = frozenset(adapter)
+  if names not in _PRODUCTS:
+    known = ", ".join(sorted("{" + ", ".join(sorted(k)) + "}" for k in _PRODUCTS))
+    raise ValueError(
+        f"adapter at {path!r} has factors {sorted(names)}, which match no known "
+        f"adapter family ({known})"
+    )
+  return _PRODUCTS[names](adapter)
+
+
+register_adapter_kind({"a", "b"}, lambda ad: ad["b"] @ ad["a"])
+
+
+def delta_weights(adapters: Adapters, spec: LoraSpec) -> dict[str, Array]:
+  """The weight updates ``dW = (alpha / rank) * b @ a``, each (d_out, d_in).
+
+  Works for every registered adapter family (LoRA, AdaLoRA, SoRA, LoRA²).
+  """
+  return {
+      path: spec.scale * adapter_product(ad, path=path) for path, ad in adapters.items()
+  }
+
+
+def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
+  """Returns ``params`` with each adapted kernel replaced by ``W0 + dW.T``.
+
+  Pure, jittable and differentiable with respect to ``adapters``; leaves
+  without an adapter are returned as they are (same objects).
+
+  Raises:
+    ValueError: an adapter names a path that is not in ``params``, or its
+      update's shape does not fit the kernel there.
+  """
+  deltas = delta_weights(adapters, spec)
+  flat = paths_lib.flatten_with_paths(params)
+  for path, d in deltas.items():
+    if path not in flat:
+      raise ValueError(
+          f"merge: adapter path {path!r} is not a parameter path; adapters must "
+          f"come from init_* on the same parameter tree"
+      )
+    w_shape = tuple(flat[path].shape)
+    if w_shape != tuple(d.shape[::-1]):
+      raise ValueError(
+          f"merge: adapter at {path!r} gives an update of shape (d_out, d_in)="
+          f"{tuple(d.shape)}, which does not fit the kernel of shape {w_shape}"
+      )
+
+  def merge_leaf(key_path, w):
+    path = paths_lib.path_str(key_path)
+    if path not in deltas:
+      return w
+    return (w + deltas[path].T).astype(w.dtype)
+
+  return jax.tree_util.tree_map_with_path(merge_leaf, params)

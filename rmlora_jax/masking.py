@@ -1,0 +1,157 @@
+"""GM-LoRA's random direction masking (Algorithm 1 of the RM-LoRA paper).
+
+At each step, each adapter keeps ``num_directions`` (the paper's r_hat) of its
+``rank`` directions: rows ``i in S`` of ``a`` and columns ``i in S`` of ``b``;
+every other entry of its gradient (or update) is zeroed. ``S`` is drawn afresh
+per step and per adapter.
+
+The draw is a pure function of ``(seed, step // period, adapter path)``: two
+transforms built with the same seed select the same directions at the same
+step, every host and device agrees without communication, and a run resumed
+from a checkpoint repeats the masks of the run it continues.
+
+How masking composes with an adaptive optimizer matters:
+
+* ``optax.chain(mask, optax.adamw(lr), mask)`` (the paper's partial update):
+  the first mask keeps unselected gradients out of Adam's moments, the second
+  zeroes whatever momentum and weight decay would add, so unselected
+  directions stay exactly where they are.
+* ``optax.chain(mask, optax.adamw(lr))`` (the authors' released code, which
+  masks gradients once after clipping): Adam's momentum from earlier steps and
+  decoupled weight decay still move directions that are masked this step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmlora_jax import paths as paths_lib
+
+Array = jax.Array
+
+
+class RandomDirectionMaskState(NamedTuple):
+  """State of `random_direction_mask`: the number of updates seen."""
+
+  count: Array  # int32 scalar
+
+
+def adapter_pairs(tree: Any) -> dict[str, int]:
+  """Finds the ``{"a", "b"}`` adapter pairs in ``tree``.
+
+  Returns:
+    ``{pair path: rank}``, where the pair path is the "/"-path of the dict that
+    holds ``a`` and ``b`` within ``tree``.
+
+  Raises:
+    ValueError: a pair whose shapes disagree on the rank.
+  """
+  leaves = paths_lib.flatten_with_paths(tree)
+  pairs = {}
+  for path, leaf in leaves.items():
+    parent, _, name = path.rpartition("/")
+    if name != "a" or getattr(leaf, "ndim", 0) != 2:
+      continue
+    b = leaves.get(f"{parent}/b" if parent else "b")
+    if b is None or getattr(b, "ndim", 0) != 2:
+      continue
+    if leaf.shape[0] != b.shape[1]:
+      raise ValueError(
+          f"adapter {parent!r}: a has shape {tuple(leaf.shape)} and b has shape "
+          f"{tuple(b.shape)}; a is (rank, d_in) and b is (d_out, rank), so "
+          f"a.shape[0] must equal b.shape[1]"
+      )
+    pairs[parent] = int(leaf.shape[0])
+  return pairs
+
+
+def direction_mask(
+    seed: int, step: Array | int, path: str, rank: int, num_directions: int, period: int = 1
+) -> Array:
+  """The (rank,) 0/1 float32 mask of directions that ``path`` updates at ``step``.
+
+  Exactly ``num_directions`` distinct indices, uniform over ``range(rank)``,
+  a function of ``(seed, step // period, path)`` only. Jittable in ``step``.
+  """
+  key = jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32) // period)
+  key = jax.random.fold_in(key, paths_lib.path_hash(path))
+  chosen = jax.random.choice(key, rank, (num_directions,), replace=False)
+  return jnp.zeros((rank,), jnp.float32).at[chosen].set(1.0)
+
+
+def _check(pairs: dict[str, int], num_directions: int) -> None:
+  if not pairs:
+    raise ValueError(
+        "random_direction_mask found no adapter pairs (dicts with 2-D 'a' and 'b') "
+        "in the tree it was given; pass the adapters (and any head) it should mask"
+    )
+  for path, rank in pairs.items():
+    if not 1 <= num_directions <= rank:
+      raise ValueError(
+          f"random_direction_mask: num_directions={num_directions} must be in "
+          f"1..rank, but adapter {path!r} has rank {rank}"
+      )
+
+
+def random_direction_mask(
+    num_directions: int, *, seed: int = 0, period: int = 1
+) -> optax.GradientTransformation:
+  """Keeps ``num_directions`` random directions of each adapter, zeroes the rest.
+
+  For every ``{"a", "b"}`` pair in the tree, rows ``i in S`` of ``a`` and
+  columns ``i in S`` of ``b`` pass; ``S`` holds ``num_directions`` distinct
+  indices drawn uniformly from ``range(rank)``, independently per adapter and
+  per step, from ``(seed, step // period, pair path)`` alone. Leaves outside
+  adapter pairs (a classifier head trained alongside, say) pass unchanged.
+
+  Args:
+    num_directions: r_hat, directions updated per step, in 1..rank.
+    seed: the masks' seed; equal seeds give equal masks at equal steps.
+    period: draw a new set every ``period`` steps (1: every step).
+
+  Returns:
+    An `optax.GradientTransformation` whose state counts updates.
+
+  Example (the paper's partial update; unselected directions do not move)::
+
+    tx = optax.chain(random_direction_mask(4, seed=0),
+                     optax.adamw(1e-3),
+                     random_direction_mask(4, seed=0))
+  """
+  if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
+    raise ValueError(
+        f"random_direction_mask: num_directions must be a positive integer, got {num_directions!r}"
+    )
+  if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+    raise ValueError(f"random_direction_mask: period must be a positive integer, got {period!r}")
+  if not isinstance(seed, int):
+    raise ValueError(f"random_direction_mask: seed must be an integer, got {seed!r}")
+
+  def init_fn(params):
+    _check(adapter_pairs(params), num_directions)
+    return RandomDirectionMaskState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    pairs = adapter_pairs(updates)
+    _check(pairs, num_directions)
+    masks = {
+        path: direction_mask(seed, state.count, path, rank, num_directions, period)
+        for path, rank in pairs.items()
+    }
+
+    def apply(key_path, u):
+      parent, _, name = paths_lib.path_str(key_path).rpartition("/")
+      if parent not in masks or name not in ("a", "b"):
+        return u
+      m = masks[parent].astype(u.dtype)
+      return u * (m[:, None] if name == "a" else m[None, :])
+
+    updates = jax.tree_util.tree_map_with_path(apply, updates)
+    return updates, RandomDirectionMaskState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
