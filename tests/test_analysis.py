@@ -1,0 +1,49 @@
+"""Parameter counts and the paper's Table 4 measures against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmlora_jax as rl
+
+
+def test_count_params():
+  tree = {"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5), {"c": jnp.zeros((2, 2, 2))}]}
+  assert rl.count_params(tree) == 12 + 5 + 8
+  assert rl.count_params(jax.eval_shape(lambda: tree)) == 25
+  assert rl.count_params({}) == 0
+
+
+def test_effective_rank_of_constructed_matrices():
+  rng = np.random.default_rng(0)
+  u, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+  v, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+  s = np.zeros((12, 9))
+  s[np.arange(5), np.arange(5)] = [3.0, 2.0, 1.0, 0.5, 1e-6]
+  m = u @ s @ v.T
+  assert rl.effective_rank(m) == 4          # 1e-6 / 3 is below the default rtol
+  assert rl.effective_rank(m, rtol=1e-8) == 5
+  assert rl.effective_rank(np.zeros((3, 4))) == 0
+  assert rl.effective_rank(jnp.asarray(m, jnp.float32)) == 4
+
+
+def test_ortho_loss_matches_definition_and_spectrum():
+  rng = np.random.default_rng(1)
+  d = rng.normal(size=(6, 10))
+  expected = np.linalg.norm(d @ d.T - np.eye(6), "fro") ** 2
+  assert rl.ortho_loss(d) == pytest.approx(expected, rel=1e-12)
+  # Through the spectrum: sum over the d_out eigenvalues of (sigma^2 - 1)^2.
+  sv = np.linalg.svd(d, compute_uv=False)
+  assert rl.ortho_loss(d) == pytest.approx(np.sum((sv**2 - 1) ** 2), rel=1e-9)
+  q, _ = np.linalg.qr(rng.normal(size=(10, 6)))
+  assert rl.ortho_loss(q.T) == pytest.approx(0.0, abs=1e-20)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match=r"effective_rank expects a 2-D matrix, got shape \(3,\)"):
+    rl.effective_rank(np.zeros(3))
+  with pytest.raises(ValueError, match="rtol must be > 0"):
+    rl.effective_rank(np.eye(2), rtol=0.0)
+  with pytest.raises(ValueError, match="ortho_loss expects a 2-D"):
+    rl.ortho_loss(np.zeros((2, 2, 2)))

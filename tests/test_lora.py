@@ -1,0 +1,197 @@
+"""LoRA specification, initialisation, updates and merging against NumPy."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmlora_jax as rl
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  return {
+      "encoder": {
+          "layer_0": {
+              "query": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+                        "bias": jnp.zeros(5)},
+              "value": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)},
+          },
+          "norm": {"scale": jnp.ones(6)},
+      },
+      "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+  }
+
+
+SPEC = rl.LoraSpec(rank=3, alpha=6.0, targets=(r"encoder/.*/(query|value)/kernel",))
+
+
+def test_init_shapes_layout_and_statistics():
+  params = _params()
+  spec = rl.LoraSpec(rank=3, alpha=6.0, targets=SPEC.targets, init_std=0.5)
+  adapters = rl.init_lora(jax.random.key(0), params, spec)
+  assert set(adapters) == {"encoder/layer_0/query/kernel", "encoder/layer_0/value/kernel"}
+  q = adapters["encoder/layer_0/query/kernel"]
+  assert q["a"].shape == (3, 6) and q["b"].shape == (5, 3)
+  assert adapters["encoder/layer_0/value/kernel"]["b"].shape == (4, 3)
+  np.testing.assert_array_equal(q["b"], 0.0)
+  # Each adapter gets its own key: the two `a`s differ.
+  a_v = adapters["encoder/layer_0/value/kernel"]["a"]
+  assert not np.allclose(q["a"], a_v)
+  # The std of `a` is init_std (loose: 36 samples over both adapters).
+  big = rl.init_lora(jax.random.key(1), {"w": jnp.zeros((400, 300))},
+                     rl.LoraSpec(rank=50, alpha=1.0, targets=("w",), init_std=0.5))
+  assert abs(float(jnp.std(big["w"]["a"])) - 0.5) < 0.01
+  assert abs(float(jnp.mean(big["w"]["a"]))) < 0.01
+
+
+def test_init_is_a_function_of_key_and_path():
+  params = _params()
+  a1 = rl.init_lora(jax.random.key(0), params, SPEC)
+  a2 = rl.init_lora(jax.random.key(0), params, SPEC)
+  chex.assert_trees_all_equal(a1, a2)
+  # Adding a target leaves the other adapters' initial values as they were.
+  wider = rl.LoraSpec(rank=3, alpha=6.0, targets=SPEC.targets + ("head/kernel",))
+  a3 = rl.init_lora(jax.random.key(0), params, wider)
+  chex.assert_trees_all_equal(a3["encoder/layer_0/query/kernel"], a1["encoder/layer_0/query/kernel"])
+  a4 = rl.init_lora(jax.random.key(1), params, SPEC)
+  assert not np.allclose(a4["encoder/layer_0/query/kernel"]["a"], a1["encoder/layer_0/query/kernel"]["a"])
+
+
+def test_init_works_on_shapes_only():
+  shapes = jax.eval_shape(_params)
+  out = jax.eval_shape(lambda: rl.init_lora(jax.random.key(0), shapes, SPEC))
+  assert out["encoder/layer_0/query/kernel"]["a"].shape == (3, 6)
+
+
+def _random_adapters(params, spec, seed=0):
+  rng = np.random.default_rng(seed)
+  ads = rl.init_lora(jax.random.key(0), params, spec)
+  return {p: {"a": jnp.asarray(rng.normal(size=ad["a"].shape), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=ad["b"].shape), jnp.float32)}
+          for p, ad in ads.items()}
+
+
+def test_delta_and_merge_match_numpy():
+  params = _params()
+  adapters = _random_adapters(params, SPEC)
+  deltas = rl.delta_weights(adapters, SPEC)
+  merged = jax.jit(rl.merge)(params, adapters, SPEC)
+  for path, ad in adapters.items():
+    a, b = np.asarray(ad["a"], np.float64), np.asarray(ad["b"], np.float64)
+    expected = (6.0 / 3) * b @ a
+    np.testing.assert_allclose(deltas[path], expected, rtol=1e-5, atol=1e-5)
+    node = merged["encoder"]["layer_0"][path.split("/")[2]]["kernel"]
+    w0 = params["encoder"]["layer_0"][path.split("/")[2]]["kernel"]
+    np.testing.assert_allclose(node, np.asarray(w0) + expected.T, rtol=1e-5, atol=1e-5)
+  # Leaves without adapters are untouched.
+  chex.assert_trees_all_equal(merged["head"], params["head"])
+  chex.assert_trees_all_equal(merged["encoder"]["norm"], params["encoder"]["norm"])
+  chex.assert_trees_all_equal(merged["encoder"]["layer_0"]["query"]["bias"],
+                              params["encoder"]["layer_0"]["query"]["bias"])
+
+
+def test_merge_gradient_matches_closed_form():
+  # d/d a of sum(x @ (W0 + s (b a)^T)) = s * b^T 1 (x^T 1)^T ... checked numerically against NumPy.
+  params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)}
+  spec = rl.LoraSpec(rank=2, alpha=3.0, targets=("w",))
+  ads = _random_adapters(params, spec, seed=2)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4)), jnp.float32)
+
+  def f(a):
+    return jnp.sum(x @ rl.merge(params, a, spec)["w"])
+
+  g = jax.grad(f)(ads)
+  s = 3.0 / 2
+  xs = np.asarray(x, np.float64).sum(0)           # (d_in,)
+  ones = np.ones(3)                                 # (d_out,)
+  a, b = np.asarray(ads["w"]["a"], np.float64), np.asarray(ads["w"]["b"], np.float64)
+  # f = s * xs^T (b a)^T ones = s * ones^T b a xs
+  np.testing.assert_allclose(g["w"]["a"], s * np.outer(b.T @ ones, xs), rtol=1e-4)
+  np.testing.assert_allclose(g["w"]["b"], s * np.outer(ones, a @ xs), rtol=1e-4)
+
+
+def test_merged_model_equals_base_model_at_init():
+  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(7, 5)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  spec = rl.LoraSpec(rank=2, alpha=8.0, targets=(r"layers_\d+/kernel",))
+  adapters = rl.init_lora(jax.random.key(1), params, spec)
+  assert len(adapters) == 2
+  base = model.apply({"params": params}, x)
+  merged = model.apply({"params": rl.merge(params, adapters, spec)}, x)
+  np.testing.assert_array_equal(base, merged)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.0, True])
+def test_bad_rank(rank):
+  with pytest.raises(ValueError, match=r"LoraSpec.rank must be a positive integer"):
+    rl.LoraSpec(rank=rank, alpha=1.0, targets=("w",))
+
+
+def test_rank_larger_than_matrix():
+  with pytest.raises(ValueError, match=r"rank=5 exceeds min\(d_in, d_out\)=4 of 'encoder/layer_0/value/kernel'"):
+    rl.init_lora(jax.random.key(0), _params(), rl.LoraSpec(rank=5, alpha=1.0, targets=SPEC.targets))
+
+
+def test_pattern_matching_nothing_names_pattern_and_paths():
+  spec = rl.LoraSpec(rank=2, alpha=1.0, targets=(r".*/query/kernel", r".*/qkv/kernel"))
+  with pytest.raises(ValueError, match=r"pattern '\.\*/qkv/kernel' matches no parameter path.*'encoder/layer_0/query/kernel'"):
+    rl.init_lora(jax.random.key(0), _params(), spec)
+
+
+def test_pattern_must_fully_match():
+  # "query" alone is a substring of the path but not a full match.
+  with pytest.raises(ValueError, match=r"pattern 'query' matches no parameter path"):
+    rl.init_lora(jax.random.key(0), _params(), rl.LoraSpec(rank=2, alpha=1.0, targets=("query",)))
+
+
+def test_non_2d_leaf():
+  spec = rl.LoraSpec(rank=1, alpha=1.0, targets=(r"encoder/layer_0/query/.*",))
+  with pytest.raises(ValueError, match=r"'encoder/layer_0/query/bias' with shape \(5,\).*only 2-D"):
+    rl.init_lora(jax.random.key(0), _params(), spec)
+
+
+def test_bad_spec_fields():
+  with pytest.raises(ValueError, match="targets must be a tuple"):
+    rl.LoraSpec(rank=1, alpha=1.0, targets="w")
+  with pytest.raises(ValueError, match="invalid regex"):
+    rl.LoraSpec(rank=1, alpha=1.0, targets=("(",))
+  with pytest.raises(ValueError, match="targets is empty"):
+    rl.LoraSpec(rank=1, alpha=1.0, targets=())
+  with pytest.raises(ValueError, match="alpha must be a finite number"):
+    rl.LoraSpec(rank=1, alpha=float("nan"), targets=("w",))
+  with pytest.raises(ValueError, match="init_std must be >= 0"):
+    rl.LoraSpec(rank=1, alpha=1.0, targets=("w",), init_std=-0.1)
+
+
+def test_merge_rejects_misfit_adapters():
+  params = _params()
+  adapters = rl.init_lora(jax.random.key(0), params, SPEC)
+  wrong = dict(adapters)
+  wrong["encoder/layer_0/query/kernel"] = {"a": jnp.zeros((3, 7)), "b": jnp.zeros((5, 3))}
+  with pytest.raises(ValueError, match=r"'encoder/layer_0/query/kernel'.*\(5, 7\).*\(6, 5\)"):
+    rl.merge(params, wrong, SPEC)
+  stray = dict(adapters)
+  stray["encoder/layer_9/query/kernel"] = adapters["encoder/layer_0/query/kernel"]
+  with pytest.raises(ValueError, match=r"'encoder/layer_9/query/kernel' is not a parameter path"):
+    rl.merge(params, stray, SPEC)
+  with pytest.raises(ValueError, match=r"factors \['a', 'c'\].*match no known"):
+    rl.merge(params, {"head/kernel": {"a": jnp.zeros((1, 4)), "c": jnp.zeros(1)}}, SPEC)
+
+
+def test_spec_passes_through_jit_as_static():
+  traces = []
+
+  @jax.jit
+  def f(params, adapters, spec):
+    traces.append(1)
+    return rl.merge(params, adapters, spec)
+
+  params = _params()
+  adapters = rl.init_lora(jax.random.key(0), params, SPEC)
+  f(params, adapters, SPEC)
+  f(params, adapters, SPEC)
+  assert len(traces) == 1

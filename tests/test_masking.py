@@ -1,0 +1,167 @@
+"""Random direction masking (Algorithm 1) as an optax transform."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmlora_jax as rl
+
+
+def _tree(rank=6):
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return {
+      "adapters": {
+          "enc/q/kernel": {"a": f(rank, 5), "b": f(4, rank)},
+          "enc/v/kernel": {"a": f(rank, 5), "b": f(3, rank)},
+      },
+      "head": {"kernel": f(4, 2), "bias": f(2)},
+  }
+
+
+def _selected_rows(a_update):
+  """Indices i whose row of the `a` update is nonzero."""
+  return set(np.flatnonzero(np.any(np.asarray(a_update) != 0, axis=1)).tolist())
+
+
+def test_keeps_exactly_r_hat_rows_and_matching_columns():
+  tree = _tree()
+  tx = rl.random_direction_mask(2, seed=3)
+  state = tx.init(tree)
+  grads = jax.tree.map(jnp.ones_like, tree)
+  update = jax.jit(tx.update)
+  for _ in range(5):
+    out, state = update(grads, state)
+    for path, ad in out["adapters"].items():
+      rows = _selected_rows(ad["a"])
+      cols = set(np.flatnonzero(np.any(np.asarray(ad["b"]) != 0, axis=0)).tolist())
+      assert len(rows) == 2, path
+      assert rows == cols, path
+      # Kept entries are passed unchanged, the rest exactly zero.
+      m = np.zeros(6)
+      m[list(rows)] = 1
+      np.testing.assert_array_equal(ad["a"], np.ones((6, 5)) * m[:, None])
+      np.testing.assert_array_equal(ad["b"], np.ones(ad["b"].shape) * m[None, :])
+    # The head is not an adapter pair: untouched.
+    chex.assert_trees_all_equal(out["head"], grads["head"])
+  assert int(state.count) == 5
+
+
+def test_draw_depends_only_on_seed_step_and_path():
+  tree = _tree()
+  grads = jax.tree.map(jnp.ones_like, tree)
+
+  def masks(seed, steps, period=1):
+    tx = rl.random_direction_mask(3, seed=seed, period=period)
+    state = tx.init(tree)
+    seen = []
+    for _ in range(steps):
+      out, state = tx.update(grads, state)
+      seen.append({p: frozenset(_selected_rows(ad["a"])) for p, ad in out["adapters"].items()})
+    return seen
+
+  first, second = masks(7, 12), masks(7, 12)
+  assert first == second                      # same seed: same masks, step by step
+  assert first != masks(8, 12)                # another seed: other masks
+  # Per adapter and per step: the two adapters do not share one draw throughout,
+  # and the draw changes over steps.
+  assert any(m["enc/q/kernel"] != m["enc/v/kernel"] for m in first)
+  assert len({m["enc/q/kernel"] for m in first}) > 1
+  # A public function gives the same sets (resuming needs only seed and step).
+  for step, m in enumerate(first):
+    for path, rows in m.items():
+      mask = rl.direction_mask(7, step, f"adapters/{path}", 6, 3)
+      assert frozenset(np.flatnonzero(np.asarray(mask)).tolist()) == rows
+  # period: the draw is held for `period` steps.
+  held = masks(7, 6, period=3)
+  assert held[0] == held[1] == held[2] and held[3] == held[4] == held[5]
+  assert held[0] == first[0] and held[3] == first[1]
+
+
+def test_directions_are_uniform():
+  # Over many steps each of the rank directions is picked about r_hat/rank of the time.
+  counts = np.zeros(8)
+  draw = jax.jit(lambda s: rl.direction_mask(0, s, "w", 8, 2))
+  for step in range(800):
+    counts += np.asarray(draw(step))
+  expected = 800 * 2 / 8
+  # Binomial std is about 12; a 5-sigma band keeps this deterministic test meaningful.
+  assert np.all(np.abs(counts - expected) < 60), counts
+
+
+def _adamw_chain(before_and_after, wd=0.1):
+  inner = optax.adamw(1e-2, weight_decay=wd)
+  if before_and_after:
+    return optax.chain(rl.random_direction_mask(2, seed=1), inner, rl.random_direction_mask(2, seed=1))
+  return optax.chain(rl.random_direction_mask(2, seed=1), inner)
+
+
+def test_mask_around_adamw_freezes_unselected_directions():
+  params = _tree()
+  tx = _adamw_chain(True)
+  state = tx.init(params)
+
+  def loss(p):
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))
+
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  for t in range(4):
+    new, state = step(params, state)
+    for path, ad in params["adapters"].items():
+      sel = np.asarray(rl.direction_mask(1, t, f"adapters/{path}", 6, 2)).astype(bool)
+      na, nb = new["adapters"][path]["a"], new["adapters"][path]["b"]
+      np.testing.assert_array_equal(np.asarray(na)[~sel], np.asarray(ad["a"])[~sel])
+      np.testing.assert_array_equal(np.asarray(nb)[:, ~sel], np.asarray(ad["b"])[:, ~sel])
+      assert np.all(np.asarray(na)[sel] != np.asarray(ad["a"])[sel])
+      assert np.all(np.asarray(nb)[:, sel] != np.asarray(ad["b"])[:, sel])
+    # The head always trains.
+    assert np.all(np.asarray(new["head"]["kernel"]) != np.asarray(params["head"]["kernel"]))
+    params = new
+
+
+def test_mask_before_adamw_only_lets_momentum_and_decay_move_masked_directions():
+  # The authors' variant: masked gradients, but Adam's state and weight decay still act.
+  params = _tree()
+  tx = _adamw_chain(False)
+  state = tx.init(params)
+  g = jax.tree.map(jnp.ones_like, params)
+  moved_unselected = False
+  for t in range(3):
+    u, state = tx.update(g, state, params)
+    new = optax.apply_updates(params, u)
+    sel = np.asarray(rl.direction_mask(1, t, "adapters/enc/q/kernel", 6, 2)).astype(bool)
+    a0, a1 = np.asarray(params["adapters"]["enc/q/kernel"]["a"]), np.asarray(new["adapters"]["enc/q/kernel"]["a"])
+    moved_unselected |= bool(np.any(a1[~sel] != a0[~sel]))
+    params = new
+  assert moved_unselected
+
+
+def test_bad_num_directions_names_adapter():
+  with pytest.raises(ValueError, match=r"num_directions=7 must be in 1..rank, but adapter 'adapters/enc/q/kernel' has rank 6"):
+    rl.random_direction_mask(7).init(_tree())
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="num_directions must be a positive integer"):
+      rl.random_direction_mask(bad)
+  with pytest.raises(ValueError, match="period must be a positive integer"):
+    rl.random_direction_mask(1, period=0)
+  with pytest.raises(ValueError, match="found no adapter pairs"):
+    rl.random_direction_mask(1).init({"head": {"kernel": jnp.zeros((2, 2))}})
+  with pytest.raises(ValueError, match=r"a.shape\[0\] must equal b.shape\[1\]"):
+    rl.random_direction_mask(1).init({"w": {"a": jnp.zeros((3, 4)), "b": jnp.zeros((4, 2))}})
+
+
+def test_no_retrace_across_steps():
+  tree = _tree()
+  tx = rl.random_direction_mask(2)
+  update = jax.jit(chex.assert_max_traces(tx.update, n=1))
+  state = tx.init(tree)
+  for _ in range(3):
+    _, state = update(tree, state)

@@ -1,0 +1,33 @@
+"""README.md's example runs as written, and CI runs the README's test command."""
+
+import pathlib
+import re
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+  return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_api_example_runs_and_learns(capsys):
+  (example,) = [b for b in _blocks("python") if "rl.init_lora" in b]
+  namespace = {}
+  exec(compile(example, "README.md", "exec"), namespace)
+  out = capsys.readouterr().out
+  loss = float(re.search(r"loss (\S+)", out).group(1))
+  # The example fits sin(x).sum() through a rank-8 adapter on the first layer:
+  # far better than predicting zero (whose loss is the target's mean square).
+  baseline = float(np.mean(np.asarray(namespace["y"]) ** 2))
+  assert loss < 0.5 * baseline, (loss, baseline)
+  assert "rank(dW)" in out
+
+
+def test_ci_runs_the_readme_test_command():
+  commands = [line for b in _blocks("bash") for line in b.splitlines() if "pytest" in line]
+  assert len(commands) == 1, commands
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert commands[0] in ci.splitlines(), (commands[0], ci)
