@@ -1,0 +1,120 @@
+"""Shared base of the GLUE configs: the RM-LoRA paper's Table 3 settings.
+
+Task files (``configs/rte.py`` ...) build on this and change only what differs.
+Any field can be overridden from the command line, e.g.::
+
+  python -m experiments.glue --config=configs/rte.py:model=minilm \
+      --config.method=lora --config.lora.rank=4 --config.workdir=runs/rte_lora
+
+The config argument after the colon is a comma-separated list of
+``key=value``: ``model=minilm`` (the embedded offline all-MiniLM-L6-v2),
+``model=deberta`` (the paper's model, the default) or ``model=<hub id or
+folder>``, and ``method=<name>``.
+"""
+
+from ml_collections import config_dict
+
+METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
+MODEL_ALIASES = {"minilm": "minilm-l6", "deberta": "microsoft/deberta-v3-base"}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Parses ``"model=minilm,method=lora"`` into a dict; rejects unknown keys."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in ("model", "method"):
+      raise ValueError(
+          f"config argument {item!r}: expected model=<minilm|deberta|hub id|folder> "
+          f"or method=<{'|'.join(METHODS)}>"
+      )
+    out[key] = value
+  return out
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  """The base config; ``arg`` as described in the module docstring."""
+  args = parse_arg(arg)
+  c = config_dict.ConfigDict()
+  c.task = "rte"
+  c.method = args.get("method", "rm_lora")  # one of METHODS
+  c.seed = 0
+  c.workdir = ""  # where checkpoints, metrics, plots and results.json go (required)
+
+  c.model = config_dict.ConfigDict()
+  name = args.get("model", "deberta")
+  c.model.name_or_path = MODEL_ALIASES.get(name, name)  # hub id, local HF folder, or alias "minilm-l6"
+  c.model.dtype = "float32"  # computation dtype: float32 or bfloat16
+
+  c.data = config_dict.ConfigDict()
+  # GLUE folder in the official layout; unset: $GLUE_DIR, else the hub copy below.
+  c.data.dir = config_dict.placeholder(str)
+  c.data.hub_name = "nyu-mll/glue"
+  c.data.num_buckets = 4  # distinct padded lengths, so few compilations
+  c.data.train_subset = -1  # >0: that many training examples after a seeded shuffle
+  c.data.subset_seed = 0
+
+  # Table 3: batch 32, 3 epochs (MRPC and WNLI 5), LoRA lr 1e-3, full FT 1e-5.
+  c.num_epochs = 3
+  c.max_steps = -1  # -1: derived from num_epochs
+  c.batch_size = 32
+  c.learning_rate = -1.0  # <= 0: Table 3's value for the method (1e-5 full_ft, 1e-3 otherwise)
+  c.max_seq_len = 128
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.weight_decay = 0.01
+  c.optim.warmup_ratio = 0.06  # linear warm-up, then linear decay to 0
+  c.optim.max_grad_norm = 1.0  # <= 0: no clipping
+
+  c.lora = config_dict.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 32.0
+  c.lora.init_std = 0.02
+  c.lora.targets = ()  # empty: the model's default (every attention and FFN matrix)
+  c.lora.train_patterns = ()  # extra regexes of params trained with the adapters (head is always)
+
+  c.rm = config_dict.ConfigDict()
+  c.rm.num_directions = 4  # r_hat: directions updated per step and adapter
+  c.rm.ortho_weight = 0.1
+  # The authors' code: plain Frobenius norm averaged over matrices. The paper's
+  # Eq. 10 is squared=True, reduction="sum".
+  c.rm.ortho_squared = False
+  c.rm.ortho_reduction = "mean"
+  # "update": mask before and after AdamW (unselected directions do not move);
+  # "gradient": mask gradients only, as the authors' code does.
+  c.rm.mask_mode = "update"
+  c.rm.mask_period = 1
+
+  c.adalora = config_dict.ConfigDict()
+  c.adalora.init_rank = 12
+  c.adalora.target_rank = 8
+  c.adalora.t_init_ratio = 0.1  # fraction of steps before pruning starts
+  c.adalora.t_final_ratio = 0.2  # fraction of steps with the rank pattern frozen
+  c.adalora.delta_t = 10
+  c.adalora.beta1 = 0.85
+  c.adalora.beta2 = 0.85
+  c.adalora.ortho_weight = 0.5
+
+  c.sora = config_dict.ConfigDict()
+  c.sora.init_rank = 16
+  c.sora.xi = 0.005  # lambda of Table 3 (task files set it)
+  c.sora.gate_lr = -1.0  # <= 0: the learning rate
+
+  c.lora2 = config_dict.ConfigDict()
+  c.lora2.k = 8
+  c.lora2.r = 8
+  c.lora2.target_rank = 4
+  c.lora2.ortho_weight = 0.1
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1: all local devices
+
+  c.log_every_steps = 10
+  c.eval_every_steps = -1  # -1: at the end of each epoch
+  c.checkpoint_every_steps = 100
+  c.keep_checkpoints = 2
+  c.progress = True  # tqdm progress bar
+
+  c.debug = config_dict.ConfigDict()
+  c.debug.sigkill_at_step = -1  # > 0: the run kills itself after that step (resume tests)
+  return c

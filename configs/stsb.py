@@ -1,0 +1,14 @@
+"""GLUE STSB: the RM-LoRA paper's Table 3 settings.
+
+  python -m experiments.glue --config=configs/stsb.py:model=minilm \
+      --config.data.dir=../shared/data/glue --config.workdir=runs/stsb
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.task = "stsb"
+  config.sora.xi = 0.001
+  return config

@@ -1,0 +1,309 @@
+"""The GLUE experiment: data, method, jitted sharded steps, checkpoints, results.
+
+`train_and_evaluate(config, workdir)` is the whole run. It validates the
+config before loading or compiling anything, resumes from the latest
+checkpoint in ``workdir`` when there is one, and writes ``results.json``,
+TensorBoard scalars and PNG plots there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from rmlora_jax import analysis
+from rmlora_jax import lora as lora_lib
+from rmlora_jax import methods as methods_lib
+from rmlora_jax import metrics as metrics_lib
+from rmlora_jax import training
+from rmlora_jax.data import glue
+from rmlora_jax.models import hub
+
+# Trained alongside the adapters whatever the model: its classifier, plus every
+# parameter the checkpoint lacked (a new pooler, for DeBERTa).
+HEAD_PATTERNS = (r"classifier/.*",)
+DEFAULT_LEARNING_RATES = {"full_ft": 1e-5}  # Table 3; every other method 1e-3
+ADAPTER_LEARNING_RATE = 1e-3
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> float:
+  """The configured learning rate, or Table 3's for the method when unset (<= 0)."""
+  if config.learning_rate > 0:
+    return float(config.learning_rate)
+  return DEFAULT_LEARNING_RATES.get(config.method, ADAPTER_LEARNING_RATE)
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.GlueTask:
+  """Fails fast, before any loading or compilation, on bad settings."""
+  methods_lib.check_available(config.method)
+  task = glue.get_task(config.task)
+  if not workdir:
+    raise ValueError("config.workdir is empty: name a folder for checkpoints and results")
+  positive = {"batch_size": config.batch_size, "max_seq_len": config.max_seq_len,
+              "num_epochs": config.num_epochs, "lora.rank": config.lora.rank,
+              "checkpoint_every_steps": config.checkpoint_every_steps,
+              "log_every_steps": config.log_every_steps}
+  for name, value in positive.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+  if config.max_steps == 0 or config.max_steps < -1:
+    raise ValueError(f"config.max_steps must be -1 (from num_epochs) or positive, got {config.max_steps}")
+  if config.method in ("gm_lora", "rm_lora") and not 1 <= config.rm.num_directions <= config.lora.rank:
+    raise ValueError(
+        f"config.rm.num_directions={config.rm.num_directions} must be in 1..config.lora.rank={config.lora.rank}"
+    )
+  if config.rm.mask_mode not in methods_lib.MASK_MODES:
+    raise ValueError(f"config.rm.mask_mode must be one of {methods_lib.MASK_MODES}, got {config.rm.mask_mode!r}")
+  data_dir = glue.resolve_data_source(config.data.dir)
+  if data_dir is not None and not os.path.isdir(data_dir):
+    source = "config.data.dir" if config.data.dir else "$GLUE_DIR"
+    raise ValueError(f"{source}={data_dir!r} is not a directory (expected the GLUE layout, e.g. RTE/train.tsv)")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  return task
+
+
+def method_settings(config, report, hf_config) -> methods_lib.MethodSettings:
+  """The method's settings from the config and what the loader had to initialise."""
+  spec = None
+  if config.method != "full_ft":
+    targets = tuple(config.lora.targets) or hub.default_lora_targets(hf_config)
+    spec = lora_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
+                             targets=targets, init_std=config.lora.init_std)
+  head = tuple(HEAD_PATTERNS) + tuple(re.escape(p) for p in report.missing) + tuple(config.lora.train_patterns)
+  return methods_lib.MethodSettings(
+      name=config.method, spec=spec, train_patterns=tuple(dict.fromkeys(head)),
+      num_directions=config.rm.num_directions, ortho_weight=config.rm.ortho_weight,
+      ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
+      mask_mode=config.rm.mask_mode, mask_period=config.rm.mask_period, seed=config.seed,
+      extra={"adalora": config.adalora.to_dict(), "sora": config.sora.to_dict(),
+             "lora2": config.lora2.to_dict()},
+  )
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+  """Linear warm-up to ``peak``, then linear decay to zero."""
+  warmup = int(round(warmup_ratio * total_steps))
+  if warmup == 0:
+    return optax.linear_schedule(peak, 0.0, total_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))],
+      [warmup],
+  )
+
+
+def _load_data(config, task, tokenizer):
+  data_dir = glue.resolve_data_source(config.data.dir)
+  load = lambda split: glue.load_split(task, split, data_dir, hub_name=config.data.hub_name)
+  train_text = load("train")
+  if config.data.train_subset > 0:
+    order = np.random.default_rng(config.data.subset_seed).permutation(len(train_text.labels))
+    keep = np.sort(order[: config.data.train_subset])
+    train_text = glue.TextSplit(
+        text_a=[train_text.text_a[i] for i in keep],
+        text_b=None if train_text.text_b is None else [train_text.text_b[i] for i in keep],
+        labels=train_text.labels[keep],
+    )
+  train = glue.tokenize_split(train_text, tokenizer, config.max_seq_len)
+  evals = {s: glue.tokenize_split(load(s), tokenizer, config.max_seq_len) for s in task.eval_splits}
+  return train, evals
+
+
+def _evaluate(eval_step, trainable, frozen, splits, task, config, buckets, put) -> dict[str, float]:
+  out = {}
+  for i, (name, split) in enumerate(splits.items()):
+    preds, labels, weights = [], [], []
+    for batch in glue.batches(split, config.batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets):
+      preds.append(np.asarray(eval_step(trainable, frozen, put(batch))))
+      labels.append(batch["labels"])
+      weights.append(batch["weights"])
+    m = metrics_lib.glue_metrics(task, np.concatenate(preds), np.concatenate(labels), np.concatenate(weights))
+    suffix = "" if i == 0 else "_" + name.rsplit("_", 1)[-1]
+    out.update({k + suffix: float(v) for k, v in m.items()})
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) one fine-tuning run and returns its results dict."""
+  task = validate_config(config, workdir)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  head = "regression" if task.is_regression else "classification"
+  module, params, tokenizer, hf_config, report = hub.load_pretrained(
+      config.model.name_or_path, head=head, num_labels=task.num_labels,
+      dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+  train, evals = _load_data(config, task, tokenizer)
+  buckets = glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
+  steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
+  total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
+
+  settings = method_settings(config, report, hf_config)
+  method = methods_lib.make_method(settings, weight_decay=config.optim.weight_decay,
+                                   max_grad_norm=config.optim.max_grad_norm)
+  peak_lr = learning_rate(config)
+  tx = method.optimizer(lr_schedule(peak_lr, total_steps, config.optim.warmup_ratio))
+  mesh = training.make_mesh(config.mesh.data)
+  training.check_batch_size(config.batch_size, mesh)
+  rep, data_sh = training.replicated(mesh), training.data_sharded(mesh)
+
+  trainable = method.init(jax.random.key(config.seed), params)
+  frozen = jax.device_put(method.frozen(params), rep)
+  state = jax.device_put(training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable)), rep)
+  del params, trainable
+
+  ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=config.keep_checkpoints)
+  history: dict[str, list] = {"train": [], "eval": []}
+  train_time = 0.0
+  start = ckpt.latest_step() or 0
+  if start:
+    state, record = ckpt.restore(start, training.abstract_like(state, rep))
+    history, train_time = record["history"], record["train_time_s"]
+    logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
+
+  train_step = training.make_train_step(module, method, tx, regression=task.is_regression,
+                                        seed=config.seed, mesh=mesh)
+  eval_step = training.make_eval_step(module, method, regression=task.is_regression, mesh=mesh)
+  put = lambda batch: jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data_sh)
+
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  writer = SummaryWriter(str(workdir / "tensorboard"))
+  bar = tqdm(total=total_steps, initial=start, desc=f"{task.name} {config.method}",
+             disable=not config.progress, dynamic_ncols=True, unit="step")
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  batches = None
+  tick = time.perf_counter()
+  for step in range(start, total_steps):
+    epoch, index = divmod(step, steps_per_epoch)
+    if batches is None or index == 0:
+      batches = glue.batches(train, config.batch_size, seed=config.seed, epoch=epoch,
+                             shuffle=True, buckets=buckets, start=index)
+    state, m = train_step(state, frozen, put(next(batches)))
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == total_steps:
+      m = {k: float(v) for k, v in m.items()}
+      history["train"].append({"step": done, **m})
+      for k, v in m.items():
+        writer.add_scalar(f"train/{k}", v, done)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+    if done % eval_every == 0 or done == total_steps:
+      ev = _evaluate(eval_step, state.trainable, frozen, evals, task, config, buckets, put)
+      history["eval"].append({"step": done, **ev})
+      for k, v in ev.items():
+        writer.add_scalar(f"eval/{k}", v, done)
+      logging.info("step %d eval %s", done, ev)
+    bar.update(1)
+    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      now = time.perf_counter()
+      train_time, tick = train_time + now - tick, now
+      ckpt.save(done, state, {"history": history, "train_time_s": train_time})
+    if done == config.debug.sigkill_at_step:
+      # For tests: die like a killed job, without flushing anything (an
+      # asynchronous checkpoint save may be left half-written).
+      os.kill(os.getpid(), signal.SIGKILL)
+  bar.close()
+  writer.close()
+  ckpt.close()
+
+  results = _results(config, task, method, state, frozen, history, train_time, total_steps, peak_lr)
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  _plots(workdir, history, method, state, task)
+  return results
+
+
+def _results(config, task, method, state, frozen, history, train_time, steps, peak_lr) -> dict[str, Any]:
+  trainable = jax.device_get(state.trainable)
+  adapters = method.adapters(trainable)
+  per_matrix = {}
+  if adapters:
+    for path, dw in lora_lib.delta_weights(adapters, method.settings.spec).items():
+      per_matrix[path] = {"effective_rank": analysis.effective_rank(dw), "ortho_loss": analysis.ortho_loss(dw)}
+  summary = {}
+  if per_matrix:
+    ranks = np.array([v["effective_rank"] for v in per_matrix.values()])
+    losses = np.array([v["ortho_loss"] for v in per_matrix.values()])
+    summary = {"mean_effective_rank": float(ranks.mean()), "min_effective_rank": int(ranks.min()),
+               "mean_ortho_loss": float(losses.mean()), "num_adapted": len(per_matrix)}
+  n_trainable = analysis.count_params(trainable)
+  return {
+      "task": task.name,
+      "method": config.method,
+      "seed": config.seed,
+      "model": config.model.name_or_path,
+      "metrics": {k: v for k, v in (history["eval"] or [{}])[-1].items() if k != "step"},
+      "main_metric": task.main_metric,
+      "trainable_params": n_trainable,
+      "inference_params": n_trainable,
+      "steps": int(steps),
+      "train_time_s": round(float(train_time), 2),
+      "learning_rate": peak_lr,
+      "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
+               "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
+      "adapters": {"summary": summary, "per_matrix": per_matrix},
+      "history": history,
+  }
+
+
+def _plots(workdir, history, method, state, task) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  tr = history["train"]
+  ax1.plot([h["step"] for h in tr], [h["task_loss"] for h in tr], label="task loss")
+  if any(h["penalty"] for h in tr):
+    ax1.plot([h["step"] for h in tr], [h["penalty"] for h in tr], label="ortho penalty (weighted)")
+  ax1.set_xlabel("step")
+  ax1.set_title("training")
+  ax1.legend()
+  ev = history["eval"]
+  for key in sorted({k for h in ev for k in h if k != "step"}):
+    ax2.plot([h["step"] for h in ev], [h.get(key, np.nan) for h in ev], marker="o", label=key)
+  ax2.set_xlabel("step")
+  ax2.set_title(f"{task.name} dev")
+  ax2.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "curves.png", dpi=110)
+  plt.close(fig)
+
+  adapters = method.adapters(jax.device_get(state.trainable))
+  if not adapters:
+    return
+  deltas = lora_lib.delta_weights(adapters, method.settings.spec)
+  kinds = sorted({re.sub(r"layer_\d+/", "", p) for p in deltas})
+  cols = min(3, len(kinds))
+  rows = -(-len(kinds) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+  for ax, kind in zip(axes.flat, kinds):
+    for path, dw in deltas.items():
+      if re.sub(r"layer_\d+/", "", path) == kind:
+        s = analysis.singular_values(dw)
+        layer = re.search(r"layer_(\d+)", path)
+        ax.semilogy(np.arange(1, len(s) + 1)[: 4 * method.settings.spec.rank],
+                    np.maximum(s[: 4 * method.settings.spec.rank], 1e-12),
+                    marker=".", label=f"layer {layer.group(1)}" if layer else path)
+    ax.set_title(kind.replace("encoder/", "").replace("/kernel", ""), fontsize=9)
+    ax.set_xlabel("index")
+    ax.axvline(method.settings.spec.rank, color="grey", lw=0.5, ls="--")
+  for ax in list(axes.flat)[len(kinds):]:
+    ax.axis("off")
+  axes.flat[0].set_ylabel("singular value of dW")
+  axes.flat[0].legend(fontsize=7)
+  fig.suptitle("singular value spectra of dW (dashed: the LoRA rank)")
+  fig.tight_layout()
+  fig.savefig(workdir / "spectra.png", dpi=110)
+  plt.close(fig)

@@ -1,0 +1,222 @@
+"""Fine-tuning methods as (trainable tree, assembly, penalty, optimizer) bundles.
+
+A method splits a model's parameters into a *trainable* tree (what the
+optimizer sees and gradients are taken of) and the *frozen* parameters, and
+says how to put them back together for a forward pass:
+
+* ``full_ft``: everything is trainable.
+* ``lora``, ``r_lora``, ``gm_lora``, ``rm_lora``: ``{"adapters": ..., "head": ...}``
+  is trainable; the base weights are frozen and never differentiated. R adds
+  the orthogonality penalty, GM the random direction mask, RM both.
+
+The family methods (``adalora``, ``sora``, ``lora2``) register themselves here
+when their modules are available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmlora_jax import lora as lora_lib
+from rmlora_jax import masking
+from rmlora_jax import paths as paths_lib
+from rmlora_jax import penalty as penalty_lib
+
+METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
+MASK_MODES = ("update", "gradient")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodSettings:
+  """What a method needs to know beyond the model; built from the experiment config."""
+
+  # One of METHODS.
+  name: str
+  # Adapter placement and size (unused by full_ft).
+  spec: lora_lib.LoraSpec | None = None
+  # Regexes of parameters trained alongside the adapters (the task head).
+  train_patterns: tuple[str, ...] = ()
+  # r_hat for gm_lora / rm_lora.
+  num_directions: int = 0
+  # Weight of the orthogonality penalty for r_lora / rm_lora.
+  ortho_weight: float = 0.0
+  # Squared Frobenius norm (the paper) or plain (the authors' code).
+  ortho_squared: bool = True
+  # "sum" (the paper) or "mean" over terms (the authors' code).
+  ortho_reduction: str = "sum"
+  # "update": mask before and after the optimizer; "gradient": before only.
+  mask_mode: str = "update"
+  # Steps between fresh direction draws.
+  mask_period: int = 1
+  # Seed of the direction draws.
+  seed: int = 0
+  # Family-specific settings (AdaLoRA, SoRA, LoRA²), by method name.
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.name not in METHODS:
+      raise ValueError(f"method {self.name!r} is unknown; choose one of {METHODS}")
+    if self.mask_mode not in MASK_MODES:
+      raise ValueError(f"rm.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+    penalty_lib.check_reduction(self.ortho_reduction, where="rm.ortho_reduction")
+    if self.name != "full_ft" and self.spec is None:
+      raise ValueError(f"method {self.name!r} needs a LoraSpec")
+    if self.name in ("gm_lora", "rm_lora") and not 1 <= self.num_directions <= self.spec.rank:
+      raise ValueError(
+          f"rm.num_directions={self.num_directions} must be in 1..lora.rank={self.spec.rank}"
+      )
+    if self.ortho_weight < 0:
+      raise ValueError(f"rm.ortho_weight must be >= 0, got {self.ortho_weight}")
+
+  @property
+  def uses_penalty(self) -> bool:
+    return self.name in ("r_lora", "rm_lora") and self.ortho_weight > 0
+
+  @property
+  def uses_mask(self) -> bool:
+    return self.name in ("gm_lora", "rm_lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method's pure functions; holds no arrays.
+
+  Attributes:
+    settings: what it was built from.
+    init: ``(key, params) -> trainable``.
+    assemble: ``(trainable, frozen) -> params`` for the model's forward pass.
+    penalty: ``trainable -> scalar`` added to the task loss (inside the jitted loss).
+    optimizer: ``learning_rate (float or schedule) -> optax.GradientTransformation``.
+    frozen: ``params -> frozen`` (what stays fixed; full_ft keeps nothing).
+    adapters: ``trainable -> {path: adapter}`` for analysis (empty for full_ft).
+  """
+
+  settings: MethodSettings
+  init: Callable[[jax.Array, Any], Any]
+  assemble: Callable[[Any, Any], Any]
+  penalty: Callable[[Any], jax.Array]
+  optimizer: Callable[[Any], optax.GradientTransformation]
+  frozen: Callable[[Any], Any]
+  adapters: Callable[[Any], Mapping[str, Any]]
+
+
+def _zero(_):
+  return jnp.zeros((), jnp.float32)
+
+
+def base_optimizer(learning_rate, *, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+  """Gradient clipping (when ``max_grad_norm > 0``) then AdamW."""
+  adamw = optax.adamw(learning_rate, weight_decay=weight_decay)
+  if max_grad_norm and max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+  return adamw
+
+
+def head_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:
+  """Parameter paths trained alongside adapters; every pattern must match."""
+  if not patterns:
+    return []
+  return paths_lib.match_paths(paths_lib.flatten_with_paths(params), patterns, where="lora.train_patterns")
+
+
+def with_head(params: Any, head: Mapping[str, jax.Array]) -> Any:
+  """``params`` with the leaves named in ``head`` (by "/"-path) replaced."""
+  if not head:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, w: head.get(paths_lib.path_str(kp), w), params
+  )
+
+
+def make_method(
+    settings: MethodSettings,
+    *,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 1.0,
+) -> Method:
+  """Builds the method's functions from its settings."""
+  s = settings
+  opt = lambda lr: base_optimizer(lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+
+  if s.name == "full_ft":
+    return Method(
+        settings=s,
+        init=lambda key, params: {"params": params},
+        assemble=lambda trainable, frozen: trainable["params"],
+        penalty=_zero,
+        optimizer=opt,
+        frozen=lambda params: {},
+        adapters=lambda trainable: {},
+    )
+
+  if s.name in _FAMILY:
+    return _FAMILY[s.name](s, opt)
+
+  spec = s.spec
+
+  def init(key, params):
+    flat = paths_lib.flatten_with_paths(params)
+    head = {p: flat[p] for p in head_paths(params, s.train_patterns)}
+    return {"adapters": lora_lib.init_lora(key, params, spec), "head": head}
+
+  def assemble(trainable, frozen):
+    return lora_lib.merge(with_head(frozen, trainable["head"]), trainable["adapters"], spec)
+
+  def penalty(trainable):
+    if not s.uses_penalty:
+      return _zero(trainable)
+    return s.ortho_weight * penalty_lib.ortho_penalty(
+        trainable["adapters"], squared=s.ortho_squared, reduction=s.ortho_reduction
+    )
+
+  def optimizer(lr):
+    tx = opt(lr)
+    if not s.uses_mask:
+      return tx
+    mask = lambda: masking.random_direction_mask(s.num_directions, seed=s.seed, period=s.mask_period)
+    if s.mask_mode == "update":
+      return optax.chain(mask(), tx, mask())
+    return optax.chain(mask(), tx)
+
+  return Method(
+      settings=s,
+      init=init,
+      assemble=assemble,
+      penalty=penalty,
+      optimizer=optimizer,
+      frozen=lambda params: params,
+      adapters=lambda trainable: trainable["adapters"],
+  )
+
+
+# Family methods: name -> (settings, base optimizer factory) -> Method.
+_FAMILY: dict[str, Callable[[MethodSettings, Callable], Method]] = {}
+
+
+def register_family_method(name: str, build: Callable[[MethodSettings, Callable], Method]) -> None:
+  """Adds a method (AdaLoRA, SoRA, LoRA²) built by ``build(settings, base_optimizer)``."""
+  if name not in METHODS:
+    raise ValueError(f"register_family_method: {name!r} is not one of {METHODS}")
+  _FAMILY[name] = build
+
+
+def available_methods() -> tuple[str, ...]:
+  """The methods that can run now."""
+  return tuple(m for m in METHODS if m in ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora") or m in _FAMILY)
+
+
+def check_available(name: str) -> None:
+  """Raises ValueError for a method that is named but not implemented yet."""
+  if name not in METHODS:
+    raise ValueError(f"method {name!r} is unknown; choose one of {METHODS}")
+  if name not in available_methods():
+    raise ValueError(
+        f"method {name!r} is not available yet in this version of rmlora_jax "
+        f"(available: {available_methods()})"
+    )
