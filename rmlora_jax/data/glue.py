@@ -1,0 +1,603 @@
+"""GLUE tasks: loading, tokenising and length-bucketed batching on the host.
+
+Two data sources give the same `TextSplit`:
+
+* a local folder in the official GLUE download layout
+  (``<data_dir>/RTE/train.tsv``, ``dev.tsv``; MNLI ``dev_matched.tsv`` and
+  ``dev_mismatched.tsv``), read by splitting lines on tabs (GLUE text holds
+  quotes, so no csv quoting);
+* the Hugging Face hub copy (``nyu-mll/glue``) through `datasets.load_dataset`.
+
+Label ids follow the hub's ``ClassLabel`` order in both, so a model trained on
+one source is scored correctly on the other.
+
+`batches` turns a `TokenizedSplit` into fixed-size numpy batches whose
+sequence length is one of a few buckets, so a jitted step compiles few shapes;
+its order is a pure function of (seed, epoch), so a resumed run sees exactly
+the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+HUB_NAME = "nyu-mll/glue"
+# Environment variable naming a folder in the official GLUE layout.
+GLUE_DIR_ENV = "GLUE_DIR"
+# Batches per chunk that is sorted by length before batching (see `batches`).
+CHUNK_BATCHES = 50
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GlueTask:
+  """What differs between GLUE tasks: columns, labels, files and metrics.
+
+  Example::
+
+    task = get_task("rte")
+    task.num_labels, task.eval_splits  # 2, ("validation",)
+  """
+
+  # Short lower-case name, also the hub config name ("rte", "sst2", ...).
+  name: str
+  # Classes of the classifier head; 1 for the regression task STS-B.
+  num_labels: int
+  # The splits with public labels used for evaluation, named as on the hub.
+  eval_splits: tuple[str, ...]
+  # The metric a run is judged by (a key of `rmlora_jax.metrics.glue_metrics`).
+  main_metric: str
+  # Every metric reported for the task, main one included.
+  metrics: tuple[str, ...]
+  # Folder of the task in the official GLUE download ("RTE", "SST-2", ...).
+  dir_name: str
+  # Hub split name -> TSV file name inside `dir_name`.
+  files: Mapping[str, str]
+  # TSV columns holding text_a (and text_b for pair tasks).
+  tsv_text_columns: tuple[str, ...]
+  # TSV column holding the label.
+  tsv_label_column: str
+  # Column names of headerless files (CoLA); None: the first line is the header.
+  tsv_fieldnames: tuple[str, ...] | None = None
+  # Label strings as written in the TSV files, position = class id; None: float score.
+  tsv_labels: tuple[str, ...] | None = ("0", "1")
+  # Hub columns holding text_a (and text_b); the hub's label column is "label".
+  hub_text_columns: tuple[str, ...]
+  # Human-readable class names in the hub's ClassLabel order (for reports).
+  label_names: tuple[str, ...] = ()
+
+  @property
+  def is_regression(self) -> bool:
+    """True for STS-B, whose label is a similarity score in [0, 5]."""
+    return self.num_labels == 1
+
+  @property
+  def is_pair(self) -> bool:
+    """True when each example is a pair of texts (text_b is not None)."""
+    return len(self.hub_text_columns) == 2
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """Every split with public labels: "train" and the eval splits."""
+    return ("train",) + self.eval_splits
+
+
+_DEV = {"train": "train.tsv", "validation": "dev.tsv"}
+_NLI = ("entailment", "not_entailment")
+
+TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in (
+        GlueTask(
+            name="cola", num_labels=2, eval_splits=("validation",), main_metric="mcc",
+            metrics=("mcc", "accuracy"), dir_name="CoLA", files=_DEV,
+            tsv_fieldnames=("source", "label", "original_label", "sentence"),
+            tsv_text_columns=("sentence",), tsv_label_column="label",
+            hub_text_columns=("sentence",), label_names=("unacceptable", "acceptable"),
+        ),
+        GlueTask(
+            name="sst2", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy",), dir_name="SST-2", files=_DEV,
+            tsv_text_columns=("sentence",), tsv_label_column="label",
+            hub_text_columns=("sentence",), label_names=("negative", "positive"),
+        ),
+        GlueTask(
+            name="mrpc", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy", "f1"), dir_name="MRPC", files=_DEV,
+            tsv_text_columns=("#1 String", "#2 String"), tsv_label_column="Quality",
+            hub_text_columns=("sentence1", "sentence2"),
+            label_names=("not_equivalent", "equivalent"),
+        ),
+        GlueTask(
+            name="stsb", num_labels=1, eval_splits=("validation",), main_metric="pearson",
+            metrics=("pearson", "spearman"), dir_name="STS-B", files=_DEV,
+            tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="score",
+            tsv_labels=None, hub_text_columns=("sentence1", "sentence2"),
+        ),
+        GlueTask(
+            name="qqp", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy", "f1"), dir_name="QQP", files=_DEV,
+            tsv_text_columns=("question1", "question2"), tsv_label_column="is_duplicate",
+            hub_text_columns=("question1", "question2"),
+            label_names=("not_duplicate", "duplicate"),
+        ),
+        GlueTask(
+            name="qnli", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy",), dir_name="QNLI", files=_DEV,
+            tsv_text_columns=("question", "sentence"), tsv_label_column="label",
+            tsv_labels=_NLI, hub_text_columns=("question", "sentence"), label_names=_NLI,
+        ),
+        GlueTask(
+            name="mnli", num_labels=3,
+            eval_splits=("validation_matched", "validation_mismatched"),
+            main_metric="accuracy", metrics=("accuracy",), dir_name="MNLI",
+            files={
+                "train": "train.tsv",
+                "validation_matched": "dev_matched.tsv",
+                "validation_mismatched": "dev_mismatched.tsv",
+            },
+            tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="gold_label",
+            tsv_labels=("entailment", "neutral", "contradiction"),
+            hub_text_columns=("premise", "hypothesis"),
+            label_names=("entailment", "neutral", "contradiction"),
+        ),
+        GlueTask(
+            name="wnli", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy",), dir_name="WNLI", files=_DEV,
+            tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="label",
+            hub_text_columns=("sentence1", "sentence2"),
+            label_names=("not_entailment", "entailment"),
+        ),
+        GlueTask(
+            name="rte", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
+            metrics=("accuracy",), dir_name="RTE", files=_DEV,
+            tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="label",
+            tsv_labels=_NLI, hub_text_columns=("sentence1", "sentence2"), label_names=_NLI,
+        ),
+    )
+}
+
+
+def get_task(name: str | GlueTask) -> GlueTask:
+  """The `GlueTask` called ``name`` (case-insensitive; "SST-2" works too).
+
+  Raises:
+    ValueError: ``name`` is not a GLUE task; the message lists the known ones.
+  """
+  if isinstance(name, GlueTask):
+    return name
+  key = _normalise(str(name))
+  if key not in TASKS:
+    raise ValueError(f"Unknown GLUE task {name!r}; known tasks: {sorted(TASKS)}")
+  return TASKS[key]
+
+
+def _normalise(name: str) -> str:
+  """"SST-2", "sst_2", "Sst2" -> "sst2": how task and folder names are compared."""
+  return name.lower().replace("-", "").replace("_", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplit:
+  """The raw columns of one split of one task."""
+
+  # First (or only) text of each example.
+  text_a: list[str]
+  # Second text of pair tasks; None for single-sentence tasks (CoLA, SST-2).
+  text_b: list[str] | None
+  # Class ids (int32) or, for STS-B, float32 scores; one per example.
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.text_a)
+
+
+def resolve_data_source(data_dir: str | None) -> str | None:
+  """Where to read GLUE from: ``data_dir``, else ``$GLUE_DIR``, else None (the hub)."""
+  if data_dir:
+    return str(data_dir)
+  return os.environ.get(GLUE_DIR_ENV) or None
+
+
+def load_split(
+    task: str | GlueTask,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    hub_name: str = HUB_NAME,
+) -> TextSplit:
+  """Loads one split of a GLUE task from local TSV files or from the hub.
+
+  Args:
+    task: a task name ("rte") or `GlueTask`.
+    split: "train" or one of ``task.eval_splits`` ("validation"; MNLI
+      "validation_matched" / "validation_mismatched").
+    data_dir: a folder in the official GLUE layout (``<data_dir>/RTE/dev.tsv``)
+      or the task's own folder; None falls back to ``$GLUE_DIR`` and then to
+      the hub (see `resolve_data_source`).
+    hub_name: the hub dataset (or a local folder laid out like it) used when
+      there is no local folder.
+
+  Returns:
+    The split's texts and labels in file order.
+
+  Raises:
+    ValueError: unknown task or split, or a malformed file (path and 1-based
+      line number in the message).
+    FileNotFoundError: the local folder or file does not exist.
+    OSError: the hub copy cannot be reached and is not cached.
+
+  Example::
+
+    dev = load_split("rte", "validation", "/data/glue")
+  """
+  task = get_task(task)
+  if split not in task.splits:
+    raise ValueError(
+        f"Unknown split {split!r} for GLUE task {task.name!r}; expected one of "
+        f"{list(task.splits)} (test labels are not public)"
+    )
+  source = resolve_data_source(data_dir)
+  if source is None:
+    return _load_hub(task, split, hub_name)
+  return _load_tsv(task, split, _task_file(task, split, pathlib.Path(source)))
+
+
+def _task_file(task: GlueTask, split: str, data_dir: pathlib.Path) -> pathlib.Path:
+  """``<data_dir>/<TASK>/<file>``, accepting the task folder itself and case variants."""
+  file_name = task.files[split]
+  expected = data_dir / task.dir_name / file_name
+  if not data_dir.is_dir():
+    raise FileNotFoundError(
+        f"GLUE data folder {str(data_dir)!r} does not exist; expected the official "
+        f"layout, e.g. {str(expected)!r}"
+    )
+  if _normalise(data_dir.name) == task.name:
+    folder = data_dir
+  else:
+    matches = sorted(
+        p for p in data_dir.iterdir() if p.is_dir() and _normalise(p.name) == task.name
+    )
+    if matches:
+      folder = matches[0]
+    elif (data_dir / file_name).is_file():
+      folder = data_dir  # Already the task folder, under another name.
+    else:
+      raise FileNotFoundError(
+          f"No folder for GLUE task {task.name!r} in {str(data_dir)!r}; expected the "
+          f"official layout, e.g. {str(expected)!r}"
+      )
+  path = folder / file_name
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"GLUE file {str(path)!r} does not exist; split {split!r} of {task.name!r} "
+        f"is read from {file_name!r}"
+    )
+  return path
+
+
+def _load_tsv(task: GlueTask, split: str, path: pathlib.Path) -> TextSplit:
+  """Parses one official GLUE TSV file (tab-split lines, no quoting)."""
+  # utf-8-sig drops MRPC's byte-order mark; split on "\n" only, since
+  # str.splitlines would also break on separators that may occur inside text.
+  lines = path.read_text(encoding="utf-8-sig").split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()  # The trailing newline (CoLA's dev file has none).
+  first_row = 1
+  header = task.tsv_fieldnames
+  if header is None:
+    if not lines:
+      raise ValueError(f"{path}: empty file; expected a header line")
+    header = tuple(lines[0].rstrip("\r").split("\t"))
+    first_row = 2
+  columns = {}
+  for name in task.tsv_text_columns + (task.tsv_label_column,):
+    if name not in header:
+      raise ValueError(
+          f"{path}:1: header has no column {name!r} needed for split {split!r} of "
+          f"{task.name!r}; found {list(header)}"
+      )
+    columns[name] = header.index(name)
+  label_ids = {s: i for i, s in enumerate(task.tsv_labels or ())}
+
+  texts = [[] for _ in task.tsv_text_columns]
+  labels = []
+  for line_no, line in enumerate(lines[first_row - 1:], start=first_row):
+    fields = line.rstrip("\r").split("\t")
+    if len(fields) != len(header):
+      raise ValueError(
+          f"{path}:{line_no}: expected {len(header)} tab-separated columns "
+          f"({list(header)}), got {len(fields)}"
+      )
+    for column, out in zip(task.tsv_text_columns, texts):
+      out.append(fields[columns[column]])
+    raw = fields[columns[task.tsv_label_column]]
+    labels.append(_parse_label(task, raw, label_ids, f"{path}:{line_no}"))
+  dtype = np.float32 if task.is_regression else np.int32
+  return TextSplit(
+      text_a=texts[0],
+      text_b=texts[1] if task.is_pair else None,
+      labels=np.asarray(labels, dtype=dtype),
+  )
+
+
+def _parse_label(task: GlueTask, raw: str, label_ids: Mapping[str, int], where: str):
+  """A TSV label string -> class id, or a float score for STS-B."""
+  if task.is_regression:
+    try:
+      score = float(raw)
+    except ValueError:
+      score = float("nan")
+    if not 0.0 <= score <= 5.0:
+      raise ValueError(f"{where}: {task.tsv_label_column} {raw!r} is not a number in [0, 5]")
+    return score
+  if raw not in label_ids:
+    raise ValueError(
+        f"{where}: {task.tsv_label_column} {raw!r} is not one of {list(label_ids)}"
+    )
+  return label_ids[raw]
+
+
+def _load_hub(task: GlueTask, split: str, hub_name: str) -> TextSplit:
+  """One split through `datasets.load_dataset(hub_name, task.name)`."""
+  import datasets  # Slow to import; only the hub path needs it.
+
+  try:
+    ds = datasets.load_dataset(hub_name, task.name, split=split)
+  except OSError as err:  # ConnectionError offline, FileNotFoundError for unknown names.
+    raise OSError(
+        f"Could not load GLUE task {task.name!r} split {split!r} from the hub dataset "
+        f"{hub_name!r} (no network and no cached copy?): {err}. Pass config.data.dir "
+        f"or set {GLUE_DIR_ENV} to a folder in the official GLUE layout, e.g. "
+        f"<dir>/{task.dir_name}/{task.files[split]}"
+    ) from err
+  missing = [c for c in task.hub_text_columns + ("label",) if c not in ds.column_names]
+  if missing:
+    raise ValueError(
+        f"Hub dataset {hub_name!r} config {task.name!r} split {split!r} lacks columns "
+        f"{missing}; it has {ds.column_names}"
+    )
+  dtype = np.float32 if task.is_regression else np.int32
+  labels = np.asarray(ds["label"], dtype=dtype)
+  if not task.is_regression and labels.size and (
+      labels.min() < 0 or labels.max() >= task.num_labels
+  ):
+    raise ValueError(
+        f"Hub dataset {hub_name!r} config {task.name!r} split {split!r} has labels "
+        f"outside [0, {task.num_labels}): {sorted(set(labels.tolist()))[:10]}"
+    )
+  texts = [list(ds[c]) for c in task.hub_text_columns]
+  return TextSplit(
+      text_a=texts[0], text_b=texts[1] if task.is_pair else None, labels=labels
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSplit:
+  """Token ids of one split, unpadded, with special tokens."""
+
+  # One int32 array per example, variable length.
+  input_ids: list[np.ndarray]
+  # Segment ids, int32, the same lengths as `input_ids` (zeros for RoBERTa-like tokenizers).
+  token_type_ids: list[np.ndarray]
+  # Class ids (int32) or scores (float32), one per example.
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+  def lengths(self) -> np.ndarray:
+    """Number of tokens of each example, int32 (N,)."""
+    return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
+
+
+def tokenize_split(
+    split: TextSplit, tokenizer: Any, max_seq_len: int, *, chunk_size: int = 4096
+) -> TokenizedSplit:
+  """Tokenises a split with a transformers tokenizer, truncating but not padding.
+
+  Args:
+    split: the texts (pairs are encoded as ``tokenizer(text_a, text_b)``).
+    tokenizer: a `transformers` tokenizer (fast ones are much quicker).
+    max_seq_len: the most tokens per example, special tokens included.
+    chunk_size: examples per tokenizer call (bounds host memory).
+
+  Returns:
+    The ids of every example, in the split's order.
+  """
+  if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+    raise ValueError(f"tokenize_split: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+  input_ids, token_type_ids = [], []
+  for start in range(0, len(split), chunk_size):
+    args = [split.text_a[start:start + chunk_size]]
+    if split.text_b is not None:
+      args.append(split.text_b[start:start + chunk_size])
+    enc = tokenizer(*args, truncation=True, max_length=max_seq_len, padding=False)
+    ids = [np.asarray(x, np.int32) for x in enc["input_ids"]]
+    types = enc.get("token_type_ids")
+    input_ids += ids
+    if types is None:
+      token_type_ids += [np.zeros_like(x) for x in ids]
+    else:
+      token_type_ids += [np.asarray(x, np.int32) for x in types]
+  return TokenizedSplit(input_ids, token_type_ids, np.asarray(split.labels))
+
+
+def bucket_lengths(max_seq_len: int, num_buckets: int = 4) -> tuple[int, ...]:
+  """Padded lengths for `batches`: halvings of ``max_seq_len``, rounded up to 8.
+
+  Example: ``bucket_lengths(128) == (16, 32, 64, 128)``. Rounding can merge
+  buckets, so fewer than ``num_buckets`` may come back; the last is always
+  ``max_seq_len``.
+  """
+  for value, name in ((max_seq_len, "max_seq_len"), (num_buckets, "num_buckets")):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"bucket_lengths: {name} must be a positive integer, got {value!r}")
+  out = {max_seq_len}
+  for i in range(1, num_buckets):
+    length = -(-max_seq_len // 2**i)
+    out.add(min(max_seq_len, max(8, -(-length // 8) * 8)))
+  return tuple(sorted(out))
+
+
+def num_batches(n: int, batch_size: int, *, drop_remainder: bool) -> int:
+  """Batches per epoch of ``n`` examples (the last partial one kept unless dropped)."""
+  _check_positive(batch_size, "batch_size")
+  if n < 0:
+    raise ValueError(f"num_batches: n must be >= 0, got {n!r}")
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def _check_positive(value: Any, name: str):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def batch_plan(
+    lengths: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    drop_remainder: bool = False,
+    chunk_batches: int = CHUNK_BATCHES,
+) -> list[np.ndarray]:
+  """The example indices of each batch of one epoch (what `batches` pads).
+
+  With ``shuffle`` the order is a pure function of (seed, epoch): permute all
+  examples, cut them into chunks of ``chunk_batches`` batches, sort each chunk
+  by length, cut into batches and permute the batches. Examples of similar
+  length share a batch (little padding) while the epoch stays random. Without
+  ``shuffle`` the examples are sorted by length, longest first (for eval).
+
+  Returns:
+    One int array per batch; all have ``batch_size`` entries except perhaps
+    the last (not with ``drop_remainder``).
+  """
+  _check_positive(batch_size, "batch_size")
+  _check_positive(chunk_batches, "chunk_batches")
+  lengths = np.asarray(lengths)
+  n = len(lengths)
+  if shuffle:
+    if min(seed, epoch) < 0:
+      raise ValueError(f"batch_plan: seed and epoch must be >= 0, got {seed!r}, {epoch!r}")
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(n)
+    chunk = chunk_batches * batch_size
+    order = np.concatenate(
+        [perm[i:i + chunk][np.argsort(-lengths[perm[i:i + chunk]], kind="stable")]
+         for i in range(0, n, chunk)] or [np.zeros(0, np.int64)]
+    )
+  else:
+    order = np.argsort(-lengths, kind="stable")
+  count = num_batches(n, batch_size, drop_remainder=drop_remainder)
+  plan = [order[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+  if shuffle:
+    plan = [plan[i] for i in rng.permutation(count)]
+  return plan
+
+
+def _bucket_for(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= length:
+      return b
+  raise ValueError(
+      f"An example has {length} tokens, more than the largest bucket {buckets[-1]}; "
+      f"tokenize with max_seq_len <= {buckets[-1]} or add a larger bucket"
+  )
+
+
+def batches(
+    split: TokenizedSplit,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    buckets: tuple[int, ...],
+    pad_id: int = 0,
+    start: int = 0,
+    drop_remainder: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-shape, length-bucketed numpy batches of one epoch.
+
+  Args:
+    split: the tokenised examples.
+    batch_size: B; every batch has exactly B rows.
+    seed: with ``epoch``, fixes the order when ``shuffle`` (see `batch_plan`).
+    epoch: the epoch number; each epoch has its own order.
+    shuffle: random length-bucketed order (train) or length-sorted (eval).
+    buckets: ascending padded lengths, e.g. `bucket_lengths(max_seq_len)`.
+    pad_id: the tokenizer's pad token id.
+    start: skip the first ``start`` batches of the epoch without building them,
+      to resume mid-epoch.
+    drop_remainder: drop the last partial batch instead of filling it.
+
+  Yields:
+    ``{"input_ids", "attention_mask", "token_type_ids"}`` int32 (B, L) with L
+    the smallest bucket that fits the batch's longest example; ``"labels"``
+    (B,); ``"weights"`` float32 (B,), 1 for real examples and 0 for the copies
+    of a real example that fill the last partial batch (metrics and losses
+    must use them); ``"index"`` int32 (B,), each row's position in ``split``.
+  """
+  buckets = tuple(sorted(int(b) for b in buckets))
+  if not buckets or buckets[0] < 1:
+    raise ValueError(f"batches: buckets must be positive lengths, got {buckets!r}")
+  lengths = split.lengths()
+  plan = batch_plan(
+      lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+      drop_remainder=drop_remainder,
+  )
+  if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
+    raise ValueError(f"batches: start must be in [0, {len(plan)}], got {start!r}")
+  for idx in plan[start:]:
+    real = len(idx)
+    # Fill with copies of the first example: its length is already in the batch.
+    idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
+    length = _bucket_for(int(lengths[idx].max()), buckets)
+    input_ids = np.full((batch_size, length), pad_id, np.int32)
+    token_type_ids = np.zeros((batch_size, length), np.int32)
+    attention_mask = np.zeros((batch_size, length), np.int32)
+    for row, i in enumerate(idx):
+      k = lengths[i]
+      input_ids[row, :k] = split.input_ids[i]
+      token_type_ids[row, :k] = split.token_type_ids[i]
+      attention_mask[row, :k] = 1
+    weights = np.zeros(batch_size, np.float32)
+    weights[:real] = 1.0
+    yield {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "labels": split.labels[idx],
+        "weights": weights,
+        "index": idx.astype(np.int32),
+    }
+
+
+def padding_fraction(
+    lengths: np.ndarray,
+    batch_size: int,
+    buckets: tuple[int, ...],
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+) -> float:
+  """Share of the token positions in an epoch of `batches` that are padding.
+
+  Counts the fill rows of the last batch as padding. Compare
+  ``buckets=bucket_lengths(m)`` with ``buckets=(m,)`` (every batch padded to
+  ``max_seq_len``) to see what bucketing saves.
+  """
+  lengths = np.asarray(lengths)
+  buckets = tuple(sorted(buckets))
+  plan = batch_plan(lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+  total = sum(batch_size * _bucket_for(int(lengths[idx].max()), buckets) for idx in plan)
+  return 1.0 - float(lengths.sum()) / total if total else 0.0

