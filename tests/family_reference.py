@@ -126,3 +126,20 @@ def train(tx, adapters, merge_fn, params, x, y, steps, reg=lambda ad: 0.0):
     adapters, state, loss = step(adapters, state)
     losses.append(float(loss))
   return losses, adapters, state
+
+
+def check_pruned_regression(init_fn, spec, pruning, penalty_fn, ranks_fn, *, initial_rank, target_rank, seed):
+  """Trains a pruned family on the toy MLP; checks it learns and ends on the target budget."""
+  from rmlora_jax import merge
+  from rmlora_jax.budget import BudgetSchedule
+
+  params, x, y = toy_problem(seed)
+  ad = init_fn(jax.random.key(0), params, spec)
+  schedule = BudgetSchedule(initial_rank=initial_rank, target_rank=target_rank, total_steps=200,
+                            t_init=20, t_final=40, delta_t=5)
+  losses, ad, state = train(pruning(optax.adam(2e-2), schedule), ad, lambda p, a: merge(p, a, spec),
+                            params, x, y, 200, reg=lambda a: 0.1 * penalty_fn(a))
+  assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+  assert sum(ranks_fn(ad).values()) == target_rank * len(ad)
+  for path, a in ad.items():
+    assert np.all(np.asarray(a["lam"])[~np.asarray(state.keep[path])] == 0.0)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from family_reference import RefPruner, random_like, toy_problem, train
+from family_reference import RefPruner, check_pruned_regression, random_like
 from rmlora_jax import delta_weights, merge
 from rmlora_jax.budget import BudgetSchedule
 from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
@@ -100,14 +100,6 @@ def test_pruning_step_under_jit_matches_reference_and_skips_U_V():
 
 
 def test_toy_regression_learns_and_reaches_target_budget():
-  params, x, y = toy_problem(1)
   spec = Lora2Spec(k=4, r=3, alpha=3.0, targets=(r"dense_.*/kernel",))
-  ad = init_lora2(jax.random.key(0), params, spec)
-  schedule = BudgetSchedule(initial_rank=3, target_rank=2, total_steps=200, t_init=20, t_final=40, delta_t=5)
-  tx = lora2_pruning(optax.adam(2e-2), schedule)
-  losses, ad, state = train(tx, ad, lambda p, a: merge(p, a, spec), params, x, y, 200,
-                            reg=lambda a: 0.1 * lora2_penalty(a))
-  assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
-  assert sum(lora2_ranks(ad).values()) == 2 * 2
-  for path, a in ad.items():
-    assert np.all(np.asarray(a["lam"])[~np.asarray(state.keep[path])] == 0.0)
+  check_pruned_regression(init_lora2, spec, lora2_pruning, lora2_penalty, lora2_ranks,
+                          initial_rank=3, target_rank=2, seed=1)
