@@ -14,7 +14,7 @@ taken, so the first update is step 1 and the last is step T):
 * ``t > T - t_final``: the keep-pattern chosen at ``T - t_final`` is frozen
   and enforced after every step; scores are no longer updated.
 
-Importance of one element theta (Zhang et al. 2023, Eqs. 8-11): sensitivity
+Importance of one element theta (Zhang et al. 2023, Section 3.3): sensitivity
 ``s = |theta * dL/dtheta|`` on the raw gradient, smoothed
 ``I <- beta1 I + (1 - beta1) s``, uncertainty
 ``U <- beta2 U + (1 - beta2) |s - I|`` (with the new I, as PEFT), score
