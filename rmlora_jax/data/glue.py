@@ -290,7 +290,10 @@ def _load_tsv(task: GlueTask, split: str, path: pathlib.Path) -> TextSplit:
   """Parses one official GLUE TSV file (tab-split lines, no quoting)."""
   # utf-8-sig drops MRPC's byte-order mark; split on "\n" only, since
   # str.splitlines would also break on separators that may occur inside text.
-  lines = path.read_text(encoding="utf-8-sig").split("\n")
+  try:
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{path}: not UTF-8 text ({err}); expected an official GLUE TSV file") from err
   if lines and lines[-1] == "":
     lines.pop()  # The trailing newline (CoLA's dev file has none).
   first_row = 1

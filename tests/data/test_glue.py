@@ -367,8 +367,12 @@ def test_hub_layout_matches_tsv(tmp_path, monkeypatch):
 
 def test_hub_unreachable_says_what_to_pass(tmp_path, monkeypatch):
   import datasets
+  import huggingface_hub.constants
 
   monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+  # Offline even if datasets was imported before this module set the variables.
+  monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   monkeypatch.delenv("GLUE_DIR", raising=False)
   with pytest.raises(OSError, match=r"config.data.dir or set GLUE_DIR .*RTE/train.tsv"):
     glue.load_split("rte", "train", hub_name="rmlora-test-no-such-org/no-such-glue")
