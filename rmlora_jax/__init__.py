@@ -16,24 +16,50 @@ from rmlora_jax.lora import (
 )
 from rmlora_jax.masking import RandomDirectionMaskState, direction_mask, random_direction_mask
 from rmlora_jax.penalty import gram_deviation, ortho_penalty
+from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
+from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, init_adalora
+from rmlora_jax.budget import BudgetPruningState, BudgetSchedule, budget_schedule, is_pruning_step
+from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
+from rmlora_jax.sora import SoraProximalState, init_sora, soft_threshold, sora_proximal, sora_ranks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetPruningState",
+    "BudgetSchedule",
+    "Lora2Spec",
     "LoraSpec",
+    "ParamCounts",
     "RandomDirectionMaskState",
+    "SoraProximalState",
+    "adalora_penalty",
+    "adalora_pruning",
+    "adalora_ranks",
+    "adapter_param_counts",
     "adapter_product",
+    "budget_schedule",
     "count_params",
     "delta_weights",
     "direction_mask",
     "effective_rank",
     "gram_deviation",
+    "init_adalora",
     "init_lora",
+    "init_lora2",
+    "init_sora",
+    "is_pruning_step",
+    "lora2_penalty",
+    "lora2_pruning",
+    "lora2_ranks",
     "merge",
     "ortho_loss",
     "ortho_penalty",
+    "param_counts",
     "random_direction_mask",
     "register_adapter_kind",
     "select_targets",
     "singular_values",
+    "soft_threshold",
+    "sora_proximal",
+    "sora_ranks",
 ]

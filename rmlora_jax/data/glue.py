@@ -20,8 +20,10 @@ the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -48,28 +50,39 @@ class GlueTask:
   name: str
   # Classes of the classifier head; 1 for the regression task STS-B.
   num_labels: int
-  # The splits with public labels used for evaluation, named as on the hub.
-  eval_splits: tuple[str, ...]
-  # The metric a run is judged by (a key of `rmlora_jax.metrics.glue_metrics`).
-  main_metric: str
-  # Every metric reported for the task, main one included.
-  metrics: tuple[str, ...]
   # Folder of the task in the official GLUE download ("RTE", "SST-2", ...).
   dir_name: str
-  # Hub split name -> TSV file name inside `dir_name`.
-  files: Mapping[str, str]
   # TSV columns holding text_a (and text_b for pair tasks).
   tsv_text_columns: tuple[str, ...]
   # TSV column holding the label.
   tsv_label_column: str
+  # Hub columns holding text_a (and text_b); the hub's label column is "label".
+  hub_text_columns: tuple[str, ...]
+  # The splits with public labels used for evaluation, named as on the hub.
+  eval_splits: tuple[str, ...] = ("validation",)
+  # The metric a run is judged by (a key of `rmlora_jax.metrics.glue_metrics`).
+  main_metric: str = "accuracy"
+  # Every metric reported for the task, main one included.
+  metrics: tuple[str, ...] = ("accuracy",)
+  # Hub split name -> TSV file name inside `dir_name`.
+  files: Mapping[str, str] = dataclasses.field(
+      default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv"}, hash=False
+  )
   # Column names of headerless files (CoLA); None: the first line is the header.
   tsv_fieldnames: tuple[str, ...] | None = None
   # Label strings as written in the TSV files, position = class id; None: float score.
   tsv_labels: tuple[str, ...] | None = ("0", "1")
-  # Hub columns holding text_a (and text_b); the hub's label column is "label".
-  hub_text_columns: tuple[str, ...]
   # Human-readable class names in the hub's ClassLabel order (for reports).
   label_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "files", types.MappingProxyType(dict(self.files)))
+    # Internal consistency of the registry below, not user input.
+    assert self.main_metric in self.metrics, self
+    assert set(self.files) == {"train", *self.eval_splits}, self
+    assert len(self.tsv_text_columns) == len(self.hub_text_columns) in (1, 2), self
+    assert (self.tsv_labels is None) == (self.num_labels == 1), self
+    assert self.tsv_labels is None or len(self.tsv_labels) == self.num_labels, self
 
   @property
   def is_regression(self) -> bool:
@@ -87,55 +100,49 @@ class GlueTask:
     return ("train",) + self.eval_splits
 
 
-_DEV = {"train": "train.tsv", "validation": "dev.tsv"}
 _NLI = ("entailment", "not_entailment")
 
 TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
         GlueTask(
-            name="cola", num_labels=2, eval_splits=("validation",), main_metric="mcc",
-            metrics=("mcc", "accuracy"), dir_name="CoLA", files=_DEV,
+            name="cola", num_labels=2, dir_name="CoLA", main_metric="mcc",
+            metrics=("mcc", "accuracy"),
             tsv_fieldnames=("source", "label", "original_label", "sentence"),
             tsv_text_columns=("sentence",), tsv_label_column="label",
             hub_text_columns=("sentence",), label_names=("unacceptable", "acceptable"),
         ),
         GlueTask(
-            name="sst2", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy",), dir_name="SST-2", files=_DEV,
+            name="sst2", num_labels=2, dir_name="SST-2",
             tsv_text_columns=("sentence",), tsv_label_column="label",
             hub_text_columns=("sentence",), label_names=("negative", "positive"),
         ),
         GlueTask(
-            name="mrpc", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy", "f1"), dir_name="MRPC", files=_DEV,
+            name="mrpc", num_labels=2, dir_name="MRPC", metrics=("accuracy", "f1"),
             tsv_text_columns=("#1 String", "#2 String"), tsv_label_column="Quality",
             hub_text_columns=("sentence1", "sentence2"),
             label_names=("not_equivalent", "equivalent"),
         ),
         GlueTask(
-            name="stsb", num_labels=1, eval_splits=("validation",), main_metric="pearson",
-            metrics=("pearson", "spearman"), dir_name="STS-B", files=_DEV,
+            name="stsb", num_labels=1, dir_name="STS-B", main_metric="pearson",
+            metrics=("pearson", "spearman"),
             tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="score",
             tsv_labels=None, hub_text_columns=("sentence1", "sentence2"),
         ),
         GlueTask(
-            name="qqp", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy", "f1"), dir_name="QQP", files=_DEV,
+            name="qqp", num_labels=2, dir_name="QQP", metrics=("accuracy", "f1"),
             tsv_text_columns=("question1", "question2"), tsv_label_column="is_duplicate",
             hub_text_columns=("question1", "question2"),
             label_names=("not_duplicate", "duplicate"),
         ),
         GlueTask(
-            name="qnli", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy",), dir_name="QNLI", files=_DEV,
+            name="qnli", num_labels=2, dir_name="QNLI",
             tsv_text_columns=("question", "sentence"), tsv_label_column="label",
             tsv_labels=_NLI, hub_text_columns=("question", "sentence"), label_names=_NLI,
         ),
         GlueTask(
-            name="mnli", num_labels=3,
+            name="mnli", num_labels=3, dir_name="MNLI",
             eval_splits=("validation_matched", "validation_mismatched"),
-            main_metric="accuracy", metrics=("accuracy",), dir_name="MNLI",
             files={
                 "train": "train.tsv",
                 "validation_matched": "dev_matched.tsv",
@@ -147,15 +154,13 @@ TASKS: dict[str, GlueTask] = {
             label_names=("entailment", "neutral", "contradiction"),
         ),
         GlueTask(
-            name="wnli", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy",), dir_name="WNLI", files=_DEV,
+            name="wnli", num_labels=2, dir_name="WNLI",
             tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="label",
             hub_text_columns=("sentence1", "sentence2"),
             label_names=("not_entailment", "entailment"),
         ),
         GlueTask(
-            name="rte", num_labels=2, eval_splits=("validation",), main_metric="accuracy",
-            metrics=("accuracy",), dir_name="RTE", files=_DEV,
+            name="rte", num_labels=2, dir_name="RTE",
             tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="label",
             tsv_labels=_NLI, hub_text_columns=("sentence1", "sentence2"), label_names=_NLI,
         ),
@@ -285,7 +290,10 @@ def _load_tsv(task: GlueTask, split: str, path: pathlib.Path) -> TextSplit:
   """Parses one official GLUE TSV file (tab-split lines, no quoting)."""
   # utf-8-sig drops MRPC's byte-order mark; split on "\n" only, since
   # str.splitlines would also break on separators that may occur inside text.
-  lines = path.read_text(encoding="utf-8-sig").split("\n")
+  try:
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+  except UnicodeDecodeError as err:
+    raise ValueError(f"{path}: not UTF-8 text ({err}); expected an official GLUE TSV file") from err
   if lines and lines[-1] == "":
     lines.pop()  # The trailing newline (CoLA's dev file has none).
   first_row = 1
@@ -429,19 +437,24 @@ def tokenize_split(
 
 
 def bucket_lengths(max_seq_len: int, num_buckets: int = 4) -> tuple[int, ...]:
-  """Padded lengths for `batches`: halvings of ``max_seq_len``, rounded up to 8.
+  """Padded lengths for `batches`: geometric up to ``max_seq_len``, multiples of 8.
 
-  Example: ``bucket_lengths(128) == (16, 32, 64, 128)``. Rounding can merge
-  buckets, so fewer than ``num_buckets`` may come back; the last is always
-  ``max_seq_len``.
+  The lengths span a factor of ``min(2**(num_buckets - 1), 8)``, so up to 4
+  buckets are halvings (``bucket_lengths(128) == (16, 32, 64, 128)``) and more
+  buckets split the range from ``max_seq_len / 8`` more finely
+  (``bucket_lengths(256, 8) == (32, 48, 64, 80, 112, 144, 192, 256)``).
+  Lengths are rounded up to multiples of 8 (at least 8; the last is always
+  ``max_seq_len``), so rounding may merge buckets.
   """
   for value, name in ((max_seq_len, "max_seq_len"), (num_buckets, "num_buckets")):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"bucket_lengths: {name} must be a positive integer, got {value!r}")
+  span = min(2.0 ** (num_buckets - 1), 8.0)
   out = {max_seq_len}
   for i in range(1, num_buckets):
-    length = -(-max_seq_len // 2**i)
-    out.add(min(max_seq_len, max(8, -(-length // 8) * 8)))
+    # round() keeps exact powers of two from rounding up past a multiple of 8.
+    length = round(max_seq_len / span ** (i / (num_buckets - 1)), 6)
+    out.add(min(max_seq_len, max(8, math.ceil(length / 8) * 8)))
   return tuple(sorted(out))
 
 
@@ -554,7 +567,7 @@ def batches(
       lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
       drop_remainder=drop_remainder,
   )
-  if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
+  if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= len(plan):
     raise ValueError(f"batches: start must be in [0, {len(plan)}], got {start!r}")
   for idx in plan[start:]:
     real = len(idx)

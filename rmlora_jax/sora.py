@@ -1,0 +1,122 @@
+"""SoRA (Ding et al. 2023): LoRA with a gate per rank, sparsified by a proximal step.
+
+An adapter for a kernel of shape (d_in, d_out) is
+``{"a": (r, d_in), "b": (d_out, r), "g": (r,)}`` with
+``dW = (alpha / r) * b @ diag(g) @ a``. The gates start at one (a and b as
+LoRA's, so dW = 0 at init). After each optimizer update the gates take the
+proximal step of an L1 penalty, soft-thresholding
+``g <- sign(g) max(|g| - xi, 0)``; gates that reach zero are pruned ranks.
+
+The paper's threshold is ``eta_t * lambda`` (learning rate times the L1
+weight); here ``xi`` is that product, a constant or an `optax.Schedule` of
+the step, which also gives the paper's sparsifying scheduler (a rising xi).
+
+Example (gates and the rest may also get different optimizers through
+`optax.partition`)::
+
+  adapters = init_sora(jax.random.key(0), params, LoraSpec(rank=8, alpha=16.0, targets=...))
+  tx = optax.chain(optax.adamw(1e-3), sora_proximal(1e-4))
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmlora_jax import budget as budget_lib
+from rmlora_jax import lora
+from rmlora_jax import paths as paths_lib
+
+Array = jax.Array
+
+SORA_FACTORS = frozenset({"a", "b", "g"})
+
+lora.register_adapter_kind(SORA_FACTORS, lambda ad: (ad["b"] * ad["g"]) @ ad["a"])
+
+
+def init_sora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict[str, Array]]:
+  """Creates SoRA adapters for every leaf of ``params`` that ``spec`` targets.
+
+  Args:
+    key: a PRNG key; adapter ``path`` uses ``fold_in(key, hash(path))``, so
+      ``a`` equals `init_lora`'s for the same key.
+    params: the frozen parameter pytree (Flax kernels are (d_in, d_out)).
+    spec: ``spec.rank`` is the maximum rank r.
+
+  Returns:
+    ``{path: {"a": (r, d_in) ~ N(0, init_std^2), "b": zeros (d_out, r), "g": ones (r,)}}``.
+  """
+  adapters = lora.init_lora(key, params, spec)
+  for ad in adapters.values():
+    ad["g"] = jnp.ones((spec.rank,), ad["a"].dtype)
+  return adapters
+
+
+def soft_threshold(x: Array, xi: Array | float) -> Array:
+  """``sign(x) * max(|x| - xi, 0)``, the proximal map of ``xi * ||x||_1``."""
+  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - xi, 0.0)
+
+
+class SoraProximalState(NamedTuple):
+  """State of `sora_proximal`: the number of updates seen (the schedule's step)."""
+
+  count: Array  # int32 scalar
+
+
+def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
+  """Soft-thresholds SoRA gates after the optimizer's update.
+
+  Place it last in a chain: for each SoRA adapter's gate, the update ``u``
+  becomes ``soft_threshold(g + u, xi) - g``, so `optax.apply_updates` lands
+  on the thresholded gate (exactly 0 where pruned). Other leaves pass
+  unchanged.
+
+  Args:
+    xi: the threshold (>= 0), or a schedule ``step -> xi >= 0`` with step
+      counted from 0 at the first update (checked at step 0 only).
+
+  Returns:
+    An `optax.GradientTransformation`; call ``update(updates, state, params)``.
+
+  Raises:
+    ValueError: a negative threshold (a constant, or a schedule's at step 0).
+
+  Example::
+
+    tx = optax.chain(optax.adamw(1e-3), sora_proximal(optax.linear_schedule(0.0, 1e-3, 1000)))
+  """
+  first = xi(0) if callable(xi) else xi
+  if not isinstance(first, (int, float, jax.Array)) or not float(first) >= 0:
+    raise ValueError(f"sora_proximal: the threshold xi must be >= 0, got {first!r} at step 0")
+
+  def init_fn(params):
+    if not budget_lib.find_adapters(params, SORA_FACTORS):
+      raise ValueError(
+          "sora_proximal found no SoRA adapters (dicts with 'a', 'b', 'g') in the tree it "
+          "was given; pass the adapters (and any head) it should train"
+      )
+    return SoraProximalState(count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("sora_proximal needs params: call tx.update(updates, state, params)")
+    threshold = xi(state.count) if callable(xi) else xi
+    gates = {names["g"] for names in budget_lib.find_adapters(params, SORA_FACTORS).values()}
+
+    def prox(key_path, u, g):
+      if paths_lib.path_str(key_path) not in gates:
+        return u
+      return (soft_threshold(g + u, threshold) - g).astype(u.dtype)
+
+    updates = jax.tree_util.tree_map_with_path(prox, updates, params)
+    return updates, SoraProximalState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sora_ranks(adapters: Any) -> dict[str, int]:
+  """``{path: number of nonzero gates}``: each SoRA adapter's remaining rank."""
+  return budget_lib.nonzero_ranks(adapters, SORA_FACTORS, "g")

@@ -1,0 +1,105 @@
+"""LoRA²: adapters, the three orthogonality penalties, the cheap score and pruning."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from family_reference import RefPruner, check_pruned_regression, random_like
+from rmlora_jax import delta_weights, merge
+from rmlora_jax.budget import BudgetSchedule
+from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
+
+PARAMS = {"a": {"kernel": jnp.ones((9, 7))}, "b": {"kernel": jnp.ones((7, 8))}, "c": jnp.ones((3,))}
+SPEC = Lora2Spec(k=5, r=3, alpha=6.0, targets=(r"[ab]/kernel",))
+
+
+def _random_adapters(seed=0):
+  return jax.tree.map(jnp.asarray, random_like(init_lora2(jax.random.key(seed), PARAMS, SPEC), seed))
+
+
+def test_init_shapes_and_values():
+  ad = init_lora2(jax.random.key(0), PARAMS, SPEC)
+  a = ad["a/kernel"]
+  chex.assert_shape([a["U"], a["u"], a["lam"], a["v"], a["V"]], [(7, 5), (5, 3), (3,), (3, 5), (5, 9)])
+  assert np.all(np.asarray(a["lam"]) == 0)
+  assert np.allclose(delta_weights(ad, SPEC)["a/kernel"], 0)
+  for n in ("U", "u", "v", "V"):
+    assert 0.005 < float(jnp.std(a[n])) < 0.04
+
+
+def test_delta_weights_and_merge_match_numpy():
+  ad = _random_adapters()
+  deltas = delta_weights(ad, SPEC)
+  merged = merge(PARAMS, ad, SPEC)
+  for path, a in ad.items():
+    f = {n: np.asarray(x, np.float64) for n, x in a.items()}
+    ref = 6.0 / 3 * f["U"] @ f["u"] @ np.diag(f["lam"]) @ f["v"] @ f["V"]
+    np.testing.assert_allclose(deltas[path], ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(merged[path.split("/")[0]]["kernel"], 1.0 + ref.T, rtol=1e-4, atol=1e-6)
+
+
+def _ref_penalty(ad, terms, squared):
+  out = []
+  for a in ad.values():
+    f = {n: np.asarray(x, np.float64) for n, x in a.items()}
+    pairs = {"UV": (f["U"], f["V"]), "uv": (f["u"], f["v"]), "PQ": (f["U"] @ f["u"], f["v"] @ f["V"])}
+    for t in terms:
+      x, y = pairs[t]
+      for g in (x.T @ x, y @ y.T):
+        sq = np.sum((g - np.eye(len(g))) ** 2)
+        out.append(sq if squared else np.sqrt(sq))
+  return out
+
+
+@pytest.mark.parametrize("terms", [("UV", "uv", "PQ"), ("UV",), ("uv", "PQ"), ()])
+@pytest.mark.parametrize("squared, reduction", [(True, "sum"), (False, "mean")])
+def test_penalty_terms_match_numpy(terms, squared, reduction):
+  ad = _random_adapters(1)
+  ref = _ref_penalty(ad, terms, squared)
+  ref = (np.sum(ref) if reduction == "sum" else np.mean(ref)) if ref else 0.0
+  got = lora2_penalty(ad, terms=terms, squared=squared, reduction=reduction)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_bad_settings_raise():
+  with pytest.raises(ValueError, match="Lora2Spec.k"):
+    Lora2Spec(k=0, r=1, alpha=1.0, targets=("x",))
+  with pytest.raises(ValueError, match="Lora2Spec.r=4 exceeds k=3"):
+    Lora2Spec(k=3, r=4, alpha=1.0, targets=("x",))
+  with pytest.raises(ValueError, match="Lora2Spec.alpha"):
+    Lora2Spec(k=3, r=2, alpha=float("nan"), targets=("x",))
+  with pytest.raises(ValueError, match="Lora2Spec.k=8 exceeds"):
+    init_lora2(jax.random.key(0), PARAMS, Lora2Spec(k=8, r=2, alpha=1.0, targets=("a/kernel",)))
+  with pytest.raises(ValueError, match="Lora2Spec.targets"):
+    init_lora2(jax.random.key(0), PARAMS, Lora2Spec(k=2, r=2, alpha=1.0, targets=("nothing",)))
+  with pytest.raises(ValueError, match="'uV'"):
+    lora2_penalty(_random_adapters(), terms=("uV",))
+
+
+def test_pruning_step_under_jit_matches_reference_and_skips_U_V():
+  kw = dict(initial_rank=3, target_rank=1, total_steps=10, t_init=1, t_final=3, delta_t=2, beta1=0.85, beta2=0.85)
+  lr = 0.05
+  tx = lora2_pruning(optax.sgd(lr), BudgetSchedule(**kw))
+  ad = _random_adapters(2)
+  state = tx.init(ad)
+  assert set(state.ipt["a/kernel"]) == {"lam", "u", "v"}  # U and V are never scored
+  step = jax.jit(lambda a, s, g: (lambda u, s2: (optax.apply_updates(a, u), s2))(*tx.update(g, s, a)))
+  ref = RefPruner(slices={"u": lambda x, i: x[:, i], "v": lambda x, i: x[i, :]}, total=10, lr=lr,
+                  **{k: v for k, v in kw.items() if k != "total_steps"})
+  ref_ad = jax.tree.map(np.asarray, ad)
+  for t in range(1, 13):
+    grads = jax.tree.map(jnp.asarray, random_like(ad, 50 + t))
+    ad, state = step(ad, state, grads)
+    ref_ad, _ = ref.step(ref_ad, jax.tree.map(np.asarray, grads), np.zeros(1), np.zeros(1))
+    chex.assert_trees_all_close(ad, ref_ad, rtol=1e-5, atol=1e-6)
+    assert {p: k.tolist() for p, k in state.keep.items()} == ref.keep, t
+  assert sum(lora2_ranks(ad).values()) == 2
+
+
+def test_toy_regression_learns_and_reaches_target_budget():
+  spec = Lora2Spec(k=4, r=3, alpha=3.0, targets=(r"dense_.*/kernel",))
+  check_pruned_regression(init_lora2, spec, lora2_pruning, lora2_penalty, lora2_ranks,
+                          initial_rank=3, target_rank=2, seed=1)
