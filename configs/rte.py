@@ -11,4 +11,5 @@ def get_config(arg=None):
   config = base.get_config(arg)
   config.task = "rte"
   config.sora.xi = 0.005
+  config.lora2.ortho_weight = 0.3
   return config

@@ -24,7 +24,9 @@ import optax
 from absl import logging
 
 from rmlora_jax import analysis
+from rmlora_jax import accounting
 from rmlora_jax import lora as lora_lib
+from rmlora_jax import lora2 as lora2_lib
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import metrics as metrics_lib
 from rmlora_jax import training
@@ -75,19 +77,24 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.Glu
   return task
 
 
-def method_settings(config, report, hf_config) -> methods_lib.MethodSettings:
+def method_settings(config, report, hf_config, total_steps: int) -> methods_lib.MethodSettings:
   """The method's settings from the config and what the loader had to initialise."""
   spec = None
   if config.method != "full_ft":
     targets = tuple(config.lora.targets) or hub.default_lora_targets(hf_config)
-    spec = lora_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
-                             targets=targets, init_std=config.lora.init_std)
+    common = dict(alpha=config.lora.alpha, targets=targets, init_std=config.lora.init_std)
+    if config.method == "lora2":
+      spec = lora2_lib.Lora2Spec(k=config.lora2.k, r=config.lora2.r, **common)
+    else:
+      rank = {"adalora": config.adalora.init_rank, "sora": config.sora.init_rank}.get(config.method, config.lora.rank)
+      spec = lora_lib.LoraSpec(rank=rank, **common)
   head = tuple(HEAD_PATTERNS) + tuple(re.escape(p) for p in report.missing) + tuple(config.lora.train_patterns)
   return methods_lib.MethodSettings(
       name=config.method, spec=spec, train_patterns=tuple(dict.fromkeys(head)),
       num_directions=config.rm.num_directions, ortho_weight=config.rm.ortho_weight,
       ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
       mask_mode=config.rm.mask_mode, mask_period=config.rm.mask_period, seed=config.seed,
+      total_steps=total_steps,
       extra={"adalora": config.adalora.to_dict(), "sora": config.sora.to_dict(),
              "lora2": config.lora2.to_dict()},
   )
@@ -149,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
   total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
 
-  settings = method_settings(config, report, hf_config)
+  settings = method_settings(config, report, hf_config, total_steps)
   method = methods_lib.make_method(settings, weight_decay=config.optim.weight_decay,
                                    max_grad_norm=config.optim.max_grad_norm)
   peak_lr = learning_rate(config)
@@ -160,7 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   trainable = method.init(jax.random.key(config.seed), params)
   frozen = jax.device_put(method.frozen(params), rep)
-  state = jax.device_put(training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable)), rep)
+  state = training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  # The state is donated to each step, so no two leaves may share a buffer (an
+  # optimizer state may hold one zeros array twice, a head leaf is also in params).
+  state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
   del params, trainable
 
   ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=config.keep_checkpoints)
@@ -237,7 +247,7 @@ def _results(config, task, method, state, frozen, history, train_time, steps, pe
     losses = np.array([v["ortho_loss"] for v in per_matrix.values()])
     summary = {"mean_effective_rank": float(ranks.mean()), "min_effective_rank": int(ranks.min()),
                "mean_ortho_loss": float(losses.mean()), "num_adapted": len(per_matrix)}
-  n_trainable = analysis.count_params(trainable)
+  counts = accounting.param_counts(trainable)
   return {
       "task": task.name,
       "method": config.method,
@@ -245,8 +255,8 @@ def _results(config, task, method, state, frozen, history, train_time, steps, pe
       "model": config.model.name_or_path,
       "metrics": {k: v for k, v in (history["eval"] or [{}])[-1].items() if k != "step"},
       "main_metric": task.main_metric,
-      "trainable_params": n_trainable,
-      "inference_params": n_trainable,
+      "trainable_params": counts.trainable,
+      "inference_params": counts.inference,
       "steps": int(steps),
       "train_time_s": round(float(train_time), 2),
       "learning_rate": peak_lr,
@@ -283,7 +293,9 @@ def _plots(workdir, history, method, state, task) -> None:
   adapters = method.adapters(jax.device_get(state.trainable))
   if not adapters:
     return
-  deltas = lora_lib.delta_weights(adapters, method.settings.spec)
+  spec = method.settings.spec
+  rank = spec.r if isinstance(spec, lora2_lib.Lora2Spec) else spec.rank
+  deltas = lora_lib.delta_weights(adapters, spec)
   kinds = sorted({re.sub(r"layer_\d+/", "", p) for p in deltas})
   cols = min(3, len(kinds))
   rows = -(-len(kinds) // cols)
@@ -293,12 +305,11 @@ def _plots(workdir, history, method, state, task) -> None:
       if re.sub(r"layer_\d+/", "", path) == kind:
         s = analysis.singular_values(dw)
         layer = re.search(r"layer_(\d+)", path)
-        ax.semilogy(np.arange(1, len(s) + 1)[: 4 * method.settings.spec.rank],
-                    np.maximum(s[: 4 * method.settings.spec.rank], 1e-12),
+        ax.semilogy(np.arange(1, len(s) + 1)[: 4 * rank], np.maximum(s[: 4 * rank], 1e-12),
                     marker=".", label=f"layer {layer.group(1)}" if layer else path)
     ax.set_title(kind.replace("encoder/", "").replace("/kernel", ""), fontsize=9)
     ax.set_xlabel("index")
-    ax.axvline(method.settings.spec.rank, color="grey", lw=0.5, ls="--")
+    ax.axvline(rank, color="grey", lw=0.5, ls="--")
   for ax in list(axes.flat)[len(kinds):]:
     ax.axis("off")
   axes.flat[0].set_ylabel("singular value of dW")

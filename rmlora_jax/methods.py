@@ -8,9 +8,10 @@ says how to put them back together for a forward pass:
 * ``lora``, ``r_lora``, ``gm_lora``, ``rm_lora``: ``{"adapters": ..., "head": ...}``
   is trainable; the base weights are frozen and never differentiated. R adds
   the orthogonality penalty, GM the random direction mask, RM both.
-
-The family methods (``adalora``, ``sora``, ``lora2``) register themselves here
-when their modules are available.
+* ``adalora``, ``lora2``: the same split with SVD-form (resp. two-plane)
+  adapters, their orthogonality penalties, and importance pruning to a rank
+  budget wrapped around the optimizer.
+* ``sora``: gated LoRA adapters; the gates take SGD plus a proximal L1 step.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmlora_jax import adalora as adalora_lib
+from rmlora_jax import budget as budget_lib
 from rmlora_jax import lora as lora_lib
+from rmlora_jax import lora2 as lora2_lib
 from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib
+from rmlora_jax import sora as sora_lib
 
 METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
 MASK_MODES = ("update", "gradient")
@@ -38,8 +43,8 @@ class MethodSettings:
 
   # One of METHODS.
   name: str
-  # Adapter placement and size (unused by full_ft).
-  spec: lora_lib.LoraSpec | None = None
+  # Adapter placement and size (unused by full_ft); a Lora2Spec for lora2.
+  spec: lora_lib.LoraSpec | lora2_lib.Lora2Spec | None = None
   # Regexes of parameters trained alongside the adapters (the task head).
   train_patterns: tuple[str, ...] = ()
   # r_hat for gm_lora / rm_lora.
@@ -56,7 +61,11 @@ class MethodSettings:
   mask_period: int = 1
   # Seed of the direction draws.
   seed: int = 0
-  # Family-specific settings (AdaLoRA, SoRA, LoRA²), by method name.
+  # Optimizer steps of the run; AdaLoRA's and LoRA²'s budget schedules need it.
+  total_steps: int = 0
+  # Family-specific settings by method name: "adalora" (init_rank, target_rank,
+  # t_init_ratio, t_final_ratio, delta_t, beta1, beta2, ortho_weight), "sora"
+  # (xi, gate_lr), "lora2" (target_rank, ortho_weight, delta_t ...).
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -155,27 +164,34 @@ def make_method(
         adapters=lambda trainable: {},
     )
 
-  if s.name in _FAMILY:
-    return _FAMILY[s.name](s, opt)
-
   spec = s.spec
+  init_adapters = {"adalora": adalora_lib.init_adalora, "sora": sora_lib.init_sora,
+                   "lora2": lora2_lib.init_lora2}.get(s.name, lora_lib.init_lora)
 
   def init(key, params):
     flat = paths_lib.flatten_with_paths(params)
     head = {p: flat[p] for p in head_paths(params, s.train_patterns)}
-    return {"adapters": lora_lib.init_lora(key, params, spec), "head": head}
+    return {"adapters": init_adapters(key, params, spec), "head": head}
 
   def assemble(trainable, frozen):
     return lora_lib.merge(with_head(frozen, trainable["head"]), trainable["adapters"], spec)
 
   def penalty(trainable):
+    ads = trainable["adapters"]
+    if s.name == "adalora":
+      # PEFT's convention: plain Frobenius norms averaged over matrices.
+      return s.extra["adalora"]["ortho_weight"] * adalora_lib.adalora_penalty(ads, squared=False, reduction="mean")
+    if s.name == "lora2":
+      return s.extra["lora2"]["ortho_weight"] * lora2_lib.lora2_penalty(ads, squared=False, reduction="mean")
     if not s.uses_penalty:
       return _zero(trainable)
-    return s.ortho_weight * penalty_lib.ortho_penalty(
-        trainable["adapters"], squared=s.ortho_squared, reduction=s.ortho_reduction
-    )
+    return s.ortho_weight * penalty_lib.ortho_penalty(ads, squared=s.ortho_squared, reduction=s.ortho_reduction)
 
   def optimizer(lr):
+    if s.name in ("adalora", "lora2"):
+      return _budget_pruning(s, opt(lr))
+    if s.name == "sora":
+      return _sora_optimizer(s, opt, lr)
     tx = opt(lr)
     if not s.uses_mask:
       return tx
@@ -195,28 +211,37 @@ def make_method(
   )
 
 
-# Family methods: name -> (settings, base optimizer factory) -> Method.
-_FAMILY: dict[str, Callable[[MethodSettings, Callable], Method]] = {}
+def _budget_pruning(s: MethodSettings, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """AdaLoRA's or LoRA²'s importance pruning to a rank budget around ``inner``."""
+  ex = s.extra[s.name]
+  initial = s.spec.rank if s.name == "adalora" else s.spec.r
+  schedule = budget_lib.BudgetSchedule(
+      initial_rank=initial, target_rank=ex["target_rank"], total_steps=s.total_steps,
+      t_init=int(round(ex["t_init_ratio"] * s.total_steps)),
+      t_final=int(round(ex["t_final_ratio"] * s.total_steps)),
+      delta_t=ex["delta_t"], beta1=ex["beta1"], beta2=ex["beta2"])
+  prune = adalora_lib.adalora_pruning if s.name == "adalora" else lora2_lib.lora2_pruning
+  return prune(inner, schedule)
 
 
-def register_family_method(name: str, build: Callable[[MethodSettings, Callable], Method]) -> None:
-  """Adds a method (AdaLoRA, SoRA, LoRA²) built by ``build(settings, base_optimizer)``."""
-  if name not in METHODS:
-    raise ValueError(f"register_family_method: {name!r} is not one of {METHODS}")
-  _FAMILY[name] = build
+def _sora_optimizer(s: MethodSettings, opt, lr) -> optax.GradientTransformation:
+  """SoRA: plain SGD plus a proximal L1 step on the gates, ``opt`` on the rest.
 
-
-def available_methods() -> tuple[str, ...]:
-  """The methods that can run now."""
-  return tuple(m for m in METHODS if m in ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora") or m in _FAMILY)
+  The proximal threshold per step is the gate learning rate times the
+  sparsity weight lambda (``extra["sora"]["xi"]``), as in proximal gradient.
+  """
+  ex = s.extra["sora"]
+  gate_lr = lr if ex["gate_lr"] <= 0 else ex["gate_lr"]
+  lam = ex["xi"]
+  xi = (lambda step: lam * gate_lr(step)) if callable(gate_lr) else lam * gate_lr
+  labels = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda kp, _: "gate" if paths_lib.key_name(kp[-1]) == "g" and paths_lib.key_name(kp[0]) == "adapters" else "rest",
+      tree)
+  return optax.chain(optax.partition({"gate": optax.sgd(gate_lr), "rest": opt(lr)}, labels),
+                     sora_lib.sora_proximal(xi))
 
 
 def check_available(name: str) -> None:
-  """Raises ValueError for a method that is named but not implemented yet."""
+  """Raises ValueError naming the choices for an unknown method."""
   if name not in METHODS:
     raise ValueError(f"method {name!r} is unknown; choose one of {METHODS}")
-  if name not in available_methods():
-    raise ValueError(
-        f"method {name!r} is not available yet in this version of rmlora_jax "
-        f"(available: {available_methods()})"
-    )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import rte
+from tests.experiments.conftest import WORDS
 from experiments import glue_train
 from rmlora_jax import training
 
@@ -32,6 +33,7 @@ def tiny_config(model, data_dir, workdir, **overrides):
   config.progress = False
   config.lora.rank = 4
   config.rm.num_directions = 2
+  config.data.num_buckets = 1  # one padded shape: one compilation per step function
   for key, value in overrides.items():
     node = config
     *parents, last = key.split(".")
@@ -48,7 +50,7 @@ def lora_param_count(d_model, d_ff, layers, rank):
   return layers * (attention + ffn)
 
 
-@pytest.mark.parametrize("method", ["full_ft", "lora", "r_lora", "gm_lora", "rm_lora"])
+@pytest.mark.parametrize("method", ["full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2"])
 def test_every_method_runs_end_to_end(method, tiny_bert, tiny_glue, tmp_path):
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method=method)
   results = glue_train.train_and_evaluate(config, config.workdir)
@@ -59,6 +61,13 @@ def test_every_method_runs_end_to_end(method, tiny_bert, tiny_glue, tmp_path):
   head = 32 * 2 + 2  # classifier kernel and bias; hidden 32, two labels
   if method == "full_ft":
     assert saved["adapters"]["per_matrix"] == {}
+    vocab, h, ff, pos = 5 + len(WORDS), 32, 48, 64
+    layer = 4 * (h * h + h) + 2 * h + (h * ff + ff) + (ff * h + h) + 2 * h
+    bert = (vocab + pos + 2) * h + 2 * h + 2 * layer + (h * h + h)
+    assert saved["trainable_params"] == saved["inference_params"] == bert + head
+  elif method in ("adalora", "sora", "lora2"):
+    assert saved["adapters"]["summary"]["num_adapted"] == 12
+    assert saved["inference_params"] <= saved["trainable_params"]
   else:
     assert saved["trainable_params"] == lora_param_count(32, 48, 2, 4) + head
     assert saved["adapters"]["summary"]["num_adapted"] == 12
@@ -69,7 +78,7 @@ def test_every_method_runs_end_to_end(method, tiny_bert, tiny_glue, tmp_path):
   assert any((tmp_path / "tensorboard").iterdir())
   # The penalty is in the loss exactly for the regularised methods.
   penalties = [h["penalty"] for h in saved["history"]["train"]]
-  assert (max(penalties) > 0) == (method in ("r_lora", "rm_lora"))
+  assert (max(penalties) > 0) == (method in ("r_lora", "rm_lora", "adalora", "lora2"))
 
 
 def test_rm_lora_moves_only_selected_directions(tiny_bert, tiny_glue, tmp_path):
