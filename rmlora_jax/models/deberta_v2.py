@@ -207,17 +207,12 @@ def relative_positions(length: int, settings: DebertaV2Settings) -> np.ndarray:
 
 
 def _dense(features: int, settings: DebertaV2Settings, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      kernel_init=nn.initializers.normal(settings.initializer_range),
-      name=name,
-  )
+  init = nn.initializers.normal(settings.initializer_range)
+  return torch_port.dense(features, init=init, dtype=dtype, name=name, use_bias=use_bias)
 
 
 def _layer_norm(settings: DebertaV2Settings, dtype: Any, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=settings.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
+  return torch_port.layer_norm(settings.layer_norm_eps, dtype=dtype, name=name)
 
 
 class _Embeddings(nn.Module):
@@ -257,10 +252,7 @@ class _DisentangledAttention(nn.Module):
     key = _dense(n * d, s, self.dtype, "key")
     value = _dense(n * d, s, self.dtype, "value")
 
-    def heads(y):  # (..., T, n*d) -> (..., n, T, d): heads become a batch dim.
-      y = y.reshape(y.shape[:-1] + (n, d))
-      return jnp.swapaxes(y, -2, -3)
-
+    heads = lambda y: torch_port.split_heads(y, n)
     q, k, v = heads(query(x)), heads(key(x)), heads(value(x))
     scale = math.sqrt(d * (1 + len(s.pos_att_type)))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / scale
@@ -285,10 +277,7 @@ class _DisentangledAttention(nn.Module):
         scores = scores + jnp.swapaxes(p2c[:, :, rows, index], -1, -2) / scale
 
     scores = jnp.where(pair_mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    probs = nn.Dropout(s.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    context = jnp.swapaxes(context, 1, 2).reshape(x.shape[:2] + (n * d,))
+    context = torch_port.attend(scores, v, nn.Dropout(s.attention_dropout), deterministic)
     out = _dense(s.hidden_size, s, self.dtype, "output")(context)
     out = nn.Dropout(s.hidden_dropout)(out, deterministic=deterministic)
     return _layer_norm(s, self.dtype, "layer_norm")(out + x)

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +155,37 @@ def pair(value: int | Iterable[int], *, where: str) -> tuple[int, int]:
   if len(value) != 2:
     raise ValueError(f"{where} must be an int or (height, width), got {value!r}")
   return value
+
+
+def dense(features: int, *, init: Callable, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+  """A named ``nn.Dense`` with 2-D kernel (d_in, d_out), as every projection here is."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=init, name=name)
+
+
+def layer_norm(epsilon: float, *, dtype: Any, name: str) -> nn.LayerNorm:
+  """A LayerNorm computing the variance as PyTorch does (two-pass, not E[x²] - E[x]²)."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def split_heads(y: jax.Array, num_heads: int) -> jax.Array:
+  """(..., T, heads * d) -> (..., heads, T, d): heads become a batch dim."""
+  y = y.reshape(y.shape[:-1] + (num_heads, -1))
+  return jnp.swapaxes(y, -2, -3)
+
+
+def attend(scores: jax.Array, values: jax.Array, dropout: nn.Dropout, deterministic: bool) -> jax.Array:
+  """Softmax over keys (in float32), dropout, then the weighted sum of values.
+
+  Args:
+    scores: (B, heads, Tq, Tk) attention logits, masked already.
+    values: (B, heads, Tk, d).
+    dropout: the attention-probability dropout module.
+    deterministic: disables the dropout.
+
+  Returns:
+    (B, Tq, heads * d), heads merged back as in PyTorch's ``view``.
+  """
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(values.dtype)
+  probs = dropout(probs, deterministic=deterministic)
+  context = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, values), 1, 2)
+  return context.reshape(context.shape[:2] + (-1,))

@@ -131,17 +131,12 @@ class ViTSettings:
 
 
 def _dense(features: int, settings: ViTSettings, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      kernel_init=nn.initializers.truncated_normal(settings.initializer_range),
-      name=name,
-  )
+  init = nn.initializers.truncated_normal(settings.initializer_range)
+  return torch_port.dense(features, init=init, dtype=dtype, name=name, use_bias=use_bias)
 
 
 def _layer_norm(settings: ViTSettings, dtype: Any, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=settings.layer_norm_eps, dtype=dtype, use_fast_variance=False, name=name)
+  return torch_port.layer_norm(settings.layer_norm_eps, dtype=dtype, name=name)
 
 
 class _Embeddings(nn.Module):
@@ -178,17 +173,13 @@ class _Attention(nn.Module):
     s = self.settings
     n, d = s.num_heads, s.head_size
 
-    def heads(y):  # (B, T, n*d) -> (B, n, T, d): heads become a batch dim.
-      return jnp.swapaxes(y.reshape(y.shape[:-1] + (n, d)), 1, 2)
-
+    heads = lambda y: torch_port.split_heads(y, n)
     q = heads(_dense(n * d, s, self.dtype, "query", use_bias=s.qkv_bias)(x))
     k = heads(_dense(n * d, s, self.dtype, "key", use_bias=s.qkv_bias)(x))
     v = heads(_dense(n * d, s, self.dtype, "value", use_bias=s.qkv_bias)(x))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(d)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    probs = nn.Dropout(s.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
-    return _dense(s.hidden_size, s, self.dtype, "output")(context.reshape(x.shape[:2] + (n * d,)))
+    context = torch_port.attend(scores, v, nn.Dropout(s.attention_dropout), deterministic)
+    return _dense(s.hidden_size, s, self.dtype, "output")(context)
 
 
 class _Layer(nn.Module):
@@ -341,6 +332,7 @@ def params_from_state_dict(
     }
   params = {"embeddings": embeddings, "encoder": encoder, "layernorm": r.layer_norm("layernorm")}
 
+  # The backbone alone (a head name that adds nothing), since the pooler is optional.
   expected = jax.eval_shape(
       lambda: ViT(s, head="none").init(jax.random.key(0), **dummy_inputs(hf_config, batch=1))
   )["params"]
