@@ -167,17 +167,19 @@ class Attention(nn.Module):
     b, t, h = x.shape
     n = a.num_heads
     d = h // n
-    # Heads stay a middle axis of (B, T, N, D): the reshapes are free and the
-    # einsums below let XLA pick the batched-matmul layout.
-    q = _dense(h, a, "query", dt, pdt)(x).reshape(b, t, n, d)
-    k = _dense(h, a, "key", dt, pdt)(x).reshape(b, t, n, d)
-    v = _dense(h, a, "value", dt, pdt)(x).reshape(b, t, n, d)
+    # Heads-first (B, N, T, D) with explicit transposes: on XLA CPU the two
+    # batched matmuls then run about 3x faster than einsums over (B, T, N, D)
+    # or jax.nn.dot_product_attention (measured at MiniLM shapes, docs/MODELS.md).
+    heads = lambda y: y.reshape(b, t, n, d).transpose(0, 2, 1, 3)
+    q = heads(_dense(h, a, "query", dt, pdt)(x))
+    k = heads(_dense(h, a, "key", dt, pdt)(x))
+    v = heads(_dense(h, a, "value", dt, pdt)(x))
     # Scaling q (T*H values) is cheaper than scaling the logits (N*T*T).
     q = q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) + bias
+    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + bias
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     probs = nn.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, h)
+    ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, h)
     y = _dense(h, a, "output", dt, pdt)(ctx)
     y = nn.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
     return _layer_norm(a, "layer_norm", dt, pdt)(x + y)

@@ -1,0 +1,195 @@
+"""BERT/RoBERTa in Flax against transformers' PyTorch models on the same weights."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rmlora_jax import paths as paths_lib
+from rmlora_jax.models import bert, load_pretrained
+
+TOL = 1e-4
+
+# (id, model_type, transformers class, head, num_labels, safetensors?)
+CASES = [
+    ("bert-base", "bert", transformers.BertModel, "base", 2, True),
+    ("bert-cls", "bert", transformers.BertForSequenceClassification, "classification", 3, True),
+    ("bert-reg", "bert", transformers.BertForSequenceClassification, "regression", 1, True),
+    ("bert-qa-bin", "bert", transformers.BertForQuestionAnswering, "qa", 2, False),
+    ("roberta-base", "roberta", transformers.RobertaModel, "base", 2, True),
+    ("roberta-cls", "roberta", transformers.RobertaForSequenceClassification, "classification", 2, True),
+    ("roberta-reg-bin", "roberta", transformers.RobertaForSequenceClassification, "regression", 1, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_transformers(case, tmp_path, tiny_config, save_hf_model, make_batch):
+  _, model_type, cls, head, num_labels, safe = case
+  config = tiny_config(model_type, num_labels=num_labels)
+  torch_model = save_hf_model(cls, config, tmp_path, safe=safe)
+  module, params, _, _, report = load_pretrained(
+      tmp_path, head=head, num_labels=num_labels, return_report=True
+  )
+  assert report.missing == ()
+  assert report.weight_files == (("model.safetensors",) if safe else ("pytorch_model.bin",))
+
+  batch = make_batch(config)
+  ours = jax.jit(module.apply)({"params": params}, **batch)
+  with torch.no_grad():
+    ref = torch_model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
+  base = getattr(torch_model, "base_model", torch_model)
+  with torch.no_grad():
+    ref_base = base(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
+
+  real = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(
+      np.asarray(ours["last_hidden_state"])[real],
+      ref_base.last_hidden_state.numpy()[real],
+      atol=TOL, rtol=0,
+  )
+  if ref_base.pooler_output is not None:
+    np.testing.assert_allclose(ours["pooler_output"], ref_base.pooler_output.numpy(), atol=TOL, rtol=0)
+  else:
+    assert "pooler_output" not in ours
+  if head in ("classification", "regression"):
+    assert ours["logits"].shape == (3, num_labels)
+    np.testing.assert_allclose(ours["logits"], ref.logits.numpy(), atol=TOL, rtol=0)
+  if head == "qa":
+    # Logits at padded positions depend on padded hidden states; compare real ones.
+    for name in ("start_logits", "end_logits"):
+      np.testing.assert_allclose(
+          np.asarray(ours[name])[real], getattr(ref, name).numpy()[real], atol=TOL, rtol=0
+      )
+  if head == "base":
+    assert set(ours) == {"last_hidden_state", "pooler_output"}
+
+
+def _tiny_module(tiny_config, model_type="bert", head="classification", num_labels=2, **kw):
+  config = tiny_config(model_type, num_hidden_layers=kw.pop("num_hidden_layers", 2))
+  module = bert.module_from_hf_config(config, head=head, num_labels=num_labels, **kw)
+  return config, module
+
+
+def _init(module, config):
+  return jax.jit(module.init)(jax.random.key(0), **bert.dummy_inputs(config))["params"]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_param_shapes_match_transformers(model_type, tiny_config):
+  config, module = _tiny_module(tiny_config, model_type, head="base")
+  shapes = jax.eval_shape(lambda: _init(module, config))
+  flat = {p: s.shape for p, s in paths_lib.flatten_with_paths(shapes).items()}
+  # Every HF weight has a counterpart of the same (Linear: transposed) shape.
+  state = transformers.AutoModel.from_config(config).state_dict()
+  state = {k: v.numpy() for k, v in state.items() if not k.endswith("position_ids")}
+  converted, used = bert.params_from_state_dict(state, config, head="base")
+  assert used == set(state)
+  for path, value in paths_lib.flatten_with_paths(converted).items():
+    assert flat[path] == value.shape, path
+  assert set(flat) == set(paths_lib.flatten_with_paths(converted))
+
+
+def test_param_paths_and_lora_targets(tiny_config):
+  config, module = _tiny_module(tiny_config, "bert", head="qa")
+  paths = list(paths_lib.flatten_with_paths(jax.eval_shape(lambda: _init(module, config))))
+  assert "embeddings/word_embeddings/embedding" in paths
+  assert "encoder/layer_1/attention/layer_norm/scale" in paths
+  assert "encoder/layer_0/output_layer_norm/bias" in paths
+  assert "qa_outputs/kernel" in paths and not any(p.startswith("pooler") for p in paths)
+  targets = paths_lib.match_paths(paths, bert.DEFAULT_LORA_TARGETS, where="test")
+  expected = {
+      f"encoder/layer_{i}/{m}/kernel"
+      for i in range(config.num_hidden_layers)
+      for m in ("attention/query", "attention/key", "attention/value", "attention/output",
+                "intermediate", "output")
+  }
+  assert set(targets) == expected
+
+
+@pytest.mark.parametrize("head,num_labels", [("classification", 5), ("regression", 1), ("qa", 2)])
+def test_output_shapes(head, num_labels, tiny_config):
+  config, module = _tiny_module(tiny_config, "roberta", head=head, num_labels=num_labels)
+  params = jax.eval_shape(lambda: _init(module, config))
+  out = jax.eval_shape(module.apply, {"params": params}, **bert.dummy_inputs(config, 4, 16))
+  assert out["last_hidden_state"].shape == (4, 16, 32)
+  if head == "qa":
+    assert out["start_logits"].shape == out["end_logits"].shape == (4, 16)
+  else:
+    assert out["logits"].shape == (4, num_labels)
+
+
+def test_dropout(tiny_config, make_batch):
+  config, module = _tiny_module(tiny_config, "bert", head="classification", num_hidden_layers=1)
+  params = _init(module, config)
+  batch = make_batch(config)
+  train = jax.jit(functools.partial(module.apply, deterministic=False))
+  run = lambda key: train(
+      {"params": params}, **batch, rngs={"dropout": jax.random.key(key)}
+  )["logits"]
+  eval_logits = jax.jit(module.apply)({"params": params}, **batch)["logits"]
+  assert not np.allclose(run(1), eval_logits, atol=1e-4)
+  assert not np.allclose(run(1), run(2), atol=1e-4)
+  np.testing.assert_array_equal(run(1), run(1))
+
+
+def test_bfloat16_compute_close_to_transformers(tmp_path, tiny_config, save_hf_model, make_batch):
+  config = tiny_config("bert")
+  torch_model = save_hf_model(transformers.BertModel, config, tmp_path)
+  module, params, _, _ = load_pretrained(tmp_path, dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  batch = make_batch(config, batch=2)
+  out = module.apply({"params": params}, **batch)["last_hidden_state"]
+  assert out.dtype == jnp.bfloat16
+  with torch.no_grad():
+    ref = torch_model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
+  real = batch["attention_mask"].astype(bool)
+  err = np.abs(np.asarray(out, np.float32)[real] - ref.last_hidden_state.numpy()[real])
+  # LayerNorm outputs are O(1); bf16 keeps ~3 significant digits.
+  assert err.max() < 0.1, err.max()
+
+
+@pytest.mark.parametrize("model_type,max_len", [("bert", 64), ("roberta", 62)])
+def test_too_long_input_raises(model_type, max_len, tiny_config):
+  config, module = _tiny_module(tiny_config, model_type)
+  params = jax.eval_shape(lambda: _init(module, config))
+  ok = bert.dummy_inputs(config, 1, max_len)
+  jax.eval_shape(module.apply, {"params": params}, **ok)
+  too_long = bert.dummy_inputs(config, 1, max_len + 1)
+  with pytest.raises(ValueError, match=rf"sequence length {max_len + 1}.*\({max_len} = "):
+    jax.eval_shape(module.apply, {"params": params}, **too_long)
+
+
+def test_bad_inputs_raise(tiny_config):
+  config, module = _tiny_module(tiny_config, "bert")
+  params = jax.eval_shape(lambda: _init(module, config))
+  ids = jnp.ones((2, 8), jnp.int32)
+  with pytest.raises(ValueError, match=re.escape("attention_mask has shape (2, 7)")):
+    jax.eval_shape(module.apply, {"params": params}, ids, jnp.ones((2, 7), jnp.int32))
+  with pytest.raises(ValueError, match=re.escape("input_ids must be (batch, seq), got shape (8,)")):
+    jax.eval_shape(module.apply, {"params": params}, ids[0])
+
+
+@pytest.mark.parametrize(
+    "head,num_labels,message",
+    [
+        ("tagging", 2, "head 'tagging' is not one of"),
+        ("classification", 0, "num_labels must be >= 1, got 0"),
+        ("classification", 1, "'classification' needs num_labels >= 2, got 1"),
+        ("regression", 2, "'regression' needs num_labels=1, got 2"),
+    ],
+)
+def test_bad_head_raises(head, num_labels, message, tiny_config):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    bert.module_from_hf_config(tiny_config("bert"), head=head, num_labels=num_labels)
+
+
+def test_unsupported_config_raises(tiny_config):
+  with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
+    bert.module_from_hf_config(
+        tiny_config("bert", position_embedding_type="relative_key"), head="base", num_labels=2
+    )
