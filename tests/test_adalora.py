@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from family_reference import RefPruner, check_pruned_regression, random_like, ref_budget, ref_is_pruning_step
+from tests.family_reference import RefPruner, check_pruned_regression, random_like, ref_budget, ref_is_pruning_step
 from rmlora_jax import LoraSpec, delta_weights, merge
 from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, init_adalora
 from rmlora_jax.budget import (

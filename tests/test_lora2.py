@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from family_reference import RefPruner, check_pruned_regression, random_like
+from tests.family_reference import RefPruner, check_pruned_regression, random_like
 from rmlora_jax import delta_weights, merge
 from rmlora_jax.budget import BudgetSchedule
 from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from family_reference import random_like, toy_problem, train
+from tests.family_reference import random_like, toy_problem, train
 from rmlora_jax import LoraSpec, delta_weights, init_lora, merge
 from rmlora_jax.masking import adapter_pairs
 from rmlora_jax.sora import init_sora, soft_threshold, sora_proximal, sora_ranks

@@ -119,7 +119,7 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
           f"--config.workdir={killed_dir}", "--config.batch_size=8", "--config.max_seq_len=32",
           "--config.num_epochs=1", "--config.max_steps=10", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=2", "--config.progress=False", "--config.lora.rank=4",
-          "--config.rm.num_directions=2", "--config.method=rm_lora"]
+          "--config.rm.num_directions=2", "--config.method=rm_lora", "--config.data.num_buckets=1"]
   args.append("--config.debug.sigkill_at_step=7")
   proc = subprocess.run([sys.executable, "-m", "experiments.glue", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
