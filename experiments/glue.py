@@ -6,7 +6,7 @@ r"""Fine-tunes an encoder on a GLUE task with one of the LoRA-family methods.
 Starting again with the same workdir resumes from its latest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import glue_train
@@ -18,6 +18,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save at INFO; keep the terminal to the progress bar,
+    # evaluations and warnings unless --verbosity asks for more.
+    logging.set_verbosity(logging.WARNING)
   glue_train.train_and_evaluate(_CONFIG.value, _CONFIG.value.workdir)
 
 

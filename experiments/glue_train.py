@@ -180,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start:
     state, record = ckpt.restore(start, training.abstract_like(state, rep))
     history, train_time = record["history"], record["train_time_s"]
-    logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
+    logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
 
   train_step = training.make_train_step(module, method, tx, regression=task.is_regression,
                                         seed=config.seed, mesh=mesh)
@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       history["eval"].append({"step": done, **ev})
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
-      logging.info("step %d eval %s", done, ev)
+      bar.write(f"step {done}/{total_steps} dev " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     bar.update(1)
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       now = time.perf_counter()

@@ -404,6 +404,9 @@ def module_from_hf_config(
                                    head="classification", num_labels=2)
   """
   hub.validate_head(head, num_labels, where="bert.module_from_hf_config")
+  if head == "image_classification":
+    raise ValueError("bert.module_from_hf_config: head 'image_classification' is for vision "
+                     "models; text encoders take 'classification', 'regression', 'qa' or 'base'")
   return Bert(arch=arch_from_hf_config(hf_config), head=head, num_labels=num_labels, dtype=dtype)
 
 

@@ -41,7 +41,7 @@ from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
 
-HEADS = ("base", "classification", "regression", "qa")
+HEADS = ("base", "classification", "regression", "qa", "image_classification")
 
 # config.model_type -> the module implementing it, imported on first use.
 ARCHITECTURES: dict[str, str] = {
