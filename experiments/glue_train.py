@@ -111,7 +111,8 @@ def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Sch
   )
 
 
-def _load_data(config, task, tokenizer):
+def load_data(config, task, tokenizer):
+  """Tokenised training split (optionally a seeded subset) and eval splits."""
   data_dir = glue.resolve_data_source(config.data.dir)
   load = lambda split: glue.load_split(task, split, data_dir, hub_name=config.data.hub_name)
   train_text = load("train")
@@ -128,12 +129,17 @@ def _load_data(config, task, tokenizer):
   return train, evals
 
 
-def _evaluate(eval_step, trainable, frozen, splits, task, config, buckets, put) -> dict[str, float]:
+def evaluate_splits(predict, splits, task, *, batch_size: int, buckets) -> dict[str, float]:
+  """GLUE metrics of ``predict(batch) -> predictions`` over each eval split.
+
+  The first split's metrics keep their names; later splits' get a suffix
+  (MNLI: ``accuracy`` for matched, ``accuracy_mismatched``).
+  """
   out = {}
   for i, (name, split) in enumerate(splits.items()):
     preds, labels, weights = [], [], []
-    for batch in glue.batches(split, config.batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets):
-      preds.append(np.asarray(eval_step(trainable, frozen, put(batch))))
+    for batch in glue.batches(split, batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets):
+      preds.append(np.asarray(predict(batch)))
       labels.append(batch["labels"])
       weights.append(batch["weights"])
     m = metrics_lib.glue_metrics(task, np.concatenate(preds), np.concatenate(labels), np.concatenate(weights))
@@ -151,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   module, params, tokenizer, hf_config, report = hub.load_pretrained(
       config.model.name_or_path, head=head, num_labels=task.num_labels,
       dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
-  train, evals = _load_data(config, task, tokenizer)
+  train, evals = load_data(config, task, tokenizer)
   buckets = glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
   steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
   total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
@@ -210,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.add_scalar(f"train/{k}", v, done)
       bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
     if done % eval_every == 0 or done == total_steps:
-      ev = _evaluate(eval_step, state.trainable, frozen, evals, task, config, buckets, put)
+      ev = evaluate_splits(lambda batch: eval_step(state.trainable, frozen, put(batch)), evals, task,
+                           batch_size=config.batch_size, buckets=buckets)
       history["eval"].append({"step": done, **ev})
       for k, v in ev.items():
         writer.add_scalar(f"eval/{k}", v, done)
@@ -228,25 +235,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   ckpt.close()
 
-  results = _results(config, task, method, state, frozen, history, train_time, total_steps, peak_lr)
+  results = _results(config, task, method, state, history, train_time, total_steps, peak_lr)
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   _plots(workdir, history, method, state, task)
   return results
 
 
-def _results(config, task, method, state, frozen, history, train_time, steps, peak_lr) -> dict[str, Any]:
+def _results(config, task, method, state, history, train_time, steps, peak_lr) -> dict[str, Any]:
   trainable = jax.device_get(state.trainable)
   adapters = method.adapters(trainable)
-  per_matrix = {}
-  if adapters:
-    for path, dw in lora_lib.delta_weights(adapters, method.settings.spec).items():
-      per_matrix[path] = {"effective_rank": analysis.effective_rank(dw), "ortho_loss": analysis.ortho_loss(dw)}
-  summary = {}
-  if per_matrix:
-    ranks = np.array([v["effective_rank"] for v in per_matrix.values()])
-    losses = np.array([v["ortho_loss"] for v in per_matrix.values()])
-    summary = {"mean_effective_rank": float(ranks.mean()), "min_effective_rank": int(ranks.min()),
-               "mean_ortho_loss": float(losses.mean()), "num_adapted": len(per_matrix)}
+  deltas = lora_lib.delta_weights(adapters, method.settings.spec) if adapters else {}
   counts = accounting.param_counts(trainable)
   return {
       "task": task.name,
@@ -262,7 +260,7 @@ def _results(config, task, method, state, frozen, history, train_time, steps, pe
       "learning_rate": peak_lr,
       "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
                "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
-      "adapters": {"summary": summary, "per_matrix": per_matrix},
+      "adapters": analysis.delta_report(deltas),
       "history": history,
   }
 

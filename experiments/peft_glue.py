@@ -24,7 +24,6 @@ from ml_collections import config_flags
 
 from experiments import glue_train
 from rmlora_jax import analysis
-from rmlora_jax import metrics as metrics_lib
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
 
@@ -47,7 +46,7 @@ def run(config, workdir: str) -> dict:
   torch.manual_seed(config.seed)
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-  train, evals = glue_train._load_data(config, task, tokenizer)  # pylint: disable=protected-access
+  train, evals = glue_train.load_data(config, task, tokenizer)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       folder, num_labels=task.num_labels)
   lora_config = peft.LoraConfig(
@@ -101,25 +100,20 @@ def run(config, workdir: str) -> dict:
     logging.warning("epoch %d dev %s", epoch, history["eval"][-1])
   train_time = time.perf_counter() - start
 
-  per_matrix = {}
   scale = config.lora.alpha / config.lora.rank
+  deltas = {}
   for name, module in model.named_modules():
     if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
       a = module.lora_A["default"].weight.detach().numpy()
       b = module.lora_B["default"].weight.detach().numpy()
-      dw = scale * b @ a
-      per_matrix[name] = {"effective_rank": analysis.effective_rank(dw), "ortho_loss": analysis.ortho_loss(dw)}
-  ranks = [v["effective_rank"] for v in per_matrix.values()]
-  losses = [v["ortho_loss"] for v in per_matrix.values()]
+      deltas[name] = scale * b @ a
   results = {
       "task": task.name, "method": "peft_lora", "seed": config.seed, "model": config.model.name_or_path,
       "metrics": {k: v for k, v in history["eval"][-1].items() if k != "step"},
       "main_metric": task.main_metric, "trainable_params": n_trainable, "inference_params": n_trainable,
       "steps": step, "train_time_s": round(train_time, 2), "learning_rate": lr,
       "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha},
-      "adapters": {"summary": {"mean_effective_rank": float(np.mean(ranks)), "min_effective_rank": int(min(ranks)),
-                               "mean_ortho_loss": float(np.mean(losses)), "num_adapted": len(per_matrix)},
-                   "per_matrix": per_matrix},
+      "adapters": analysis.delta_report(deltas),
       "history": history,
   }
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -129,20 +123,14 @@ def run(config, workdir: str) -> dict:
 def _evaluate(model, evals, task, config, to_torch) -> dict[str, float]:
   import torch  # pylint: disable=g-import-not-at-top
 
+  def predict(batch):
+    with torch.no_grad():
+      logits = model(**to_torch(batch)).logits.float().numpy()
+    return logits[:, 0] if task.is_regression else logits.argmax(-1)
+
   model.eval()
-  out = {}
-  with torch.no_grad():
-    for i, (name, split) in enumerate(evals.items()):
-      preds, labels, weights = [], [], []
-      for batch in glue.batches(split, config.batch_size, seed=0, epoch=0, shuffle=False,
-                                buckets=(config.max_seq_len,)):
-        logits = model(**to_torch(batch)).logits.float().numpy()
-        preds.append(logits[:, 0] if task.is_regression else logits.argmax(-1))
-        labels.append(batch["labels"])
-        weights.append(batch["weights"])
-      m = metrics_lib.glue_metrics(task, np.concatenate(preds), np.concatenate(labels), np.concatenate(weights))
-      suffix = "" if i == 0 else "_" + name.rsplit("_", 1)[-1]
-      out.update({k + suffix: float(v) for k, v in m.items()})
+  out = glue_train.evaluate_splits(predict, evals, task, batch_size=config.batch_size,
+                                   buckets=(config.max_seq_len,))
   model.train()
   return out
 

@@ -4,7 +4,7 @@ Adapters are plain pytrees; training behaviour is optax transforms; every
 function here is pure and jittable. See README.md for a tour.
 """
 
-from rmlora_jax.analysis import count_params, effective_rank, ortho_loss, singular_values
+from rmlora_jax.analysis import count_params, delta_report, effective_rank, ortho_loss, singular_values
 from rmlora_jax.lora import (
     LoraSpec,
     adapter_product,
@@ -39,6 +39,7 @@ __all__ = [
     "adapter_product",
     "budget_schedule",
     "count_params",
+    "delta_report",
     "delta_weights",
     "direction_mask",
     "effective_rank",

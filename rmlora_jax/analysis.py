@@ -47,3 +47,26 @@ def ortho_loss(delta: Any) -> float:
   d = _as_matrix(delta, "ortho_loss")
   dev = d @ d.T - np.eye(d.shape[0])
   return float(np.sum(dev * dev))
+
+
+def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3) -> dict[str, Any]:
+  """The paper's Table 4 measures for each update dW and their summary.
+
+  Args:
+    deltas: ``{path: dW}``, e.g. from `delta_weights`.
+    rtol: passed to `effective_rank`.
+
+  Returns:
+    ``{"per_matrix": {path: {"effective_rank", "ortho_loss"}}, "summary":
+    {"mean_effective_rank", "min_effective_rank", "mean_ortho_loss",
+    "num_adapted"}}``; the summary is empty when there are no updates.
+  """
+  per_matrix = {p: {"effective_rank": effective_rank(d, rtol=rtol), "ortho_loss": ortho_loss(d)}
+                for p, d in deltas.items()}
+  if not per_matrix:
+    return {"summary": {}, "per_matrix": {}}
+  ranks = np.array([v["effective_rank"] for v in per_matrix.values()])
+  losses = np.array([v["ortho_loss"] for v in per_matrix.values()])
+  summary = {"mean_effective_rank": float(ranks.mean()), "min_effective_rank": int(ranks.min()),
+             "mean_ortho_loss": float(losses.mean()), "num_adapted": len(per_matrix)}
+  return {"summary": summary, "per_matrix": per_matrix}

@@ -47,3 +47,18 @@ def test_bad_inputs():
     rl.effective_rank(np.eye(2), rtol=0.0)
   with pytest.raises(ValueError, match="ortho_loss expects a 2-D"):
     rl.ortho_loss(np.zeros((2, 2, 2)))
+
+
+def test_delta_report_summarises_numpy_measures():
+  rng = np.random.default_rng(2)
+  deltas = {"x": rng.normal(size=(5, 3)) @ rng.normal(size=(3, 7)), "y": rng.normal(size=(4, 6))}
+  report = rl.delta_report(deltas)
+  ranks = {"x": np.linalg.matrix_rank(deltas["x"]), "y": np.linalg.matrix_rank(deltas["y"])}
+  for path, d in deltas.items():
+    assert report["per_matrix"][path]["effective_rank"] == ranks[path]
+    expected = np.linalg.norm(d @ d.T - np.eye(d.shape[0])) ** 2
+    assert report["per_matrix"][path]["ortho_loss"] == pytest.approx(expected)
+  s = report["summary"]
+  assert s["num_adapted"] == 2 and s["min_effective_rank"] == 3
+  assert s["mean_effective_rank"] == pytest.approx(3.5)
+  assert rl.delta_report({}) == {"summary": {}, "per_matrix": {}}
