@@ -38,7 +38,8 @@ Array = jax.Array
 ADALORA_FACTORS = frozenset({"p", "lam", "q"})
 ADALORA = budget_lib.TripletFamily(name="AdaLoRA", factors=ADALORA_FACTORS, rank_axes={"p": 1, "q": 0})
 
-lora.register_adapter_kind(ADALORA_FACTORS, lambda ad: (ad["p"] * ad["lam"]) @ ad["q"])
+lora.register_adapter_kind(ADALORA_FACTORS, lambda ad: (ad["p"] * ad["lam"]) @ ad["q"],
+                           lambda ad: (ad["p"] * ad["lam"], ad["q"]))
 
 
 def init_adalora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict[str, Array]]:

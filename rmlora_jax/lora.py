@@ -147,18 +147,29 @@ def init_lora(key: Array, params: Any, spec: LoraSpec) -> dict[str, dict[str, Ar
 
 
 # Each adapter family registers how its factors multiply into an unscaled
-# (d_out, d_in) update, keyed by its exact set of factor names.
+# (d_out, d_in) update, keyed by its exact set of factor names, and how to
+# write that update as left (d_out, r') @ right (r', d_in) for `attach`.
 _PRODUCTS: dict[frozenset[str], Callable[[Adapter], Array]] = {}
+_FACTORS: dict[frozenset[str], Callable[[Adapter], tuple[Array, Array]]] = {}
 
 
-def register_adapter_kind(names: frozenset[str] | set[str], product: Callable[[Adapter], Array]) -> None:
-  """Teaches `delta_weights` and `merge` a new adapter family.
+def register_adapter_kind(
+    names: frozenset[str] | set[str],
+    product: Callable[[Adapter], Array],
+    factors: Callable[[Adapter], tuple[Array, Array]] | None = None,
+) -> None:
+  """Teaches `delta_weights`, `merge` and `attach` a new adapter family.
 
   Args:
     names: the exact keys of the family's adapter dicts, e.g. ``{"a", "b"}``.
     product: maps one adapter to its unscaled update of shape (d_out, d_in).
+    factors: maps one adapter to ``(left, right)`` of shapes (d_out, r') and
+      (r', d_in) with ``left @ right == product(adapter)`` and r' small; by
+      default ``(product(adapter), identity)``, which `attach` then merges.
   """
   _PRODUCTS[frozenset(names)] = product
+  if factors is not None:
+    _FACTORS[frozenset(names)] = factors
 
 
 def adapter_product(adapter: Adapter, *, path: str = "<adapter>") -> Array:
@@ -173,7 +184,7 @@ def adapter_product(adapter: Adapter, *, path: str = "<adapter>") -> Array:
   return _PRODUCTS[names](adapter)
 
 
-register_adapter_kind({"a", "b"}, lambda ad: ad["b"] @ ad["a"])
+register_adapter_kind({"a", "b"}, lambda ad: ad["b"] @ ad["a"], lambda ad: (ad["b"], ad["a"]))
 
 
 def delta_weights(adapters: Adapters, spec: LoraSpec) -> dict[str, Array]:
@@ -184,6 +195,21 @@ def delta_weights(adapters: Adapters, spec: LoraSpec) -> dict[str, Array]:
   return {
       path: spec.scale * adapter_product(ad, path=path) for path, ad in adapters.items()
   }
+
+
+def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
+  """Raises ValueError unless an update (d_out, d_in) fits the kernel at ``path``."""
+  if path not in flat:
+    raise ValueError(
+        f"{where}: adapter path {path!r} is not a parameter path; adapters must "
+        f"come from init_* on the same parameter tree"
+    )
+  w_shape = tuple(flat[path].shape)
+  if w_shape != update_shape[::-1]:
+    raise ValueError(
+        f"{where}: adapter at {path!r} gives an update of shape (d_out, d_in)="
+        f"{update_shape}, which does not fit the kernel of shape {w_shape}"
+    )
 
 
 def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
@@ -199,17 +225,7 @@ def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
   deltas = delta_weights(adapters, spec)
   flat = paths_lib.flatten_with_paths(params)
   for path, d in deltas.items():
-    if path not in flat:
-      raise ValueError(
-          f"merge: adapter path {path!r} is not a parameter path; adapters must "
-          f"come from init_* on the same parameter tree"
-      )
-    w_shape = tuple(flat[path].shape)
-    if w_shape != tuple(d.shape[::-1]):
-      raise ValueError(
-          f"merge: adapter at {path!r} gives an update of shape (d_out, d_in)="
-          f"{tuple(d.shape)}, which does not fit the kernel of shape {w_shape}"
-      )
+    _check_fits(flat, path, tuple(d.shape), where="merge")
 
   def merge_leaf(key_path, w):
     path = paths_lib.path_str(key_path)
@@ -218,3 +234,81 @@ def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
     return (w + deltas[path].T).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(merge_leaf, params)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRankKernel:
+  """A frozen Dense kernel and a low-rank update, applied without merging them.
+
+  Stands in for the kernel ``w0 + (left @ right).T`` of shape (d_in, d_out).
+  Models whose Dense layers understand it (`rmlora_jax.models`' BERT, DeBERTa-v2
+  and ViT, through `dense_apply`) compute ``x @ w0 + (x @ right.T) @ left.T``:
+  in training the backward pass then needs no (d_in, d_out) weight gradient,
+  only the small ones of ``left`` and ``right``.
+  """
+
+  # The frozen kernel (d_in, d_out).
+  w0: Array
+  # (d_out, r'), the update's scale folded in.
+  left: Array
+  # (r', d_in).
+  right: Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.w0.shape
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return self.w0.dtype
+
+  def merged(self) -> Array:
+    """The equivalent dense kernel ``w0 + (left @ right).T``."""
+    return (self.w0 + (self.left @ self.right).T).astype(self.w0.dtype)
+
+
+def dense_apply(x: Array, kernel: Array | LowRankKernel, dtype: Any = None) -> Array:
+  """``x @ kernel`` over the last axis, for a plain or a `LowRankKernel` kernel.
+
+  Args:
+    x: (..., d_in) inputs.
+    kernel: a (d_in, d_out) array or a `LowRankKernel`.
+    dtype: the computation dtype; None: ``x``'s.
+
+  Returns:
+    (..., d_out) in ``dtype``.
+  """
+  dtype = dtype or x.dtype
+  x = jnp.asarray(x, dtype)
+  if not isinstance(kernel, LowRankKernel):
+    return x @ jnp.asarray(kernel, dtype)
+  y = x @ kernel.w0.astype(dtype)
+  return y + (x @ kernel.right.T.astype(dtype)) @ kernel.left.T.astype(dtype)
+
+
+def attach(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
+  """Like `merge`, but leaves each adapted kernel as a `LowRankKernel`.
+
+  The forward pass of a model whose Dense layers use `dense_apply` is then
+  numerically equal to its forward on ``merge(params, adapters, spec)`` (up
+  to float rounding) and cheaper to differentiate. Families registered
+  without factors are merged into a plain kernel here.
+
+  Raises:
+    ValueError: as `merge`.
+  """
+  flat = paths_lib.flatten_with_paths(params)
+  kernels = {}
+  for path, ad in adapters.items():
+    factors = _FACTORS.get(frozenset(ad))
+    if factors is not None:
+      left, right = factors(ad)
+      _check_fits(flat, path, (left.shape[0], right.shape[-1]), where="attach")
+      kernels[path] = LowRankKernel(flat[path], spec.scale * left, right)
+  merged = merge(params, {p: ad for p, ad in adapters.items() if p not in kernels}, spec)
+
+  def leaf(key_path, w):
+    return kernels.get(paths_lib.path_str(key_path), w)
+
+  return jax.tree_util.tree_map_with_path(leaf, merged)

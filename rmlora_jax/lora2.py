@@ -40,7 +40,8 @@ LORA2 = budget_lib.TripletFamily(name="LoRA²", factors=LORA2_FACTORS, rank_axes
 LORA2_PENALTY_TERMS = ("UV", "uv", "PQ")
 
 lora.register_adapter_kind(
-    LORA2_FACTORS, lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"])
+    LORA2_FACTORS, lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"]),
+    lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]),
 )
 
 

@@ -35,6 +35,7 @@ from rmlora_jax import sora as sora_lib
 
 METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
 MASK_MODES = ("update", "gradient")
+ADAPTER_APPLY = ("merge", "low_rank")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,11 @@ class MethodSettings:
   seed: int = 0
   # Optimizer steps of the run; AdaLoRA's and LoRA²'s budget schedules need it.
   total_steps: int = 0
+  # How `assemble` hands adapters to the model: "merge" (kernels W0 + dW, any
+  # Flax model) or "low_rank" (`lora.attach`: kernels the models of
+  # rmlora_jax.models apply as x W0 + (x a^T) b^T s, which skips the (d_in,
+  # d_out) weight gradient of every adapted kernel; the same numbers).
+  adapter_apply: str = "merge"
   # Family-specific settings by method name: "adalora" (init_rank, target_rank,
   # t_init_ratio, t_final_ratio, delta_t, beta1, beta2, ortho_weight), "sora"
   # (xi, gate_lr), "lora2" (target_rank, ortho_weight, delta_t ...).
@@ -74,6 +80,8 @@ class MethodSettings:
     if self.mask_mode not in MASK_MODES:
       raise ValueError(f"rm.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
     penalty_lib.check_reduction(self.ortho_reduction, where="rm.ortho_reduction")
+    if self.adapter_apply not in ADAPTER_APPLY:
+      raise ValueError(f"adapter_apply must be one of {ADAPTER_APPLY}, got {self.adapter_apply!r}")
     if self.name != "full_ft" and self.spec is None:
       raise ValueError(f"method {self.name!r} needs a LoraSpec")
     if self.name in ("gm_lora", "rm_lora") and not 1 <= self.num_directions <= self.spec.rank:
@@ -173,8 +181,10 @@ def make_method(
     head = {p: flat[p] for p in head_paths(params, s.train_patterns)}
     return {"adapters": init_adapters(key, params, spec), "head": head}
 
+  combine = lora_lib.attach if s.adapter_apply == "low_rank" else lora_lib.merge
+
   def assemble(trainable, frozen):
-    return lora_lib.merge(with_head(frozen, trainable["head"]), trainable["adapters"], spec)
+    return combine(with_head(frozen, trainable["head"]), trainable["adapters"], spec)
 
   def penalty(trainable):
     ads = trainable["adapters"]

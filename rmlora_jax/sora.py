@@ -34,7 +34,8 @@ Array = jax.Array
 
 SORA_FACTORS = frozenset({"a", "b", "g"})
 
-lora.register_adapter_kind(SORA_FACTORS, lambda ad: (ad["b"] * ad["g"]) @ ad["a"])
+lora.register_adapter_kind(SORA_FACTORS, lambda ad: (ad["b"] * ad["g"]) @ ad["a"],
+                           lambda ad: (ad["b"] * ad["g"], ad["a"]))
 
 
 def init_sora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict[str, Array]]:

@@ -195,3 +195,44 @@ def test_spec_passes_through_jit_as_static():
   f(params, adapters, SPEC)
   f(params, adapters, SPEC)
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("family", ["lora", "adalora", "sora", "lora2"])
+def test_attach_low_rank_path_equals_merge(family):
+  """x W0 + (x right^T) left^T through attach == x (W0 + dW^T), values and gradients."""
+  from rmlora_jax import adalora, lora2, sora
+  from tests.family_reference import random_like
+
+  rng = np.random.default_rng(0)
+  params = {"enc": {"kernel": jnp.asarray(rng.normal(size=(9, 7)), jnp.float32)},
+            "other": jnp.ones((3,))}
+  targets = (r"enc/kernel",)
+  spec = (lora2.Lora2Spec(k=4, r=3, alpha=6.0, targets=targets) if family == "lora2"
+          else rl.LoraSpec(rank=4, alpha=6.0, targets=targets))
+  init = {"lora": rl.init_lora, "adalora": adalora.init_adalora, "sora": sora.init_sora,
+          "lora2": lora2.init_lora2}[family]
+  ads = jax.tree.map(jnp.asarray, random_like(init(jax.random.key(0), params, spec), 1))
+  x = jnp.asarray(rng.normal(size=(2, 5, 9)), jnp.float32)
+
+  attached = rl.attach(params, ads, spec)
+  kernel = attached["enc"]["kernel"]
+  assert isinstance(kernel, rl.LowRankKernel) and kernel.shape == (9, 7)
+  assert attached["other"] is params["other"]
+  merged = rl.merge(params, ads, spec)
+  chex.assert_trees_all_close(kernel.merged(), merged["enc"]["kernel"], rtol=1e-5, atol=1e-5)
+
+  def loss(a, combine):
+    y = rl.dense_apply(x, combine(params, a, spec)["enc"]["kernel"])
+    return jnp.sum(jnp.sin(y))
+
+  low, g_low = jax.value_and_grad(loss)(ads, rl.attach)
+  ref, g_ref = jax.value_and_grad(loss)(ads, rl.merge)
+  np.testing.assert_allclose(low, ref, rtol=1e-5)
+  chex.assert_trees_all_close(g_low, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attach_rejects_a_misfit_adapter():
+  params = {"w": jnp.ones((4, 3))}
+  ads = {"w": {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match=r"attach: adapter at 'w' gives an update"):
+    rl.attach(params, ads, rl.LoraSpec(rank=2, alpha=1.0, targets=("w",)))

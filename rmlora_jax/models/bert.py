@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmlora_jax.models import hub
+from rmlora_jax.models import hub, torch_port
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -105,15 +105,10 @@ class BertArch:
     return self.max_position_embeddings - self.position_offset
 
 
-def _dense(features: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> nn.Dense:
-  return nn.Dense(
-      features,
-      kernel_init=nn.initializers.normal(arch.initializer_range),
-      bias_init=nn.initializers.zeros,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-  )
+def _dense(features: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> torch_port.Dense:
+  # Takes a LowRankKernel too (rmlora_jax.lora.attach): LoRA without merging.
+  return torch_port.dense(features, init=nn.initializers.normal(arch.initializer_range),
+                          dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _layer_norm(arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
@@ -150,7 +145,7 @@ class Embeddings(nn.Module):
         + _embed(a.type_vocab_size, a, "token_type_embeddings", dt, pdt)(token_type_ids)
     )
     x = _layer_norm(a, "layer_norm", dt, pdt)(x)
-    return nn.Dropout(a.hidden_dropout)(x, deterministic=deterministic)
+    return torch_port.Dropout(a.hidden_dropout)(x, deterministic=deterministic)
 
 
 class Attention(nn.Module):
@@ -178,10 +173,10 @@ class Attention(nn.Module):
     q = q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)
     logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + bias
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    probs = nn.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
+    probs = torch_port.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
     ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, h)
     y = _dense(h, a, "output", dt, pdt)(ctx)
-    y = nn.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
+    y = torch_port.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
     return _layer_norm(a, "layer_norm", dt, pdt)(x + y)
 
 
@@ -200,7 +195,7 @@ class Layer(nn.Module):
     y = _dense(a.intermediate_size, a, "intermediate", dt, pdt)(x)
     y = jax.nn.gelu(y, approximate=False)
     y = _dense(a.hidden_size, a, "output", dt, pdt)(y)
-    y = nn.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
+    y = torch_port.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
     return _layer_norm(a, "output_layer_norm", dt, pdt)(x + y)
 
 
@@ -245,9 +240,9 @@ class RobertaClassifier(nn.Module):
   def __call__(self, x: Array, deterministic: bool) -> Array:
     """x: (B, T, H); returns logits (B, num_labels)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    y = nn.Dropout(a.classifier_dropout)(x[:, 0], deterministic=deterministic)
+    y = torch_port.Dropout(a.classifier_dropout)(x[:, 0], deterministic=deterministic)
     y = jnp.tanh(_dense(a.hidden_size, a, "dense", dt, pdt)(y))
-    y = nn.Dropout(a.classifier_dropout)(y, deterministic=deterministic)
+    y = torch_port.Dropout(a.classifier_dropout)(y, deterministic=deterministic)
     return _dense(self.num_labels, a, "out_proj", dt, pdt)(y)
 
 
@@ -339,7 +334,7 @@ class Bert(nn.Module):
             x, deterministic
         )
       else:
-        y = nn.Dropout(a.classifier_dropout)(out["pooler_output"], deterministic=deterministic)
+        y = torch_port.Dropout(a.classifier_dropout)(out["pooler_output"], deterministic=deterministic)
         out["logits"] = _dense(self.num_labels, a, "classifier", dt, pdt)(y)
     elif self.head == "qa":
       span = _dense(2, a, "qa_outputs", dt, pdt)(x)

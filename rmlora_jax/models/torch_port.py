@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmlora_jax import lora as lora_lib
 from rmlora_jax import paths as paths_lib
 
 # transformers' ACT2FN names -> JAX functions. "gelu" is the exact (erf) GELU;
@@ -157,9 +158,87 @@ def pair(value: int | Iterable[int], *, where: str) -> tuple[int, int]:
   return value
 
 
-def dense(features: int, *, init: Callable, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  """A named ``nn.Dense`` with 2-D kernel (d_in, d_out), as every projection here is."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=init, name=name)
+class Dense(nn.Module):
+  """``nn.Dense`` (same parameters, same numbers) that also takes a low-rank kernel.
+
+  When the params hold a `rmlora_jax.lora.LowRankKernel` at ``kernel`` (what
+  `rmlora_jax.lora.attach` builds), the layer computes
+  ``x @ w0 + (x @ right.T) @ left.T`` instead of ``x @ kernel``.
+  """
+
+  # Output width d_out.
+  features: int
+  use_bias: bool = True
+  # Computation dtype; None: promoted from the inputs and parameters, as nn.Dense.
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """(..., d_in) -> (..., features)."""
+    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    dtype = self.dtype or jnp.result_type(inputs, kernel.dtype, *(() if bias is None else (bias,)))
+    y = lora_lib.dense_apply(inputs, kernel, dtype)
+    if bias is not None:
+      y = y + jnp.asarray(bias, dtype)
+    return y
+
+
+class Dropout(nn.Module):
+  """Inverted dropout like ``nn.Dropout``, its random bits from XLA's RngBitGenerator.
+
+  ``nn.Dropout`` draws its mask with the key's own bit generator, by default
+  threefry, which XLA expands into some twenty integer rounds per 64 bits:
+  on CPU that made the dropout masks of a BERT train step a visible share of
+  it and most of its compile time. Here a threefry key's data seeds an
+  ``"rbg"`` key instead (same key, same mask, still a pure function of the
+  key); keys of other implementations are used as they are.
+  """
+
+  # Probability of zeroing an element.
+  rate: float
+  # Axes along which the mask is shared (as nn.Dropout).
+  broadcast_dims: tuple[int, ...] = ()
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+    """Zeroes each element with probability ``rate`` and scales the rest by 1 / (1 - rate)."""
+    if deterministic or self.rate == 0.0:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    key = fast_bits_key(self.make_rng(self.rng_collection))
+    shape = tuple(1 if i in self.broadcast_dims else n for i, n in enumerate(inputs.shape))
+    keep_prob = 1.0 - self.rate
+    # P(bits < threshold) = keep_prob up to 2^-32.
+    threshold = np.uint32(min(round(keep_prob * 2.0**32), 2**32 - 1))
+    keep = jax.random.bits(key, shape, jnp.uint32) < threshold
+    return jnp.where(keep, inputs / jnp.asarray(keep_prob, inputs.dtype), jnp.zeros((), inputs.dtype))
+
+
+def fast_bits_key(key: jax.Array) -> jax.Array:
+  """An ``"rbg"`` key seeded by a threefry key (typed or raw uint32[2]); others unchanged."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if "threefry" not in str(jax.random.key_impl(key)):
+      return key
+    data = jax.random.key_data(key)
+  elif key.shape == (2,):
+    data = key
+  else:
+    return key
+  return jax.random.wrap_key_data(jnp.concatenate([data, data ^ np.uint32(0x9E3779B9)]), impl="rbg")
+
+
+def dense(features: int, *, init: Callable, dtype: Any, name: str, use_bias: bool = True,
+          param_dtype: Any = jnp.float32) -> Dense:
+  """A named `Dense` with 2-D kernel (d_in, d_out), as every projection here is."""
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+               kernel_init=init, name=name)
 
 
 def layer_norm(epsilon: float, *, dtype: Any, name: str) -> nn.LayerNorm:

@@ -193,3 +193,50 @@ def test_unsupported_config_raises(tiny_config):
     bert.module_from_hf_config(
         tiny_config("bert", position_embedding_type="relative_key"), head="base", num_labels=2
     )
+
+
+def test_low_rank_apply_equals_merge(tiny_config, make_batch):
+  """LoRA through LowRankKernel-aware Dense layers gives merge's logits and gradients."""
+  import rmlora_jax as rl
+  from rmlora_jax import methods as methods_lib
+  from tests.family_reference import random_like
+
+  config, module = _tiny_module(tiny_config, "bert", head="classification")
+  params = _init(module, config)
+  batch = {k: jnp.asarray(v) for k, v in make_batch(config).items()}
+  spec = rl.LoraSpec(rank=4, alpha=8.0, targets=bert.DEFAULT_LORA_TARGETS)
+  methods = {
+      apply: methods_lib.make_method(methods_lib.MethodSettings(
+          name="lora", spec=spec, train_patterns=(r"classifier/.*",), adapter_apply=apply))
+      for apply in ("merge", "low_rank")
+  }
+  trainable = methods["merge"].init(jax.random.key(0), params)
+  trainable["adapters"] = jax.tree.map(
+      lambda x: 0.05 * jnp.asarray(x), random_like(trainable["adapters"], 1))
+
+  def loss(tr, method, key):
+    logits = module.apply({"params": method.assemble(tr, params)}, **batch, deterministic=False,
+                          rngs={"dropout": key})["logits"]
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+  for key in (jax.random.key(3), jax.random.key(4, impl="rbg")):
+    low, g_low = jax.jit(jax.value_and_grad(lambda t: loss(t, methods["low_rank"], key)))(trainable)
+    ref, g_ref = jax.jit(jax.value_and_grad(lambda t: loss(t, methods["merge"], key)))(trainable)
+    np.testing.assert_allclose(low, ref, rtol=1e-5)
+    for path, g in paths_lib.flatten_with_paths(g_ref).items():
+      np.testing.assert_allclose(paths_lib.flatten_with_paths(g_low)[path], g, rtol=1e-4, atol=1e-5,
+                                 err_msg=path)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.PRNGKey(0), jax.random.key(0, impl="rbg")])
+def test_dropout_keeps_the_right_share(key):
+  from rmlora_jax.models import torch_port
+
+  x = jnp.ones((200, 500))
+  drop = torch_port.Dropout(0.1)
+  y = drop.apply({}, x, deterministic=False, rngs={"dropout": key})
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.9) < 0.005
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  np.testing.assert_array_equal(y, drop.apply({}, x, deterministic=False, rngs={"dropout": key}))
+  assert drop.apply({}, x, deterministic=True) is x

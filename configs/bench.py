@@ -1,0 +1,77 @@
+"""Train-step benchmark: rmlora_jax methods against the floor and PEFT (issue 7).
+
+The argument after the colon picks the shape (default ``minilm``)::
+
+  python -m experiments.bench --config=configs/bench.py
+  python -m experiments.bench --config=configs/bench.py:bert-base
+  python -m experiments.bench --config=configs/bench.py:minilm \
+      --config.targets=all --config.repeats=9 --config.output=runs/bench_minilm.json
+
+Shapes are random-weight BERT encoders: ``minilm`` (all-MiniLM-L6-v2's shape),
+``bert-base``, and ``tiny`` (for the test).
+"""
+
+from ml_collections import config_dict
+
+from configs import base
+
+# hidden, layers, heads, intermediate, vocab
+SHAPES = {
+    "tiny": (32, 2, 4, 64, 1000),
+    "minilm": (384, 6, 12, 1536, 30522),
+    "bert-base": (768, 12, 12, 3072, 30522),
+}
+# Flax kernel paths adapted by each `targets` choice (BERT parameter paths).
+TARGETS = {
+    "qv": (r"encoder/layer_\d+/attention/(query|value)/kernel",),
+    "all": (
+        r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
+        r"encoder/layer_\d+/(intermediate|output)/kernel",
+    ),
+}
+# What PEFT's target_modules names for the same choice (transformers' BertModel).
+PEFT_TARGETS = {
+    "qv": ("query", "value"),
+    "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+METHODS = ("full_ft", "lora", "rm_lora", "adalora")
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  """The benchmark config for shape ``arg`` (one of SHAPES; default minilm)."""
+  shape = arg or "minilm"
+  if shape not in SHAPES:
+    raise ValueError(f"configs/bench.py: shape {shape!r} is unknown; choose one of {tuple(SHAPES)}")
+  hidden, layers, heads, inter, vocab = SHAPES[shape]
+  glue = base.get_config()
+  c = config_dict.ConfigDict()
+  c.shape = shape
+  c.model = config_dict.ConfigDict(dict(
+      hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
+      vocab_size=vocab))
+  c.dtype = "float32"  # computation dtype of our model: float32 or bfloat16
+  c.batch_size = 32
+  c.seq_len = 128
+  c.rank = 8
+  c.alpha = 16.0
+  c.targets = "qv"  # "qv" (query and value, as PEFT's default) or "all" (all six matrices)
+  # rmlora_jax methods timed, besides the floor and PEFT; "name@merge" or
+  # "name@low_rank" overrides adapter_apply for that runner.
+  c.methods = METHODS
+  # How adapters reach the model (MethodSettings.adapter_apply): "low_rank" or "merge".
+  c.adapter_apply = "low_rank"
+  c.num_directions = 4  # RM-LoRA's r_hat
+  c.rm = glue.rm  # penalty weight and form, mask mode (the GLUE defaults)
+  c.adalora = glue.adalora  # AdaLoRA's ranks and schedule (the GLUE defaults)
+  c.peft = True  # time PEFT's LoRA step too, when torch and peft are installed
+  c.warmup = 3  # untimed steps of each runner after compiling
+  c.repeats = 5  # timed steps of each runner, alternating between runners
+  c.threads = 0  # torch threads; 0: as many as CPU cores (XLA's CPU backend uses them all)
+  # Dense peak of the accelerator for MFU: H100 SXM TF32 (JAX's default float32
+  # matmul precision on GPU); 989 for bfloat16. Unused on CPU.
+  c.gpu_peak_tflops = 494.0
+  c.seed = 0
+  c.output = ""  # a path: also write the results JSON there
+  if shape == "tiny":
+    c.batch_size, c.seq_len, c.warmup, c.repeats = 4, 16, 1, 2
+  return c

@@ -1,0 +1,340 @@
+"""Times the library's train step per method against the floor and PEFT (issue 7).
+
+In one process, on random weights of one BERT shape (the same weights in
+every runner: ours are converted from the PyTorch model), it times
+
+* ``make_train_step`` of `rmlora_jax.training` for each method of
+  ``config.methods`` (full fine-tuning, LoRA, RM-LoRA, AdaLoRA), built by
+  `rmlora_jax.methods.make_method` exactly as the GLUE experiment builds them;
+* the *floor*: the same step with only the classifier and the embeddings'
+  LayerNorm bias trained, so the backward pass computes the input gradient of
+  every layer and no weight gradient of any matrix;
+* PEFT's LoRA step (AdamW, clipping, dropout on) on transformers' PyTorch
+  ``BertForSequenceClassification``, when torch and peft are installed.
+
+Runners alternate step by step, so load on a shared machine hits all alike.
+Reports median seconds per step, examples/s, the ratios to PEFT and to the
+floor, RM-LoRA over LoRA, compile seconds, XLA's memory estimate of the step,
+and on a GPU tokens/s and MFU. Usage::
+
+  python -m experiments.bench --config=configs/bench.py:minilm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.")
+NUM_LABELS = 2
+HEAD = (r"classifier/.*",)
+FLOOR_TRAINED = (r"classifier/.*", r"embeddings/layer_norm/bias")
+
+
+def _hf_config(config):
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  m = config.model
+  return transformers.BertConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+      num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+      max_position_embeddings=max(512, config.seq_len), num_labels=NUM_LABELS)
+
+
+def _torch_state(hf_config, seed: int):
+  """A random PyTorch model (when torch is installed) and its weights as NumPy."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, None
+  torch.manual_seed(seed)
+  model = transformers.BertForSequenceClassification(hf_config)
+  return model, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _batch(config, rng) -> dict[str, Any]:
+  """Random ids and labels; the second half of the batch padded over its last quarter."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  b, t = config.batch_size, config.seq_len
+  mask = np.ones((b, t), np.int32)
+  mask[b // 2:, t * 3 // 4:] = 0
+  return {
+      "input_ids": rng.integers(1, config.model.vocab_size, size=(b, t)).astype(np.int32),
+      "attention_mask": mask,
+      "token_type_ids": np.zeros((b, t), np.int32),
+      "labels": rng.integers(0, NUM_LABELS, size=(b,)).astype(np.int32),
+      "weights": np.ones((b,), np.float32),
+  }
+
+
+def _settings(config, entry: str):
+  """MethodSettings for ``entry``: a method name, or ``name@merge`` / ``name@low_rank``."""
+  from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+
+  name, _, apply = entry.partition("@")
+  rank = config.adalora.init_rank if name == "adalora" else config.rank
+  spec = None if name == "full_ft" else lora_lib.LoraSpec(
+      rank=rank, alpha=config.alpha, targets=bench_config.TARGETS[config.targets])
+  return methods_lib.MethodSettings(
+      name=name, spec=spec, train_patterns=HEAD, num_directions=config.num_directions,
+      ortho_weight=config.rm.ortho_weight, ortho_squared=config.rm.ortho_squared,
+      ortho_reduction=config.rm.ortho_reduction, mask_mode=config.rm.mask_mode,
+      seed=config.seed, total_steps=1000, extra={"adalora": config.adalora.to_dict()},
+      adapter_apply=apply or config.adapter_apply)
+
+
+def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
+  """A `Method` training only the head and the embeddings' LayerNorm bias.
+
+  Its gradient must flow back through every layer to the embeddings, so the
+  backward pass computes every input gradient and no matrix's weight gradient:
+  the least work any adapter method's step can do.
+  """
+  from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import paths as paths_lib  # pylint: disable=g-import-not-at-top
+
+  def init(key, params):
+    del key
+    flat = paths_lib.flatten_with_paths(params)
+    return {"head": {p: flat[p] for p in methods_lib.head_paths(params, FLOOR_TRAINED)}}
+
+  return methods_lib.Method(
+      settings=methods_lib.MethodSettings(name="full_ft"), init=init,
+      assemble=lambda trainable, frozen: methods_lib.with_head(frozen, trainable["head"]),
+      penalty=lambda trainable: methods_lib._zero(trainable),  # pylint: disable=protected-access
+      optimizer=lambda lr: methods_lib.base_optimizer(lr, weight_decay=weight_decay,
+                                                      max_grad_norm=max_grad_norm),
+      frozen=lambda params: params, adapters=lambda trainable: {})
+
+
+def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], None], dict]:
+  """Compiles the library's train step for ``method``; returns (one step, facts)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax import training  # pylint: disable=g-import-not-at-top
+
+  mesh = training.make_mesh(1)
+  rep, data = training.replicated(mesh), training.data_sharded(mesh)
+  lr = 1e-5 if method.settings.name == "full_ft" else 1e-3
+  tx = method.optimizer(lr)
+  trainable = method.init(jax.random.key(config.seed), params)
+  state = training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  # Donated each step: no two leaves may share a buffer (as the GLUE experiment does).
+  state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
+  frozen = jax.device_put(method.frozen(params), rep)
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data)
+  step = training.make_train_step(module, method, tx, regression=False, seed=config.seed, mesh=mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  facts = {
+      "compile_s": compile_s,
+      "xla_flops": float((cost or {}).get("flops", 0.0)),
+      # Arguments + outputs + temporaries, less what donation aliases.
+      "memory_mib": None if mem is None else (
+          mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) / 2**20,
+      "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
+  }
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], frozen, batch)
+    jax.block_until_ready(metrics)
+
+  return run, facts
+
+
+def _peft_runner(config, torch_model, batch) -> tuple[Callable[[], None], dict] | None:
+  """PEFT's LoRA step on the PyTorch model, or None when peft is not installed."""
+  try:
+    import peft  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  lora_config = peft.LoraConfig(
+      r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+      target_modules=list(bench_config.PEFT_TARGETS[config.targets]),
+      modules_to_save=["classifier"], task_type="SEQ_CLS")
+  model = peft.get_peft_model(torch_model, lora_config).to(device)
+  model.train()
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
+  inputs = {k: torch.tensor(batch[k], dtype=torch.long, device=device)
+            for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  start = time.perf_counter()
+  run()  # the first step stands in for compilation
+  facts = {"compile_s": time.perf_counter() - start,
+           "trainable_params": sum(p.numel() for p in trainable)}
+  if device == "cuda":
+    facts["memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+  return run, facts
+
+
+def forward_flops(config) -> float:
+  """Matmul FLOPs of one forward pass of the encoder on one batch."""
+  m, t = config.model, config.seq_len
+  h, i = m.hidden_size, m.intermediate_size
+  per_token_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * t * h  # dense + attention
+  return float(config.batch_size * t * m.num_layers * per_token_layer)
+
+
+def step_flops(config, name: str) -> float:
+  """Model FLOPs of a step: forward + input gradients, plus weight gradients for full FT."""
+  return forward_flops(config) * (3.0 if name == "full_ft" else 2.0)
+
+
+def benchmark(config) -> dict[str, Any]:
+  """Compiles and times every runner; returns the results dict (see the module doc)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.models import bert  # pylint: disable=g-import-not-at-top
+
+  threads = config.threads or os.cpu_count()
+  hf_config = _hf_config(config)
+  torch_model, state = _torch_state(hf_config, config.seed)
+  module = bert.Bert(arch=bert.arch_from_hf_config(hf_config), head="classification",
+                     num_labels=NUM_LABELS, dtype=jax.numpy.dtype(config.dtype))
+  if state is None:
+    params = module.init(jax.random.key(config.seed), **bert.dummy_inputs(hf_config))["params"]
+  else:
+    params, _ = bert.params_from_state_dict(state, hf_config, head="classification")
+    params = jax.tree.map(jax.numpy.asarray, params)
+  batch = _batch(config, np.random.default_rng(config.seed))
+
+  runners: dict[str, Callable[[], None]] = {}
+  facts: dict[str, dict] = {}
+  for name in config.methods:  # "lora" or "lora@merge" (see _settings)
+    method = methods_lib.make_method(_settings(config, name))
+    runners[name], facts[name] = _jax_runner(config, module, params, method, batch)
+  runners["floor"], facts["floor"] = _jax_runner(config, module, params, floor_method(), batch)
+  if config.peft and torch_model is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(threads)
+    peft_runner = _peft_runner(config, torch_model, batch)
+    if peft_runner is not None:
+      runners["peft_lora"], facts["peft_lora"] = peft_runner
+
+  for name, run in runners.items():
+    for _ in range(config.warmup):
+      run()
+    logging.info("compiled and warmed up %s (compile %.1f s)", name, facts[name]["compile_s"])
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for i in range(config.repeats):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+    logging.info("repeat %d: %s", i, {k: round(v[-1], 3) for k, v in times.items()})
+
+  gpu = jax.default_backend() == "gpu"
+  rows = {}
+  for name, ts in times.items():
+    median = statistics.median(ts)
+    row = dict(facts[name], median_s=median, min_s=min(ts), times_s=ts,
+               examples_per_s=config.batch_size / median,
+               tokens_per_s=config.batch_size * config.seq_len / median)
+    if name != "peft_lora":
+      row["model_tflops_per_s"] = step_flops(config, name) / median / 1e12
+      if gpu and config.gpu_peak_tflops > 0:
+        row["mfu"] = row["model_tflops_per_s"] / config.gpu_peak_tflops
+    rows[name] = row
+  for name, row in rows.items():
+    if "peft_lora" in rows:
+      row["vs_peft"] = row["median_s"] / rows["peft_lora"]["median_s"]
+    row["vs_floor"] = row["median_s"] / rows["floor"]["median_s"]
+  summary = {}
+  if "lora" in rows and "rm_lora" in rows:
+    summary["rm_lora_over_lora"] = rows["rm_lora"]["median_s"] / rows["lora"]["median_s"]
+  return {
+      "config": config.to_dict(), "rows": rows, "summary": summary,
+      "environment": {
+          "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+          "cpu_count": os.cpu_count(), "threads": threads, "jax": jax.__version__,
+          "torch": _version("torch"), "peft": _version("peft"), "machine": platform.machine(),
+          "load_average": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      },
+  }
+
+
+def _version(module: str) -> str | None:
+  try:
+    return __import__(module).__version__
+  except ImportError:
+    return None
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The results as a Markdown table, one row per runner."""
+  c, rows = results["config"], results["rows"]
+  gpu = results["environment"]["backend"] == "gpu"
+  fmt = lambda v, spec: "—" if v is None else format(v, spec)
+  head = ("| runner | median s | min s | examples/s | ×PEFT | ×floor | compile s | memory MiB |"
+          + (" tokens/s | MFU |" if gpu else ""))
+  lines = [f"{c['shape']}: batch {c['batch_size']}, seq {c['seq_len']}, rank {c['rank']}, "
+           f"targets {c['targets']}, {c['repeats']} timed steps, dtype {c['dtype']}", "",
+           head, "|" + "---|" * (head.count("|") - 1)]
+  for name, r in rows.items():
+    line = (f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['examples_per_s']:.1f} | "
+            f"{fmt(r.get('vs_peft'), '.2f')} | {fmt(r.get('vs_floor'), '.2f')} | "
+            f"{r['compile_s']:.1f} | {fmt(r.get('memory_mib'), '.0f')} |")
+    if gpu:
+      line += f" {r['tokens_per_s']:.0f} | {fmt(r.get('mfu'), '.1%')} |"
+    lines.append(line)
+  for key, value in results["summary"].items():
+    lines.append(f"\n{key}: {value:.3f}")
+  return "\n".join(lines)
+
+
+def report(results: dict[str, Any], output: str = "") -> None:
+  """Prints the table and the results JSON; also writes the JSON to ``output`` if set."""
+  print(markdown(results))
+  print(json.dumps({k: results[k] for k in ("rows", "summary")}, default=str))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      f.write(json.dumps(results, indent=1, default=str))
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  report(benchmark(config), config.output)
+
+
+if __name__ == "__main__":
+  app.run(main)
