@@ -179,6 +179,8 @@ def init_state(
 
 
 def _place(x: jax.Array, sharding) -> jax.Array:
+  if x.sharding.is_equivalent_to(sharding, x.ndim):  # a parameter, already in place
+    return x
   if x.is_fully_addressable:  # new on this process's default device
     return partitioning.put_sharded(x, sharding)
   return jax.device_put(x, sharding)

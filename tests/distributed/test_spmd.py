@@ -131,3 +131,15 @@ def test_two_processes_match_one_and_resume_in_a_new_pair(tiny_bert_one_layer, t
   assert resumed["metrics"] == got["metrics"]
   assert resumed["history"]["train"] == got["history"]["train"]
   assert resumed["adapters"]["per_matrix"] == got["adapters"]["per_matrix"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mesh.data": 2}, r"the mesh size 2 does not divide the 1 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, r"only one axis may be -1"),
+    ({"mesh.model": 0}, r"config.mesh.model must be -1 \(the rest of the devices\) or a positive integer"),
+])
+def test_bad_mesh_fails_before_loading_anything(overrides, message, tmp_path):
+  # The model path does not exist: the mesh error must come first.
+  config = tiny_config("/nonexistent/model", str(tmp_path), tmp_path / "w", **overrides)
+  with pytest.raises(ValueError, match=message):
+    glue_train.train_and_evaluate(config, config.workdir)
