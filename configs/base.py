@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora.init_std = 0.02
   c.lora.targets = ()  # empty: the model's default (every attention and FFN matrix)
   c.lora.train_patterns = ()  # extra regexes of params trained with the adapters (head is always)
+  # "low_rank": our encoders compute x W0 + (x a^T) b^T s (no weight gradient of
+  # W0, faster; docs/BENCHMARKS.md); "merge": W0 + dW as a plain kernel.
+  c.lora.apply = "low_rank"
 
   c.rm = config_dict.ConfigDict()
   c.rm.num_directions = 4  # r_hat: directions updated per step and adapter
@@ -111,8 +114,20 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora2.beta1 = 0.85
   c.lora2.beta2 = 0.85
 
+  # Device mesh (docs/SCALING.md): sizes of its three axes, one of them -1 for
+  # "the rest of the devices"; their product must divide the device count (and
+  # equal it across processes).
   c.mesh = config_dict.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1: all local devices
+  c.mesh.data = -1  # data parallel: batch split, weights replicated
+  c.mesh.fsdp = 1  # fully sharded data parallel: batch and weights split
+  c.mesh.model = 1  # tensor parallel: attention heads and FFN columns split
+
+  # Multi-host runs: jax.distributed.initialize, one process per host (or GPU).
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.initialize = False  # True: initialise even with no address (JAX auto-detects TPU pods, SLURM, MPI)
+  c.distributed.coordinator_address = ""  # "host:port" of process 0; empty: $JAX_COORDINATOR_ADDRESS
+  c.distributed.num_processes = -1  # -1: $JAX_NUM_PROCESSES, else auto-detected
+  c.distributed.process_id = -1  # -1: $JAX_PROCESS_ID, else auto-detected
 
   c.log_every_steps = 10
   c.eval_every_steps = -1  # -1: at the end of each epoch

@@ -4,6 +4,12 @@
 config before loading or compiling anything, resumes from the latest
 checkpoint in ``workdir`` when there is one, and writes ``results.json``,
 TensorBoard scalars and PNG plots there.
+
+It runs on one device or many, in one process or several (``config.mesh``,
+``config.distributed``; docs/SCALING.md): parameters are placed sharded by the
+model's partition rules, each process feeds its own rows of every global
+batch, orbax saves and restores across processes, and only process 0 writes
+results, scalars and plots.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from rmlora_jax import lora as lora_lib
 from rmlora_jax import lora2 as lora2_lib
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import metrics as metrics_lib
+from rmlora_jax import partitioning
 from rmlora_jax import training
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
@@ -77,6 +84,29 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.Glu
   return task
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Starts `jax.distributed` when ``config.distributed`` or the environment asks for it.
+
+  Each setting falls back to an environment variable: the coordinator's
+  ``host:port`` to ``$JAX_COORDINATOR_ADDRESS``, the process count and id to
+  ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``. With
+  ``config.distributed.initialize`` and nothing else set, JAX detects them
+  itself (TPU pods, SLURM, Open MPI). Must run before JAX touches a device.
+  """
+  d = config.distributed
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = d.num_processes if d.num_processes > 0 else int(os.environ.get("JAX_NUM_PROCESSES", -1))
+  process_id = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+  if not (d.initialize or address) or jax.distributed.is_initialized():
+    return
+  kwargs = {"coordinator_address": address or None,
+            "num_processes": num_processes if num_processes > 0 else None,
+            "process_id": process_id if process_id >= 0 else None}
+  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+  logging.info("jax.distributed: process %d of %d, %d local and %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def method_settings(config, report, hf_config, total_steps: int) -> methods_lib.MethodSettings:
   """The method's settings from the config and what the loader had to initialise."""
   spec = None
@@ -95,6 +125,7 @@ def method_settings(config, report, hf_config, total_steps: int) -> methods_lib.
       ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
       mask_mode=config.rm.mask_mode, mask_period=config.rm.mask_period, seed=config.seed,
       total_steps=total_steps,
+      adapter_apply="merge" if config.method == "full_ft" else config.lora.apply,
       extra={"adalora": config.adalora.to_dict(), "sora": config.sora.to_dict(),
              "lora2": config.lora2.to_dict()},
   )
@@ -151,12 +182,21 @@ def evaluate_splits(predict, splits, task, *, batch_size: int, buckets) -> dict[
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one fine-tuning run and returns its results dict."""
   task = validate_config(config, workdir)
+  initialize_distributed(config)
+  mesh = partitioning.make_mesh(config.mesh.to_dict())
+  partitioning.check_batch_size(config.batch_size, mesh)
+  primary = jax.process_index() == 0
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   head = "regression" if task.is_regression else "classification"
-  module, params, tokenizer, hf_config, report = hub.load_pretrained(
-      config.model.name_or_path, head=head, num_labels=task.num_labels,
-      dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+  # Read into host memory, then each device receives only its own slices.
+  with jax.default_device(partitioning.host_device()):
+    module, params, tokenizer, hf_config, report = hub.load_pretrained(
+        config.model.name_or_path, head=head, num_labels=task.num_labels,
+        dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+  param_specs = partitioning.match_partition_rules(
+      params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
+  params = partitioning.put_sharded(params, partitioning.named_shardings(params, param_specs, mesh))
   train, evals = load_data(config, task, tokenizer)
   buckets = glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
   steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
@@ -167,38 +207,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    max_grad_norm=config.optim.max_grad_norm)
   peak_lr = learning_rate(config)
   tx = method.optimizer(lr_schedule(peak_lr, total_steps, config.optim.warmup_ratio))
-  mesh = training.make_mesh(config.mesh.data)
-  training.check_batch_size(config.batch_size, mesh)
-  rep, data_sh = training.replicated(mesh), training.data_sharded(mesh)
-
-  trainable = method.init(jax.random.key(config.seed), params)
-  frozen = jax.device_put(method.frozen(params), rep)
-  state = training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-  # The state is donated to each step, so no two leaves may share a buffer (an
-  # optimizer state may hold one zeros array twice, a head leaf is also in params).
-  state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
-  del params, trainable
+  state, state_sh = training.init_state(method, tx, params, key=jax.random.key(config.seed),
+                                        mesh=mesh, param_specs=param_specs)
+  frozen = method.frozen(params)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  del params
 
   ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=config.keep_checkpoints)
   history: dict[str, list] = {"train": [], "eval": []}
   train_time = 0.0
   start = ckpt.latest_step() or 0
   if start:
-    state, record = ckpt.restore(start, training.abstract_like(state, rep))
+    state, record = ckpt.restore(start, training.abstract_like(state))
     history, train_time = record["history"], record["train_time_s"]
     logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
 
   train_step = training.make_train_step(module, method, tx, regression=task.is_regression,
-                                        seed=config.seed, mesh=mesh)
-  eval_step = training.make_eval_step(module, method, regression=task.is_regression, mesh=mesh)
-  put = lambda batch: jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data_sh)
+                                        seed=config.seed, mesh=mesh, state_sharding=state_sh,
+                                        frozen_sharding=frozen_sh)
+  eval_step = training.make_eval_step(module, method, regression=task.is_regression, mesh=mesh,
+                                      trainable_sharding=state_sh.trainable, frozen_sharding=frozen_sh)
+  put = lambda batch: partitioning.put_batch(batch, mesh)
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  writer = SummaryWriter(str(workdir / "tensorboard"))
+  writer = SummaryWriter(str(workdir / "tensorboard")) if primary else None
   bar = tqdm(total=total_steps, initial=start, desc=f"{task.name} {config.method}",
-             disable=not config.progress, dynamic_ncols=True, unit="step")
+             disable=not (config.progress and primary), dynamic_ncols=True, unit="step")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   batches = None
   tick = time.perf_counter()
@@ -212,16 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if done % config.log_every_steps == 0 or done == total_steps:
       m = {k: float(v) for k, v in m.items()}
       history["train"].append({"step": done, **m})
-      for k, v in m.items():
-        writer.add_scalar(f"train/{k}", v, done)
+      _add_scalars(writer, "train", m, done)
       bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
     if done % eval_every == 0 or done == total_steps:
       ev = evaluate_splits(lambda batch: eval_step(state.trainable, frozen, put(batch)), evals, task,
                            batch_size=config.batch_size, buckets=buckets)
       history["eval"].append({"step": done, **ev})
-      for k, v in ev.items():
-        writer.add_scalar(f"eval/{k}", v, done)
-      bar.write(f"step {done}/{total_steps} dev " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+      _add_scalars(writer, "eval", ev, done)
+      if primary:
+        bar.write(f"step {done}/{total_steps} dev " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     bar.update(1)
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       now = time.perf_counter()
@@ -232,17 +267,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # asynchronous checkpoint save may be left half-written).
       os.kill(os.getpid(), signal.SIGKILL)
   bar.close()
-  writer.close()
+  if writer is not None:
+    writer.close()
   ckpt.close()
 
-  results = _results(config, task, method, state, history, train_time, total_steps, peak_lr)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  _plots(workdir, history, method, state, task)
+  trainable = partitioning.gather(state.trainable)  # whole, on every process
+  results = _results(config, task, method, trainable, history, train_time, total_steps, peak_lr)
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plots(workdir, history, method, trainable, task)
   return results
 
 
-def _results(config, task, method, state, history, train_time, steps, peak_lr) -> dict[str, Any]:
-  trainable = jax.device_get(state.trainable)
+def _add_scalars(writer, prefix: str, scalars: dict[str, float], step: int) -> None:
+  if writer is not None:
+    for k, v in scalars.items():
+      writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def _results(config, task, method, trainable, history, train_time, steps, peak_lr) -> dict[str, Any]:
   adapters = method.adapters(trainable)
   deltas = lora_lib.delta_weights(adapters, method.settings.spec) if adapters else {}
   counts = accounting.param_counts(trainable)
@@ -265,7 +308,7 @@ def _results(config, task, method, state, history, train_time, steps, peak_lr) -
   }
 
 
-def _plots(workdir, history, method, state, task) -> None:
+def _plots(workdir, history, method, trainable, task) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -288,7 +331,7 @@ def _plots(workdir, history, method, state, task) -> None:
   fig.savefig(workdir / "curves.png", dpi=110)
   plt.close(fig)
 
-  adapters = method.adapters(jax.device_get(state.trainable))
+  adapters = method.adapters(trainable)
   if not adapters:
     return
   spec = method.settings.spec

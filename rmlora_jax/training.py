@@ -1,8 +1,9 @@
 """Jitted, sharded train and eval steps, and checkpoints that survive a kill.
 
 The train step is one `jax.jit` with explicit shardings over a
-`jax.sharding.Mesh`: the batch is split over the ``"data"`` axis, the
-trainable state and frozen weights are replicated. Gradients are taken with
+`jax.sharding.Mesh` (see `rmlora_jax.partitioning`): the batch is split over
+the data axes, the trainable state and frozen weights are sharded as the
+partition rules say (replicated when no shardings are given). Gradients are taken with
 respect to the method's trainable tree only, so frozen base weights are never
 differentiated; the method's penalty (RM-LoRA's orthogonality term) sits
 inside the jitted loss. Dropout keys are ``fold_in(key(seed), step)``, so a
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmlora_jax import methods as methods_lib
+from rmlora_jax import partitioning
 
 
 class TrainState(NamedTuple):
@@ -33,28 +35,14 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def make_mesh(data: int = -1, devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh with axis ``"data"`` over ``data`` devices (-1: all of them)."""
-  devices = list(devices if devices is not None else jax.devices())
-  n = len(devices) if data == -1 else data
-  if not 1 <= n <= len(devices):
-    raise ValueError(f"mesh.data={data} must be -1 or in 1..{len(devices)} (the devices available)")
-  return Mesh(np.array(devices[:n]), ("data",))
+def make_mesh(data: int = -1, devices: list[jax.Device] | None = None, *, fsdp: int = 1, model: int = 1) -> Mesh:
+  """A ``("data", "fsdp", "model")`` mesh (see `partitioning.make_mesh`); -1: the rest of the devices."""
+  return partitioning.make_mesh({"data": data, "fsdp": fsdp, "model": model}, devices=devices)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def data_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """The global batch must split evenly over the data axis."""
-  n = mesh.shape["data"]
-  if batch_size % n:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the {n} devices of the mesh's data axis")
+replicated = partitioning.replicated
+data_sharded = partitioning.batch_sharding
+check_batch_size = partitioning.check_batch_size
 
 
 def model_outputs(module, params, batch: Mapping[str, jax.Array], *, deterministic: bool, rng=None):
@@ -87,8 +75,17 @@ def make_train_step(
     regression: bool,
     seed: int,
     mesh: Mesh,
+    state_sharding: Any = None,
+    frozen_sharding: Any = None,
 ) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """The jitted ``(state, frozen, batch) -> (state, metrics)`` step."""
+  """The jitted ``(state, frozen, batch) -> (state, metrics)`` step.
+
+  Args:
+    state_sharding, frozen_sharding: `NamedSharding` trees (or one sharding
+      for all leaves) of the state and the frozen weights, which the step
+      keeps; None: replicated. The batch is split over the mesh's data axes
+      and the metrics are replicated.
+  """
 
   def step_fn(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -107,11 +104,18 @@ def make_train_step(
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
   rep, data = replicated(mesh), data_sharded(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+  state_sh = rep if state_sharding is None else state_sharding
+  frozen_sh = rep if frozen_sharding is None else frozen_sharding
+  return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, data), out_shardings=(state_sh, rep),
+                 donate_argnums=(0,))
 
 
-def make_eval_step(module, method: methods_lib.Method, *, regression: bool, mesh: Mesh):
-  """The jitted ``(trainable, frozen, batch) -> predictions`` step (class ids or scores)."""
+def make_eval_step(module, method: methods_lib.Method, *, regression: bool, mesh: Mesh,
+                   trainable_sharding: Any = None, frozen_sharding: Any = None):
+  """The jitted ``(trainable, frozen, batch) -> predictions`` step (class ids or scores).
+
+  The predictions come back replicated, so every process can read them whole.
+  """
 
   def eval_fn(trainable, frozen, batch):
     out = model_outputs(module, method.assemble(trainable, frozen), batch, deterministic=True)
@@ -119,12 +123,76 @@ def make_eval_step(module, method: methods_lib.Method, *, regression: bool, mesh
     return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
 
   rep, data = replicated(mesh), data_sharded(mesh)
-  return jax.jit(eval_fn, in_shardings=(rep, rep, data), out_shardings=rep)
+  return jax.jit(eval_fn, in_shardings=(rep if trainable_sharding is None else trainable_sharding,
+                                          rep if frozen_sharding is None else frozen_sharding, data),
+                 out_shardings=rep)
 
 
-def abstract_like(tree: Any, sharding) -> Any:
-  """`jax.ShapeDtypeStruct`s of ``tree`` carrying ``sharding``, for restoring into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def init_state(
+    method: methods_lib.Method,
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    key: jax.Array,
+    mesh: Mesh,
+    param_specs: Any,
+) -> tuple[TrainState, TrainState]:
+  """The initial state, placed sharded, and its shardings.
+
+  The trainable tree follows the parameters it adapts or copies (see
+  `partitioning.follow_specs`), the optimizer state follows the trainable
+  tree, the step count is replicated. The optimizer state is created by one
+  `jax.jit` with ``out_shardings``, so it never exists whole on one device.
+
+  Args:
+    method: the fine-tuning method.
+    tx: its optimizer.
+    params: the (sharded) model parameters.
+    key: seeds the adapters' initialisation.
+    mesh: the device mesh.
+    param_specs: `partitioning.match_partition_rules(params, ...)`.
+
+  Returns:
+    ``(state, state_shardings)``; the state's leaves are distinct buffers, so
+    it can be donated.
+  """
+  def init(key, params):
+    trainable = method.init(key, params)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+  abstract = jax.eval_shape(init, key, params)
+  follow = lambda tree, strict, where: partitioning.named_shardings(
+      tree, partitioning.follow_specs(tree, params, param_specs, strict=strict, where=where), mesh)
+  shardings = TrainState(replicated(mesh), follow(abstract.trainable, True, "trainable tree"),
+                         follow(abstract.opt_state, False, "optimizer state"))
+  # Eagerly, as on one device, so every mesh starts from bit-identical
+  # adapters (a jitted init may fuse `std * normal` differently). What is new
+  # here is rank-sized; copied leaves (a head, full_ft's params) are already
+  # sharded parameters.
+  trainable = jax.tree.map(_place, method.init(key, params), shardings.trainable)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
+  step = partitioning.put_sharded(np.zeros((), np.int32), shardings.step)
+  # An output may be an input passed through (a head leaf) or one buffer
+  # twice (an optimizer state's zeros): copy so that donation is safe.
+  state = jax.tree.map(jnp.copy, TrainState(step, trainable, opt_state))
+  return jax.device_put(state, shardings), shardings
+
+
+def _place(x: jax.Array, sharding) -> jax.Array:
+  if x.sharding.is_equivalent_to(sharding, x.ndim):  # a parameter, already in place
+    return x
+  if x.is_fully_addressable:  # new on this process's default device
+    return partitioning.put_sharded(x, sharding)
+  return jax.device_put(x, sharding)
+
+
+def abstract_like(tree: Any, sharding=None) -> Any:
+  """`jax.ShapeDtypeStruct`s of ``tree`` carrying ``sharding``, for restoring into.
+
+  ``sharding``: one sharding for every leaf, or None to keep each leaf's own.
+  """
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
 
 
 class Checkpointer:

@@ -17,22 +17,26 @@ def _sentence(rng, n):
   return " ".join(rng.choice(WORDS, size=n))
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-  """A 2-layer, hidden-32 BERT with random weights and a WordPiece vocab of WORDS."""
+def make_tiny_bert(folder, *, num_hidden_layers=2):
+  """Saves a hidden-32 BERT with random weights and a WordPiece vocab of WORDS in ``folder``."""
   import torch
   import transformers
 
-  folder = tmp_path_factory.mktemp("tiny_bert")
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
   (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
   transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_hidden_layers,
                                    num_attention_heads=4, intermediate_size=48,
                                    max_position_embeddings=64)
   torch.manual_seed(0)
   transformers.BertModel(config).save_pretrained(folder)
   return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+  """A 2-layer, hidden-32 BERT with random weights and a WordPiece vocab of WORDS."""
+  return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def write_rte(folder, *, n_train, n_dev, seed=0):
