@@ -15,6 +15,7 @@ results, scalars and plots.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -34,6 +35,8 @@ from rmlora_jax import accounting
 from rmlora_jax import lora as lora_lib
 from rmlora_jax import lora2 as lora2_lib
 from rmlora_jax import methods as methods_lib
+from rmlora_jax import paths as paths_lib
+from rmlora_jax import penalty as penalty_lib
 from rmlora_jax import metrics as metrics_lib
 from rmlora_jax import partitioning
 from rmlora_jax import training
@@ -81,7 +84,72 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.Glu
     raise ValueError(f"{source}={data_dir!r} is not a directory (expected the GLUE layout, e.g. RTE/train.tsv)")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  _validate_method_fields(config)
   return task
+
+
+def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
+  """The method, optimizer and checkpoint settings that would otherwise fail late."""
+  if not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f"config.seed must be a non-negative integer, got {config.seed!r}")
+  if config.lora.apply not in methods_lib.ADAPTER_APPLY:
+    raise ValueError(f"config.lora.apply must be one of {methods_lib.ADAPTER_APPLY}, got {config.lora.apply!r}")
+  penalty_lib.check_reduction(config.rm.ortho_reduction, where="config.rm.ortho_reduction")
+  for name in ("rm.ortho_weight", "adalora.ortho_weight", "lora2.ortho_weight", "optim.weight_decay", "sora.xi"):
+    value = config[name.split(".")[0]][name.split(".")[1]]
+    if not value >= 0:
+      raise ValueError(f"config.{name} must be >= 0, got {value!r}")
+  if not 0 <= config.optim.warmup_ratio <= 1:
+    raise ValueError(f"config.optim.warmup_ratio must be in [0, 1], got {config.optim.warmup_ratio!r}")
+  for name, value in (("rm.mask_period", config.rm.mask_period), ("keep_checkpoints", config.keep_checkpoints)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+  if not math.isfinite(config.lora.alpha):
+    raise ValueError(f"config.lora.alpha must be a finite number, got {config.lora.alpha!r}")
+  paths_lib.compile_patterns(tuple(config.lora.targets), where="config.lora.targets")
+  paths_lib.compile_patterns(tuple(config.lora.train_patterns), where="config.lora.train_patterns")
+  budgets = {"adalora": (config.adalora.target_rank, config.adalora.init_rank, "config.adalora.init_rank"),
+             "lora2": (config.lora2.target_rank, config.lora2.r, "config.lora2.r")}
+  if config.method in budgets:
+    target, initial, initial_name = budgets[config.method]
+    if not 1 <= target <= initial:
+      raise ValueError(f"config.{config.method}.target_rank={target} must be in 1..{initial_name}={initial}")
+
+
+# Settings that may change between a run and its resumption: where and how it
+# runs and reports, not what it computes.
+_RESUMABLE_CHANGES = ("workdir", "progress", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                      "keep_checkpoints", "debug", "mesh", "distributed", "data.dir", "data.hub_name")
+
+
+def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The flattened settings that decide a run's numbers (stored in its checkpoints)."""
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if any(name == r or name.startswith(r + ".") for r in _RESUMABLE_CHANGES):
+        continue
+      if isinstance(value, dict):
+        walk(value, name + ".")
+      else:
+        flat[name] = list(value) if isinstance(value, tuple) else value
+
+  walk(config.to_dict(), "")
+  return json.loads(json.dumps(flat))
+
+
+def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+  """Refuses to continue a checkpoint written under different settings."""
+  if saved is None or saved == current:
+    return
+  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:8])
+  raise ValueError(
+      f"{where} holds a run with other settings ({shown}); use a new config.workdir, "
+      f"or the original settings to resume it"
+  )
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -207,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    max_grad_norm=config.optim.max_grad_norm)
   peak_lr = learning_rate(config)
   tx = method.optimizer(lr_schedule(peak_lr, total_steps, config.optim.warmup_ratio))
-  state, state_sh = training.init_state(method, tx, params, key=jax.random.key(config.seed),
+  state, state_sh = training.init_state(method, tx, params, key=training.stream_key(config.seed, training.INIT_STREAM),
                                         mesh=mesh, param_specs=param_specs)
   frozen = method.frozen(params)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -218,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_time = 0.0
   start = ckpt.latest_step() or 0
   if start:
+    # Compare settings before reading the state, whose structure may not even fit.
+    check_resumable(ckpt.record(start).get("run_config"), run_fingerprint(config), str(workdir / "checkpoints"))
     state, record = ckpt.restore(start, training.abstract_like(state))
     history, train_time = record["history"], record["train_time_s"]
     logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
@@ -261,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       now = time.perf_counter()
       train_time, tick = train_time + now - tick, now
-      ckpt.save(done, state, {"history": history, "train_time_s": train_time})
+      ckpt.save(done, state, {"history": history, "train_time_s": train_time,
+                              "run_config": run_fingerprint(config)})
     if done == config.debug.sigkill_at_step:
       # For tests: die like a killed job, without flushing anything (an
       # asynchronous checkpoint save may be left half-written).

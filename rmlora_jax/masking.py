@@ -70,17 +70,44 @@ def adapter_pairs(tree: Any) -> dict[str, int]:
 
 
 def direction_mask(
-    seed: int, step: Array | int, path: str, rank: int, num_directions: int, period: int = 1
+    seed: int,
+    step: Array | int,
+    path: str,
+    rank: int,
+    num_directions: int,
+    period: int = 1,
+    *,
+    path_hash: Array | int | None = None,
 ) -> Array:
   """The (rank,) 0/1 float32 mask of directions that ``path`` updates at ``step``.
 
   Exactly ``num_directions`` distinct indices, uniform over ``range(rank)``,
-  a function of ``(seed, step // period, path)`` only. Jittable in ``step``.
+  a function of ``(seed, step // period, path)`` only. Jittable in ``step``;
+  ``path_hash`` (``paths.path_hash(path)``, possibly traced) replaces ``path``
+  when given, so the draw can be vmapped over adapters.
   """
   key = jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32) // period)
-  key = jax.random.fold_in(key, paths_lib.path_hash(path))
+  key = jax.random.fold_in(key, paths_lib.path_hash(path) if path_hash is None else path_hash)
   chosen = jax.random.choice(key, rank, (num_directions,), replace=False)
   return jnp.zeros((rank,), jnp.float32).at[chosen].set(1.0)
+
+
+def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: int) -> dict[str, Array]:
+  """`direction_mask` for every pair, drawn in one vmapped call per distinct rank.
+
+  Equal to calling `direction_mask` per path (random functions are
+  vmap-invariant in their keys), but compiles to a handful of ops instead of
+  a few per adapter, which matters with dozens of adapters and two masks a step.
+  """
+  by_rank: dict[int, list[str]] = {}
+  for path, rank in pairs.items():
+    by_rank.setdefault(rank, []).append(path)
+  masks = {}
+  for rank, paths in by_rank.items():
+    hashes = jnp.asarray([paths_lib.path_hash(p) for p in paths], jnp.uint32)
+    draw = lambda h, rank=rank: direction_mask(seed, step, "", rank, num_directions, period, path_hash=h)
+    masks.update(zip(paths, jax.vmap(draw)(hashes)))
+  return masks
 
 
 def _check(pairs: dict[str, int], num_directions: int) -> None:
@@ -139,10 +166,7 @@ def random_direction_mask(
     del params
     pairs = adapter_pairs(updates)
     _check(pairs, num_directions)
-    masks = {
-        path: direction_mask(seed, state.count, path, rank, num_directions, period)
-        for path, rank in pairs.items()
-    }
+    masks = _all_masks(seed, state.count, pairs, num_directions, period)
 
     def apply(key_path, u):
       parent, _, name = paths_lib.path_str(key_path).rpartition("/")

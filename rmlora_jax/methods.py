@@ -127,12 +127,17 @@ def _zero(_):
   return jnp.zeros((), jnp.float32)
 
 
-def base_optimizer(learning_rate, *, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
-  """Gradient clipping (when ``max_grad_norm > 0``) then AdamW."""
+def base_optimizer(
+    learning_rate, *, weight_decay: float, max_grad_norm: float, between=()
+) -> optax.GradientTransformation:
+  """Gradient clipping (when ``max_grad_norm > 0``), ``between``, then AdamW.
+
+  ``between`` (e.g. a direction mask) sees the clipped full gradient, as in
+  the RM-LoRA authors' code, which clips and then masks.
+  """
   adamw = optax.adamw(learning_rate, weight_decay=weight_decay)
-  if max_grad_norm and max_grad_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
-  return adamw
+  clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm and max_grad_norm > 0 else []
+  return optax.chain(*clip, *between, adamw)
 
 
 def head_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:
@@ -159,7 +164,8 @@ def make_method(
 ) -> Method:
   """Builds the method's functions from its settings."""
   s = settings
-  opt = lambda lr: base_optimizer(lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+  opt = lambda lr, between=(): base_optimizer(lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                                             between=between)
 
   if s.name == "full_ft":
     return Method(
@@ -202,13 +208,11 @@ def make_method(
       return _budget_pruning(s, opt(lr))
     if s.name == "sora":
       return _sora_optimizer(s, opt, lr)
-    tx = opt(lr)
     if not s.uses_mask:
-      return tx
+      return opt(lr)
     mask = lambda: masking.random_direction_mask(s.num_directions, seed=s.seed, period=s.mask_period)
-    if s.mask_mode == "update":
-      return optax.chain(mask(), tx, mask())
-    return optax.chain(mask(), tx)
+    tx = opt(lr, between=(mask(),))  # clip, mask, AdamW
+    return optax.chain(tx, mask()) if s.mask_mode == "update" else tx
 
   return Method(
       settings=s,

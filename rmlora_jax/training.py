@@ -6,12 +6,13 @@ the data axes, the trainable state and frozen weights are sharded as the
 partition rules say (replicated when no shardings are given). Gradients are taken with
 respect to the method's trainable tree only, so frozen base weights are never
 differentiated; the method's penalty (RM-LoRA's orthogonality term) sits
-inside the jitted loss. Dropout keys are ``fold_in(key(seed), step)``, so a
+inside the jitted loss. Dropout keys are ``fold_in(stream_key(seed, DROPOUT_STREAM), step)``, so a
 resumed run draws the same dropout masks as one never interrupted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -25,6 +26,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
+
+
+# Streams of a run's randomness, folded into key(seed) before anything else.
+# Both are >= 2**31, so they can never equal a step or a path hash (< 2**31)
+# folded in elsewhere from the same root (the direction masks).
+INIT_STREAM = 0x80000001
+DROPOUT_STREAM = 0x80000002
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  """The root key of one purpose (`INIT_STREAM`, `DROPOUT_STREAM`) of a run."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
 
 
 class TrainState(NamedTuple):
@@ -88,7 +101,7 @@ def make_train_step(
   """
 
   def step_fn(state: TrainState, frozen, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    rng = jax.random.fold_in(stream_key(seed, DROPOUT_STREAM), state.step)
 
     def loss_fn(trainable):
       params = method.assemble(trainable, frozen)
@@ -217,7 +230,10 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, record: Mapping[str, Any]) -> None:
     self._mngr.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record))),
+        # Saving is asynchronous: snapshot the record now, or entries appended
+        # after this call could leak into this step's checkpoint.
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                record=ocp.args.JsonSave(json.loads(json.dumps(dict(record))))),
         force=True,
     )
 
@@ -227,6 +243,11 @@ class Checkpointer:
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
     )
     return TrainState(*out.state), dict(out.record)
+
+  def record(self, step: int) -> dict[str, Any]:
+    """The JSON side record of ``step`` alone (cheap; no arrays are read)."""
+    out = self._mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return dict(out.record)
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

@@ -92,7 +92,7 @@ def test_rm_lora_moves_only_selected_directions(tiny_bert, tiny_glue, tmp_path):
   from rmlora_jax.models import hub
   _, params, _, hf_config = hub.load_pretrained(tiny_bert, head="classification", num_labels=2)
   spec = rl.LoraSpec(rank=4, alpha=config.lora.alpha, targets=hub.default_lora_targets(hf_config))
-  init = rl.init_lora(jax.random.key(config.seed), params, spec)
+  init = rl.init_lora(training.stream_key(config.seed, training.INIT_STREAM), params, spec)
   for path, ad in restored["adapters"].items():
     sel = np.asarray(rl.direction_mask(config.seed, 0, f"adapters/{path}", 4, 2)).astype(bool)
     np.testing.assert_array_equal(np.asarray(ad["a"])[~sel], np.asarray(init[path]["a"])[~sel])
@@ -142,9 +142,29 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"data.dir": "/nonexistent/glue"}, r"config.data.dir='/nonexistent/glue' is not a directory"),
     ({"batch_size": 0}, r"config.batch_size must be a positive integer"),
     ({"rm.mask_mode": "both"}, r"mask_mode must be one of"),
+    ({"rm.mask_period": 0}, r"config.rm.mask_period must be a positive integer"),
+    ({"lora.apply": "lowrank"}, r"config.lora.apply must be one of"),
+    ({"rm.ortho_reduction": "avg"}, r"config.rm.ortho_reduction must be one of"),
+    ({"rm.ortho_weight": -1.0}, r"config.rm.ortho_weight must be >= 0"),
+    ({"optim.warmup_ratio": 2.0}, r"warmup_ratio must be in \[0, 1\]"),
+    ({"lora.targets": ("[bad",)}, r"config.lora.targets: invalid regex"),
+    ({"method": "adalora", "adalora.target_rank": 99}, r"target_rank=99 must be in 1..config.adalora.init_rank=12"),
+    ({"keep_checkpoints": 0}, r"config.keep_checkpoints must be a positive integer"),
+    ({"seed": -1}, r"config.seed must be a non-negative integer"),
 ])
 def test_bad_config_fails_before_loading_anything(overrides, message, tmp_path):
   # The model path does not exist: a config error must be raised before it is looked at.
   config = tiny_config("/nonexistent/model", str(tmp_path), tmp_path / "w", **overrides)
   with pytest.raises(ValueError, match=message):
     glue_train.train_and_evaluate(config, config.workdir)
+
+
+def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path):
+  first = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2)
+  glue_train.train_and_evaluate(first, first.workdir)
+  changed = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, seed=1, **{"lora.rank": 2})
+  with pytest.raises(ValueError, match=r"other settings \(lora.rank: 4 -> 2, seed: 0 -> 1\)"):
+    glue_train.train_and_evaluate(changed, changed.workdir)
+  # Where and how it reports may change: this resumes (and finds the run finished).
+  again = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, log_every_steps=2)
+  assert glue_train.train_and_evaluate(again, again.workdir)["steps"] == 2
