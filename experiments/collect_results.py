@@ -1,10 +1,13 @@
 r"""Collects GLUE ``results.json`` files into the paper's table layout (Markdown).
 
-  python -m experiments.collect_results 'runs/*/results.json' > table.md
+  python -m experiments.collect_results 'runs/table/*/results.json' > table.md
+  python -m experiments.collect_results 'runs/table/*/results.json' --plot=runs/table/results.png
 
 Rows are methods, columns tasks; each cell is the task's main metric as
-mean ± std over seeds (n in brackets), followed by the adapters' mean
-effective rank of dW and mean ||dW dWᵀ − I||_F² (the paper's Table 4).
+mean ± sample std over seeds (n in brackets). A second table gives the
+adapters' mean effective rank of dW and mean ||dW dWᵀ − I||_F² (the paper's
+Table 4). ``--plot`` also draws one panel per task: every seed's score as a
+dot, the mean and ±1 std as a bar, methods in the table's order.
 """
 
 from __future__ import annotations
@@ -12,61 +15,146 @@ from __future__ import annotations
 import collections
 import glob
 import json
-import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+from absl import app, flags
+
+_PLOT = flags.DEFINE_string("plot", None, "Also write a PNG of per-seed scores to this path.")
 
 METHOD_ORDER = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2", "peft_lora")
+_REQUIRED = ("task", "method", "seed", "metrics", "main_metric", "trainable_params")
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   v = np.asarray(values, dtype=np.float64)
-  std = v.std(ddof=1) if len(v) > 1 else 0.0
-  return f"{v.mean():.3f} ± {std:.3f} ({len(v)})"
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def table(results: Iterable[dict]) -> str:
-  """Markdown tables (metrics; dW rank and orthogonality) from result dicts."""
-  cells = collections.defaultdict(list)
-  ranks = collections.defaultdict(list)
-  orthos = collections.defaultdict(list)
-  params = {}
-  tasks = []
-  for r in results:
-    key = (r["method"], r["task"])
-    cells[key].append(r["metrics"][r["main_metric"]])
-    summary = r.get("adapters", {}).get("summary", {})
-    if summary:
-      ranks[key].append(summary["mean_effective_rank"])
-      orthos[key].append(summary["mean_ortho_loss"])
-    params[r["method"]] = r["trainable_params"]
-    if r["task"] not in tasks:
-      tasks.append(r["task"])
-  methods = sorted({m for m, _ in cells}, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
-  out = ["| method | # T-params | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-  for m in methods:
-    row = [_mean_std(cells[(m, t)]) if cells[(m, t)] else "" for t in tasks]
-    out.append(f"| {m} | {params[m]:,} | " + " | ".join(row) + " |")
-  out += ["", "| method | " + " | ".join(f"{t} rank(dW) | {t} ‖dWdWᵀ−I‖²" for t in tasks) + " |",
-          "|---|" + "---|---|" * len(tasks)]
-  for m in methods:
+def _method_key(method: str) -> tuple[int, str]:
+  return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+class Collection:
+  """Results grouped by (method, task), one entry per seed, in a stable order."""
+
+  def __init__(self, results: Iterable[tuple[str, dict]]):
+    self.scores = collections.defaultdict(dict)  # (method, task) -> {seed: main metric}
+    self.ranks = collections.defaultdict(list)
+    self.orthos = collections.defaultdict(list)
+    self.params: dict[str, int] = {}
+    self.metric_names: dict[str, str] = {}
+    self.tasks: list[str] = []
+    seen = {}
+    for source, r in results:
+      missing = [k for k in _REQUIRED if k not in r]
+      if missing:
+        raise ValueError(f"{source}: not a results.json of experiments.glue (missing {', '.join(missing)})")
+      if r["main_metric"] not in r["metrics"]:
+        raise ValueError(f"{source}: main metric {r['main_metric']!r} not among its metrics {sorted(r['metrics'])}")
+      key = (r["method"], r["task"])
+      if (key, r["seed"]) in seen:
+        raise ValueError(f"two results for task {r['task']}, method {r['method']}, seed {r['seed']}: "
+                         f"{seen[(key, r['seed'])]} and {source}")
+      seen[(key, r["seed"])] = source
+      self.scores[key][r["seed"]] = float(r["metrics"][r["main_metric"]])
+      summary = r.get("adapters", {}).get("summary", {})
+      if summary:
+        self.ranks[key].append(summary["mean_effective_rank"])
+        self.orthos[key].append(summary["mean_ortho_loss"])
+      self.params[r["method"]] = r["trainable_params"]
+      self.metric_names[r["task"]] = r["main_metric"]
+      if r["task"] not in self.tasks:
+        self.tasks.append(r["task"])
+    self.methods = sorted({m for m, _ in self.scores}, key=_method_key)
+
+  def seeds(self, method: str, task: str) -> list[float]:
+    """The main metric of each seed, in seed order."""
+    by_seed = self.scores.get((method, task), {})
+    return [by_seed[s] for s in sorted(by_seed)]
+
+
+def table(results: Iterable[dict | tuple[str, dict]]) -> str:
+  """Markdown tables (metrics; dW rank and orthogonality) from result dicts.
+
+  ``results`` holds dicts, or ``(source, dict)`` pairs whose source (a file
+  name) errors then name.
+  """
+  c = Collection(r if isinstance(r, tuple) else (f"result {i}", r) for i, r in enumerate(results))
+  out = ["| method | # T-params | " + " | ".join(c.tasks) + " |", "|---|---|" + "---|" * len(c.tasks)]
+  for m in c.methods:
     row = []
-    for t in tasks:
-      row.append(f"{np.mean(ranks[(m, t)]):.2f}" if ranks[(m, t)] else "")
-      row.append(f"{np.mean(orthos[(m, t)]):.2f}" if orthos[(m, t)] else "")
+    for t in c.tasks:
+      values = c.seeds(m, t)
+      row.append("{:.3f} ± {:.3f} ({})".format(*_mean_std(values), len(values)) if values else "")
+    out.append(f"| {m} | {c.params[m]:,} | " + " | ".join(row) + " |")
+  out += ["", "| method | " + " | ".join(f"{t} rank(dW) | {t} ‖dWdWᵀ−I‖²" for t in c.tasks) + " |",
+          "|---|" + "---|---|" * len(c.tasks)]
+  for m in c.methods:
+    row = []
+    for t in c.tasks:
+      row.append(f"{np.mean(c.ranks[(m, t)]):.2f}" if c.ranks[(m, t)] else "")
+      row.append(f"{np.mean(c.orthos[(m, t)]):.2f}" if c.orthos[(m, t)] else "")
     out.append(f"| {m} | " + " | ".join(row) + " |")
   return "\n".join(out) + "\n"
 
 
+def plot(results: Iterable[tuple[str, dict]], path: str) -> None:
+  """One panel per task: each seed's main metric (dots) and mean ± std (bars)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  c = Collection(results)
+  fig, axes = plt.subplots(1, len(c.tasks), figsize=(0.9 * len(c.methods) * len(c.tasks) + 1.5, 3.6),
+                           squeeze=False)
+  for ax, task in zip(axes[0], c.tasks):
+    methods = [m for m in c.methods if c.seeds(m, task)]
+    for x, m in enumerate(methods):
+      values = c.seeds(m, task)
+      mean, std = _mean_std(values)
+      ax.bar(x, mean, width=0.6, color="C0" if m != "peft_lora" else "C7", alpha=0.35)
+      ax.errorbar(x, mean, yerr=std, color="black", capsize=4, lw=1)
+      ax.scatter(x + np.linspace(-0.15, 0.15, len(values)), values, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    lows = [min(c.seeds(m, task)) for m in methods]
+    highs = [max(c.seeds(m, task)) for m in methods]
+    pad = 0.15 * (max(highs) - min(lows) + 1e-3)
+    ax.set_ylim(min(lows) - pad, max(highs) + pad)
+    ax.set_title(task)
+    ax.set_ylabel(c.metric_names[task])
+    ax.grid(axis="y", lw=0.3)
+  fig.suptitle("dev score per seed (dots), mean ± std over seeds (bars)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def load(patterns: Sequence[str]) -> list[tuple[str, dict]]:
+  """``(file, results dict)`` for every file the glob patterns match."""
+  files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
+  if not files:
+    raise ValueError(f"no results.json matched {list(patterns)}")
+  out = []
+  for f in files:
+    try:
+      out.append((f, json.loads(open(f, encoding="utf-8").read())))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{f}: not valid JSON ({e})") from None
+  return out
+
+
 def main(argv: list[str]) -> None:
   if len(argv) < 2:
-    raise SystemExit(f"usage: python -m experiments.collect_results 'GLOB' [GLOB ...]")
-  files = sorted({f for pattern in argv[1:] for f in glob.glob(pattern)})
-  if not files:
-    raise SystemExit(f"no results.json matched {argv[1:]}")
-  sys.stdout.write(table(json.loads(open(f).read()) for f in files))
+    raise app.UsageError("usage: python -m experiments.collect_results 'GLOB' [GLOB ...] [--plot=PATH]")
+  try:
+    results = load(argv[1:])
+    print(table(results), end="")
+    if _PLOT.value:
+      plot(results, _PLOT.value)
+  except ValueError as e:
+    raise SystemExit(f"collect_results: {e}") from None
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  app.run(main)

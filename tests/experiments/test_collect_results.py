@@ -1,0 +1,99 @@
+"""experiments.collect_results: the paper-layout table against plain statistics."""
+
+import json
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from experiments import collect_results
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def result(task, method, seed, score, *, metric="accuracy", rank=8.0, ortho=500.0, params=1000):
+  return {"task": task, "method": method, "seed": seed, "main_metric": metric,
+          "metrics": {metric: score, "other": -1.0}, "trainable_params": params,
+          "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho}}}
+
+
+SCORES = {  # (task, method) -> score per seed
+    ("cola", "peft_lora"): [0.40, 0.44, 0.39],
+    ("cola", "rm_lora"): [0.45, 0.47, 0.41],
+    ("cola", "lora"): [0.42, 0.43, 0.38],
+    ("sst2", "lora"): [0.81, 0.83],
+    ("sst2", "r_lora"): [0.84],
+}
+
+
+def all_results():
+  return [result(task, method, seed, s, metric="mcc" if task == "cola" else "accuracy",
+                 rank=7.0 + seed, ortho=100.0 * seed)
+          for (task, method), scores in SCORES.items() for seed, s in enumerate(scores)]
+
+
+def cells(markdown):
+  """{(method, column): cell} of the first table."""
+  lines = [l for l in markdown.split("\n\n")[0].splitlines() if l.startswith("|")]
+  header = [h.strip() for h in lines[0].strip("|").split("|")]
+  out = {}
+  for line in lines[2:]:
+    row = [c.strip() for c in line.strip("|").split("|")]
+    out.update({(row[0], h): c for h, c in zip(header[1:], row[1:])})
+  return out
+
+
+def test_table_cells_are_mean_and_sample_std_over_seeds():
+  md = collect_results.table(all_results())
+  got = cells(md)
+  for (task, method), scores in SCORES.items():
+    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    assert got[(method, task)] == f"{statistics.fmean(scores):.3f} ± {std:.3f} ({len(scores)})"
+  assert got[("r_lora", "cola")] == "" and got[("peft_lora", "sst2")] == ""
+  assert got[("lora", "# T-params")] == "1,000"
+  # Methods in the paper's order with the anchor last; tasks as first seen.
+  rows = re.findall(r"^\| (\w+) \| [\d,]+ \|", md, flags=re.M)
+  assert rows == ["lora", "r_lora", "rm_lora", "peft_lora"]
+  assert md.splitlines()[0] == "| method | # T-params | cola | sst2 |"
+
+
+def test_second_table_averages_rank_and_orthogonality():
+  md = collect_results.table(all_results())
+  second = md.split("\n\n")[1]
+  row = next(l for l in second.splitlines() if l.startswith("| rm_lora "))
+  # rm_lora on cola: seeds 0, 1, 2 -> ranks 7, 8, 9 and ortho 0, 100, 200.
+  assert [c.strip() for c in row.split("|")[1:6]] == ["rm_lora", "8.00", "100.00", "", ""]
+
+
+def test_duplicate_seed_names_both_files():
+  r = result("rte", "lora", 0, 0.5)
+  with pytest.raises(ValueError, match=r"seed 0: a/results.json and b/results.json"):
+    collect_results.table([("a/results.json", r), ("b/results.json", dict(r))])
+
+
+def test_malformed_result_names_its_file():
+  bad = result("rte", "lora", 0, 0.5)
+  del bad["main_metric"]
+  with pytest.raises(ValueError, match=r"x/results.json: .*missing main_metric"):
+    collect_results.table([("x/results.json", bad)])
+  wrong = result("rte", "lora", 0, 0.5, metric="f1")
+  wrong["metrics"] = {"accuracy": 0.5}
+  with pytest.raises(ValueError, match=r"y/results.json: main metric 'f1' not among"):
+    collect_results.table([("y/results.json", wrong)])
+
+
+def test_command_line_prints_the_table_and_draws_the_plot(tmp_path):
+  for i, r in enumerate(all_results()):
+    (tmp_path / f"run{i}").mkdir()
+    (tmp_path / f"run{i}" / "results.json").write_text(json.dumps(r))
+  png = tmp_path / "scores.png"
+  out = subprocess.run([sys.executable, "-m", "experiments.collect_results", str(tmp_path / "*/results.json"),
+                        f"--plot={png}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert out == collect_results.table(all_results())
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+  missing = subprocess.run([sys.executable, "-m", "experiments.collect_results", str(tmp_path / "none/*.json")],
+                           cwd=ROOT, capture_output=True, text=True)
+  assert missing.returncode != 0 and "no results.json matched" in missing.stderr
