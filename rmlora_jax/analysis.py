@@ -43,7 +43,15 @@ def effective_rank(matrix: Any, *, rtol: float = 1e-3) -> int:
 
 
 def ortho_loss(delta: Any) -> float:
-  """``||dW dW^T - I||_F^2`` for dW of shape (d_out, d_in): the paper's Table 4 measure."""
+  """``||dW dW^T - I||_F^2`` for dW of shape (d_out, d_in): the paper's Table 4 measure.
+
+  Through dW's singular values s_i it is ``sum_i (s_i^2 - 1)^2 + (d_out -
+  rank(dW))``: a rank-r update cannot go below ``d_out - r``, reaches it only
+  with every s_i = 1, and a near-zero update scores about ``d_out``. When A
+  has orthonormal rows and B orthonormal columns (what R-LoRA's penalty pushes
+  them to), every s_i of ``(alpha / rank) B A`` equals ``alpha / rank``, so the
+  measure rewards the penalty only where ``alpha == rank``.
+  """
   d = _as_matrix(delta, "ortho_loss")
   dev = d @ d.T - np.eye(d.shape[0])
   return float(np.sum(dev * dev))

@@ -40,6 +40,22 @@ def test_ortho_loss_matches_definition_and_spectrum():
   assert rl.ortho_loss(q.T) == pytest.approx(0.0, abs=1e-20)
 
 
+def test_ortho_loss_of_an_orthonormal_lora_pair_is_set_by_the_scale():
+  # What R-LoRA's penalty drives A and B to: orthonormal rows of A and columns
+  # of B. Then dW = (alpha / rank) B A has `rank` singular values alpha / rank,
+  # so ||dW dW^T - I||^2 = rank ((alpha / rank)^2 - 1)^2 + (d_out - rank).
+  rng = np.random.default_rng(2)
+  d_in, d_out, rank = 24, 16, 4
+  a = np.linalg.qr(rng.normal(size=(d_in, rank)))[0].T  # (rank, d_in), orthonormal rows
+  b = np.linalg.qr(rng.normal(size=(d_out, rank)))[0]  # (d_out, rank), orthonormal columns
+  for alpha in (4.0, 16.0):
+    spec = rl.LoraSpec(rank=rank, alpha=alpha, targets=("w",))
+    dw = rl.delta_weights({"w": {"a": jnp.asarray(a), "b": jnp.asarray(b)}}, spec)["w"]
+    scale = alpha / rank
+    expected = rank * (scale**2 - 1) ** 2 + (d_out - rank)
+    assert rl.ortho_loss(np.asarray(dw, np.float64)) == pytest.approx(expected, rel=1e-4)
+
+
 def test_bad_inputs():
   with pytest.raises(ValueError, match=r"effective_rank expects a 2-D matrix, got shape \(3,\)"):
     rl.effective_rank(np.zeros(3))
