@@ -74,13 +74,20 @@ class Collection:
     return [by_seed[s] for s in sorted(by_seed)]
 
 
-def table(results: Iterable[dict | tuple[str, dict]]) -> str:
+def _collect(results: Collection | Iterable[dict | tuple[str, dict]]) -> Collection:
+  """``results`` as a `Collection`, grouping and checking them unless they already are one."""
+  if isinstance(results, Collection):
+    return results
+  return Collection(r if isinstance(r, tuple) else (f"result {i}", r) for i, r in enumerate(results))
+
+
+def table(results: Collection | Iterable[dict | tuple[str, dict]]) -> str:
   """Markdown tables (metrics; dW rank and orthogonality) from result dicts.
 
   ``results`` holds dicts, or ``(source, dict)`` pairs whose source (a file
-  name) errors then name.
+  name) errors then name, or is a `Collection` of them.
   """
-  c = Collection(r if isinstance(r, tuple) else (f"result {i}", r) for i, r in enumerate(results))
+  c = _collect(results)
   out = ["| method | # T-params | " + " | ".join(c.tasks) + " |", "|---|---|" + "---|" * len(c.tasks)]
   for m in c.methods:
     row = []
@@ -99,13 +106,13 @@ def table(results: Iterable[dict | tuple[str, dict]]) -> str:
   return "\n".join(out) + "\n"
 
 
-def plot(results: Iterable[tuple[str, dict]], path: str) -> None:
+def plot(results: Collection | Iterable[dict | tuple[str, dict]], path: str) -> None:
   """One panel per task: each seed's main metric (dots) and mean ± std (a line and error bar)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  c = Collection(results)
+  c = _collect(results)
   fig, axes = plt.subplots(1, len(c.tasks), figsize=(0.9 * len(c.methods) * len(c.tasks) + 1.5, 3.6),
                            squeeze=False)
   for ax, task in zip(axes[0], c.tasks):
@@ -149,7 +156,7 @@ def main(argv: list[str]) -> None:
   if len(argv) < 2:
     raise app.UsageError("usage: python -m experiments.collect_results 'GLOB' [GLOB ...] [--plot=PATH]")
   try:
-    results = load(argv[1:])
+    results = Collection(load(argv[1:]))
     print(table(results), end="")
     if _PLOT.value:
       plot(results, _PLOT.value)
