@@ -39,7 +39,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.task = "rte"
   c.method = args.get("method", "rm_lora")  # one of METHODS
   c.seed = 0
-  c.workdir = ""  # where checkpoints, metrics, plots and results.json go (required)
+  # Where checkpoints, metrics, plots and results.json go; empty:
+  # runs/<task>_<method>_<model>_s<seed>. The same workdir again resumes the run.
+  c.workdir = ""
 
   c.model = config_dict.ConfigDict()
   name = args.get("model", "deberta")
@@ -53,6 +55,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.num_buckets = 4  # distinct padded lengths, so few compilations
   c.data.train_subset = -1  # >0: that many training examples after a seeded shuffle
   c.data.subset_seed = 0
+  # >0: hold out that many training examples (drawn by subset_seed) as the dev
+  # split, for tasks whose dev file is missing (the shared STS-B copy).
+  c.data.dev_from_train = -1
 
   # Table 3: batch 32, 3 epochs (MRPC and WNLI 5), LoRA lr 1e-3, full FT 1e-5.
   c.num_epochs = 3
@@ -65,6 +70,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.warmup_ratio = 0.06  # linear warm-up, then linear decay to 0
   c.optim.max_grad_norm = 1.0  # <= 0: no clipping
+  # A step whose loss or gradient norm is nan/inf is skipped (not applied); this
+  # many in a row stop the run, its last checkpoint intact and resumable.
+  c.optim.max_nonfinite_steps = 10
+
+  # Regression (STS-B) only: the new head's output bias starts at the mean
+  # training score ("label_mean") or at 0 as in transformers ("zero"). From 0,
+  # LoRA runs at lr 1e-3 collapse the [CLS] features while fitting the mean.
+  c.head_bias = "label_mean"
 
   c.lora = config_dict.ConfigDict()
   c.lora.rank = 8
@@ -134,7 +147,4 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 2
   c.progress = True  # tqdm progress bar
-
-  c.debug = config_dict.ConfigDict()
-  c.debug.sigkill_at_step = -1  # > 0: the run kills itself after that step (resume tests)
   return c

@@ -30,8 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, logging
+from absl import logging
 from ml_collections import config_flags
+
+from rmlora_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.")
 NUM_LABELS = 2
@@ -337,4 +339,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,9 @@ import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
+
+from rmlora_jax import cli
 
 SHAPES = {
     # hidden, layers, heads, intermediate
@@ -96,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from absl import app, flags
 
+from rmlora_jax import cli
+
 _PLOT = flags.DEFINE_string("plot", None, "Also write a PNG of per-seed scores to this path.")
 
 METHOD_ORDER = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2", "peft_lora")
@@ -155,14 +157,11 @@ def load(patterns: Sequence[str]) -> list[tuple[str, dict]]:
 def main(argv: list[str]) -> None:
   if len(argv) < 2:
     raise app.UsageError("usage: python -m experiments.collect_results 'GLOB' [GLOB ...] [--plot=PATH]")
-  try:
-    results = Collection(load(argv[1:]))
-    print(table(results), end="")
-    if _PLOT.value:
-      plot(results, _PLOT.value)
-  except ValueError as e:
-    raise SystemExit(f"collect_results: {e}") from None
+  results = Collection(load(argv[1:]))
+  print(table(results), end="")
+  if _PLOT.value:
+    plot(results, _PLOT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

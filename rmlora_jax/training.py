@@ -93,6 +93,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted ``(state, frozen, batch) -> (state, metrics)`` step.
 
+  A step whose loss or gradient norm is not finite is not applied: the
+  trainable tree and optimizer state come back unchanged (the step count
+  still advances) and ``metrics["finite"]`` is False, for the caller to count.
+
   Args:
     state_sharding, frozen_sharding: `NamedSharding` trees (or one sharding
       for all leaves) of the state and the frozen weights, which the step
@@ -113,7 +117,15 @@ def make_train_step(
     (total, (loss, pen)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": total, "task_loss": loss, "penalty": pen, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    # A nan/inf loss or gradient (a poisoned batch, a diverging rate) leaves the
+    # parameters and optimizer state as they were; the step still counts, so
+    # the data order, dropout and masks of later steps do not shift.
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    trainable = jax.tree.map(keep, trainable, state.trainable)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = {"loss": total, "task_loss": loss, "penalty": pen, "grad_norm": grad_norm, "finite": finite}
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
   rep, data = replicated(mesh), data_sharded(mesh)
@@ -208,6 +220,13 @@ def abstract_like(tree: Any, sharding=None) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
 
 
+class CheckpointError(ValueError):
+  """A checkpoint could not be written; the message says what is left and how to resume.
+
+  A `ValueError`, so command lines report it as one line (`rmlora_jax.cli`).
+  """
+
+
 class Checkpointer:
   """Orbax checkpoints of the train state plus a JSON side record.
 
@@ -219,6 +238,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 2):
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+    self.directory = os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -228,14 +248,41 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: TrainState, record: Mapping[str, Any]) -> None:
-    self._mngr.save(
-        step,
-        # Saving is asynchronous: snapshot the record now, or entries appended
-        # after this call could leak into this step's checkpoint.
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                record=ocp.args.JsonSave(json.loads(json.dumps(dict(record))))),
-        force=True,
-    )
+    """Starts saving ``state`` and ``record`` as ``step`` (asynchronously).
+
+    Raises:
+      CheckpointError: this save, or the previous one still in flight, failed
+        (disk full, no permission); the last committed step stays intact.
+    """
+    try:
+      self._mngr.save(
+          step,
+          # Saving is asynchronous: snapshot the record now, or entries appended
+          # after this call could leak into this step's checkpoint.
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  record=ocp.args.JsonSave(json.loads(json.dumps(dict(record))))),
+          force=True,
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is committed; `CheckpointError` if it failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(None, e) from e
+
+  def _failed(self, step: int | None, error: Exception) -> "CheckpointError":
+    try:
+      latest = self._mngr.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      latest = None
+    kept = f"the last complete checkpoint is step {latest}" if latest else "no complete checkpoint exists yet"
+    what = f"step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(
+        f"saving {what} to {str(self.directory)!r} failed ({type(error).__name__}: {error}); {kept}: "
+        f"free space or fix the folder, then run the same command to resume")
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
     out = self._mngr.restore(
@@ -250,5 +297,8 @@ class Checkpointer:
     return dict(out.record)
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the save in flight (`CheckpointError` if it failed) and closes."""
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()

@@ -202,6 +202,34 @@ class TextSplit:
     return len(self.text_a)
 
 
+def select(split: TextSplit, indices: Sequence[int] | np.ndarray) -> TextSplit:
+  """The examples of ``split`` at ``indices``, in that order."""
+  indices = np.asarray(indices, np.int64)
+  return TextSplit(
+      text_a=[split.text_a[i] for i in indices],
+      text_b=None if split.text_b is None else [split.text_b[i] for i in indices],
+      labels=split.labels[indices],
+  )
+
+
+def split_off(split: TextSplit, count: int, *, seed: int) -> tuple[TextSplit, TextSplit]:
+  """``(rest, held_out)``: ``count`` examples drawn by ``seed``, held out of ``split``.
+
+  For tasks whose dev file is missing or kept aside (the shared STS-B copy has
+  only ``train.tsv``): the held-out part becomes the evaluation split. Both
+  parts keep file order, so the split is a pure function of (file, count, seed).
+
+  Raises:
+    ValueError: ``count`` is not in ``1 .. len(split) - 1``.
+  """
+  n = len(split)
+  if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count < n:
+    raise ValueError(f"split_off: count must be in 1..{n - 1} (the split has {n} examples), got {count!r}")
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(seed).permutation(n)[:count]] = True
+  return select(split, np.flatnonzero(~held)), select(split, np.flatnonzero(held))
+
+
 def resolve_data_source(data_dir: str | None) -> str | None:
   """Where to read GLUE from: ``data_dir``, else ``$GLUE_DIR``, else None (the hub)."""
   if data_dir:

@@ -166,9 +166,12 @@ class Attention(nn.Module):
     # batched matmuls then run about 3x faster than einsums over (B, T, N, D)
     # or jax.nn.dot_product_attention (measured at MiniLM shapes, docs/MODELS.md).
     heads = lambda y: y.reshape(b, t, n, d).transpose(0, 2, 1, 3)
-    q = heads(_dense(h, a, "query", dt, pdt)(x))
-    k = heads(_dense(h, a, "key", dt, pdt)(x))
-    v = heads(_dense(h, a, "value", dt, pdt)(x))
+    # One matmul for the three frozen kernels and one for their adapters'
+    # right factors (lora.dense_group_apply); the parameters stay three Dense.
+    init = nn.initializers.normal(a.initializer_range)
+    q, k, v = map(heads, torch_port.dense_group(
+        x, [torch_port.DenseParams(h, param_dtype=pdt, kernel_init=init, name=n) for n in ("query", "key", "value")],
+        dt))
     # Scaling q (T*H values) is cheaper than scaling the logits (N*T*T).
     q = q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)
     logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + bias

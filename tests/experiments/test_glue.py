@@ -120,9 +120,9 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
           "--config.num_epochs=1", "--config.max_steps=10", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=2", "--config.progress=False", "--config.lora.rank=4",
           "--config.rm.num_directions=2", "--config.method=rm_lora", "--config.data.num_buckets=1"]
-  args.append("--config.debug.sigkill_at_step=7")
+  env = {**os.environ, glue_train.SIGKILL_ENV: "7"}
   proc = subprocess.run([sys.executable, "-m", "experiments.glue", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert not (killed_dir / "results.json").exists()
   steps = sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit())
@@ -168,3 +168,69 @@ def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path)
   # Where and how it reports may change: this resumes (and finds the run finished).
   again = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, log_every_steps=2)
   assert glue_train.train_and_evaluate(again, again.workdir)["steps"] == 2
+
+
+def test_poisoned_batch_is_skipped_and_counted(tiny_bert, tiny_glue, tmp_path, monkeypatch):
+  # Step 3's batch gets a label that makes its loss nan: that one update is
+  # skipped, the run goes on and its parameters stay finite.
+  real_batches = glue_train.glue.batches
+  counter = {"n": 0}
+
+  def poisoned(*args, **kwargs):
+    for batch in real_batches(*args, **kwargs):
+      if kwargs.get("shuffle"):
+        counter["n"] += 1
+        if counter["n"] == 3:
+          batch = {**batch, "weights": batch["weights"] * np.float32("nan")}
+      yield batch
+
+  monkeypatch.setattr(glue_train.glue, "batches", poisoned)
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6)
+  results = glue_train.train_and_evaluate(config, config.workdir)
+  assert results["nonfinite_steps"] == 1
+  losses = [h["loss"] for h in results["history"]["train"]]
+  assert np.isnan(losses[2]) and np.all(np.isfinite(np.delete(losses, 2)))
+  final = _final_trainable(tmp_path, 6)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(final))
+
+
+def test_diverging_run_stops_with_a_resumable_checkpoint(tiny_bert, tiny_glue, tmp_path):
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=12, learning_rate=1e30,
+                       **{"optim.max_grad_norm": 0.0, "optim.max_nonfinite_steps": 3})
+  with pytest.raises(ValueError, match=r"3 steps in a row up to step \d+ had a non-finite loss or gradient "
+                                       r"\(config.optim.max_nonfinite_steps=3\); the last checkpoint \(step \d+\) is intact"):
+    glue_train.train_and_evaluate(config, config.workdir)
+  assert not (tmp_path / "results.json").exists()
+  ckpt = training.Checkpointer(str(tmp_path / "checkpoints"))
+  latest = ckpt.latest_step()
+  ckpt.close()
+  assert latest is not None and latest < 12
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(_final_trainable(tmp_path, latest)))
+
+
+def test_failed_checkpoint_save_is_a_clear_error_and_leaves_no_half_checkpoint(tiny_bert, tiny_glue, tmp_path,
+                                                                                monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+  real_save = ocp.JsonCheckpointHandler.async_save
+  calls = {"n": 0}
+
+  async def disk_full(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 2:  # the second checkpoint (step 4): the disk is full
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await real_save(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", disk_full)
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6)
+  with pytest.raises(training.CheckpointError,
+                     match=r"saving .* failed \(OSError: \[Errno 28\] No space left on device\); the last "
+                           r"complete checkpoint is step 2: free space"):
+    glue_train.train_and_evaluate(config, config.workdir)
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", real_save)
+  committed = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert committed == ["2"]
+  # The same command resumes from step 2 and ends as an uninterrupted run.
+  resumed = glue_train.train_and_evaluate(config, config.workdir)
+  straight = tiny_config(tiny_bert, tiny_glue, tmp_path / "straight", method="lora", max_steps=6)
+  assert resumed["metrics"] == glue_train.train_and_evaluate(straight, straight.workdir)["metrics"]

@@ -1,0 +1,106 @@
+"""Command-line plumbing shared by the entry points under ``experiments/``.
+
+`run` is ``absl.app.run`` with one difference: an error caused by the user's
+input (a bad config value, a missing file or folder, a model that cannot be
+found, a mesh that does not fit the devices) ends the program with one line on
+stderr, ``error: <what is wrong>``, and exit status 2, instead of a traceback.
+Such errors are `ValueError` (the library's convention for bad input, whose
+messages name the value and where it came from) and `OSError` (files, folders,
+disks, an unreachable hub). Every other exception is a bug of the program and keeps its
+traceback; so do all of them when ``$RMLORA_TRACEBACK`` is set to a non-empty
+value other than ``0``.
+
+Example::
+
+  def main(argv):
+    ...
+
+  if __name__ == "__main__":
+    cli.run(main)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app
+from absl import flags
+
+# Set to 1 to see the traceback of errors that are otherwise one line.
+TRACEBACK_ENV = "RMLORA_TRACEBACK"
+# What the user's errors exit with (2, as argparse and absl do for bad usage).
+EXIT_USER_ERROR = 2
+
+def is_user_error(error: BaseException) -> bool:
+  """Whether ``error`` comes from the user's input or environment rather than from a bug.
+
+  `ValueError` (the library's bad-input convention) and `OSError` (a file or
+  folder that is missing or unwritable, a full disk, a hub that cannot be
+  reached offline).
+  """
+  return isinstance(error, (ValueError, OSError)) and not isinstance(error, BrokenPipeError)
+
+
+def one_line(error: BaseException) -> str:
+  """``error``'s message on one line, ``error: `` in front.
+
+  A message that embeds a traceback (ml_collections does, for a config file
+  that raises) keeps its first line and the exception's last line.
+  """
+  text = str(error) if str(error) else type(error).__name__
+  if "Traceback (most recent call last)" in text:
+    head = text.split("Traceback (most recent call last)")[0].strip()
+    tail = [line for line in text.splitlines() if line.strip()][-1].strip()
+    text = f"{head} {tail}"
+  if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
+    text = f"{text}: {error.filename}"
+  return "error: " + " ".join(text.split())
+
+
+def show_tracebacks() -> bool:
+  """True when ``$RMLORA_TRACEBACK`` asks for full tracebacks."""
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def guarded(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+  """``main`` with user errors turned into one line on stderr and exit status 2."""
+
+  def wrapper(argv: Sequence[str]) -> Any:
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      if show_tracebacks() or not is_user_error(e):
+        raise
+      fail(one_line(e))
+
+  return wrapper
+
+
+def fail(line: str) -> NoReturn:
+  """Prints ``line`` to stderr and exits with `EXIT_USER_ERROR`."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  print(line, file=sys.stderr, flush=True)
+  # os._exit: no orbax or tensorboard thread can print a traceback after us.
+  os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or a failing ``--config`` file as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if show_tracebacks():
+      raise
+    fail(one_line(e))
+
+
+def run(main: Callable[[Sequence[str]], Any]) -> None:
+  """`absl.app.run` of ``main``, with the user's errors as one line (see the module doc).
+
+  Bad flags, and a ``--config`` file that fails its own checks, are one line too.
+  """
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -1,0 +1,58 @@
+"""STS-B regression learns on real data (issue 20).
+
+A short real run: the embedded MiniLM, LoRA rank 8 on all six matrices, 100
+steps of batch 32 on the shared STS-B training file with 500 held-out pairs
+as the dev split (``data.dev_from_train``), max_seq_len 64, lr 1e-3.
+
+What broke before: the regression head's bias started at 0 while the scores
+average 2.7; fitting that mean through the adapters collapsed the [CLS]
+features, and every prediction came out the same to 1e-3 (dev Pearson 0.05
+to 0.25, in our runs and in PEFT's alike). The head's bias now starts at the
+mean training score (``config.head_bias="label_mean"``).
+
+Measured on this exact config (seed 0): ours 0.735 with the fix and 0.195
+with ``head_bias="zero"``; PEFT's LoRA (experiments.peft_glue, same split
+and settings) 0.740 with the mean bias and 0.266 with a zero bias. The
+threshold 0.6 sits well between the two regimes.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+from configs import stsb
+from experiments import glue_train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHARED_GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()
+
+
+def _has_minilm():
+  try:
+    from rmlora_jax.models import hub
+    hub.resolve_model_path("minilm-l6")
+    return True
+  except ValueError:
+    return False
+
+
+def stsb_config(workdir, **overrides):
+  config = stsb.get_config("model=minilm,method=lora")
+  config.data.dir = str(SHARED_GLUE)
+  config.data.dev_from_train = 500
+  config.workdir = str(workdir)
+  config.max_seq_len = 64
+  config.max_steps = 100
+  config.progress = False
+  config.checkpoint_every_steps = 1000
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "STS-B" / "train.tsv").is_file() or not _has_minilm(),
+                    reason="needs ../shared/data/glue/STS-B and the embedded MiniLM (scripts/setup.sh)")
+def test_lora_learns_stsb_on_real_data(tmp_path):
+  results = glue_train.train_and_evaluate(stsb_config(tmp_path), str(tmp_path))
+  assert results["metrics"]["pearson"] > 0.6, results["metrics"]
