@@ -102,8 +102,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.rm.mask_period = 1
 
   c.adalora = config_dict.ConfigDict()
-  c.adalora.init_rank = 12
-  c.adalora.target_rank = 8
+  # The papers compare AdaLoRA at LoRA's inference budget: it starts at rank
+  # 2R and is pruned to R (RM-LoRA Table 2: "16 / 8" beside LoRA R = 8).
+  c.adalora.init_rank = -1  # <= 0: 2 * lora.rank
+  c.adalora.target_rank = -1  # <= 0: lora.rank
   c.adalora.t_init_ratio = 0.1  # fraction of steps before pruning starts
   c.adalora.t_final_ratio = 0.2  # fraction of steps with the rank pattern frozen
   c.adalora.delta_t = 10

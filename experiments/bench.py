@@ -86,14 +86,17 @@ def _settings(config, entry: str):
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
-  rank = config.adalora.init_rank if name == "adalora" else config.rank
+  adalora = config.adalora.to_dict()
+  adalora["init_rank"] = adalora["init_rank"] if adalora["init_rank"] > 0 else 2 * config.rank  # 2R -> R
+  adalora["target_rank"] = adalora["target_rank"] if adalora["target_rank"] > 0 else config.rank
+  rank = adalora["init_rank"] if name == "adalora" else config.rank
   spec = None if name == "full_ft" else lora_lib.LoraSpec(
       rank=rank, alpha=config.alpha, targets=bench_config.TARGETS[config.targets])
   return methods_lib.MethodSettings(
       name=name, spec=spec, train_patterns=HEAD, num_directions=config.num_directions,
       ortho_weight=config.rm.ortho_weight, ortho_squared=config.rm.ortho_squared,
       ortho_reduction=config.rm.ortho_reduction, mask_mode=config.rm.mask_mode,
-      seed=config.seed, total_steps=1000, extra={"adalora": config.adalora.to_dict()},
+      seed=config.seed, total_steps=1000, extra={"adalora": adalora},
       adapter_apply=apply or config.adapter_apply)
 
 

@@ -97,6 +97,14 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return node
 
 
+def adalora_budget(adalora: ml_collections.ConfigDict, rank: int) -> dict[str, Any]:
+  """``config.adalora`` as a dict with its ranks resolved: unset (<= 0) means 2R -> R."""
+  out = adalora.to_dict()
+  out["init_rank"] = out["init_rank"] if out["init_rank"] > 0 else 2 * rank
+  out["target_rank"] = out["target_rank"] if out["target_rank"] > 0 else rank
+  return out
+
+
 def check_finite_floats(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
   """Every float setting must be a finite number (``nan`` and ``inf`` are refused).
 
@@ -174,7 +182,8 @@ def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
                      f"got {config.optim.max_nonfinite_steps!r}")
   paths_lib.compile_patterns(tuple(config.lora.targets), where="config.lora.targets")
   paths_lib.compile_patterns(tuple(config.lora.train_patterns), where="config.lora.train_patterns")
-  budgets = {"adalora": (config.adalora.target_rank, config.adalora.init_rank, "config.adalora.init_rank"),
+  ada = adalora_budget(config.adalora, config.lora.rank)
+  budgets = {"adalora": (ada["target_rank"], ada["init_rank"], "config.adalora.init_rank"),
              "lora2": (config.lora2.target_rank, config.lora2.r, "config.lora2.r")}
   if config.method in budgets:
     target, initial, initial_name = budgets[config.method]
@@ -251,7 +260,8 @@ def method_settings(config, report, hf_config, total_steps: int) -> methods_lib.
     if config.method == "lora2":
       spec = lora2_lib.Lora2Spec(k=config.lora2.k, r=config.lora2.r, **common)
     else:
-      rank = {"adalora": config.adalora.init_rank, "sora": config.sora.init_rank}.get(config.method, config.lora.rank)
+      ada_rank = adalora_budget(config.adalora, config.lora.rank)["init_rank"]
+      rank = {"adalora": ada_rank, "sora": config.sora.init_rank}.get(config.method, config.lora.rank)
       spec = lora_lib.LoraSpec(rank=rank, **common)
   head = tuple(HEAD_PATTERNS) + tuple(re.escape(p) for p in report.missing) + tuple(config.lora.train_patterns)
   return methods_lib.MethodSettings(
@@ -261,7 +271,7 @@ def method_settings(config, report, hf_config, total_steps: int) -> methods_lib.
       mask_mode=config.rm.mask_mode, mask_period=config.rm.mask_period, seed=config.seed,
       total_steps=total_steps,
       adapter_apply="merge" if config.method == "full_ft" else config.lora.apply,
-      extra={"adalora": config.adalora.to_dict(), "sora": config.sora.to_dict(),
+      extra={"adalora": adalora_budget(config.adalora, config.lora.rank), "sora": config.sora.to_dict(),
              "lora2": config.lora2.to_dict()},
   )
 
@@ -528,6 +538,9 @@ def _results(config, task, method, trainable, history, train_time, steps, peak_l
       "model": config.model.name_or_path,
       "metrics": {k: v for k, v in (history["eval"] or [{}])[-1].items() if k != "step"},
       "main_metric": task.main_metric,
+      # GLUE papers report the best dev score over evaluations; "metrics" is the final one.
+      "final": dict((history["eval"] or [{}])[-1]),
+      "best": dict(max(history["eval"], key=lambda h: h[task.main_metric])) if history["eval"] else {},
       "trainable_params": counts.trainable,
       "inference_params": counts.inference,
       "steps": int(steps),

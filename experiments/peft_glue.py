@@ -115,7 +115,9 @@ def run(config, workdir: str) -> dict:
   results = {
       "task": task.name, "method": "peft_lora", "seed": config.seed, "model": config.model.name_or_path,
       "metrics": {k: v for k, v in history["eval"][-1].items() if k != "step"},
-      "main_metric": task.main_metric, "trainable_params": n_trainable, "inference_params": n_trainable,
+      "main_metric": task.main_metric, "final": dict(history["eval"][-1]),
+      "best": dict(max(history["eval"], key=lambda h: h[task.main_metric])),
+      "trainable_params": n_trainable, "inference_params": n_trainable,
       "steps": step, "train_time_s": round(train_time, 2), "learning_rate": lr,
       "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha},
       "adapters": analysis.delta_report(deltas),

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run_entry(module, *args, cwd, env=None):
-  environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
+  environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", cli.CACHE_ENV: ""}
   environ.pop(cli.TRACEBACK_ENV, None)
   environ.update(env or {})
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
@@ -108,3 +108,29 @@ def test_tracebacks_on_request_and_for_bugs(tmp_path, monkeypatch):
     cli.guarded(buggy)([])
   assert cli.one_line(ValueError("two\nlines  here")) == "error: two lines here"
   assert cli.one_line(FileNotFoundError(2, "No such file", "/x/y")) == "error: [Errno 2] No such file: '/x/y'"
+
+
+def test_second_run_finds_its_steps_in_the_compilation_cache(tiny_bert, tiny_glue, tmp_path):
+  cache = tmp_path / "cache"
+  args = glue_args(tiny_bert, tiny_glue, tmp_path / "w1", "--config.method=lora")
+  first = run_entry("experiments.glue", *args, cwd=ROOT, env={cli.CACHE_ENV: str(cache)})
+  assert first.returncode == 0, first.stderr[-3000:]
+  # The train and eval steps; small helpers near the 0.1 s threshold may
+  # or may not be cached, depending on the machine's load.
+  steps = lambda: {p.name for p in cache.iterdir() if "step_fn" in p.name or "eval_fn" in p.name}
+  entries = steps()
+  assert any("step_fn" in e for e in entries) and any("eval_fn" in e for e in entries), entries
+  args = glue_args(tiny_bert, tiny_glue, tmp_path / "w2", "--config.method=lora")
+  second = run_entry("experiments.glue", *args, cwd=ROOT, env={cli.CACHE_ENV: str(cache)})
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert steps() == entries  # found, not compiled again
+
+
+def test_readme_shows_what_the_command_prints():
+  import re
+  readme = (ROOT / "README.md").read_text()
+  (block,) = [b for b in re.findall(r"```text\n(.*?)```", readme, flags=re.S) if "error:" in b]
+  command, shown = block.strip().splitlines()
+  args = command.removeprefix("$ python -m ").split()
+  proc = run_entry(args[0], *args[1:], cwd=ROOT)
+  assert assert_one_line_error(proc, "") == shown

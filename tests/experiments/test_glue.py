@@ -148,7 +148,7 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"rm.ortho_weight": -1.0}, r"config.rm.ortho_weight must be >= 0"),
     ({"optim.warmup_ratio": 2.0}, r"warmup_ratio must be in \[0, 1\]"),
     ({"lora.targets": ("[bad",)}, r"config.lora.targets: invalid regex"),
-    ({"method": "adalora", "adalora.target_rank": 99}, r"target_rank=99 must be in 1..config.adalora.init_rank=12"),
+    ({"method": "adalora", "adalora.target_rank": 99}, r"target_rank=99 must be in 1..config.adalora.init_rank=8"),
     ({"keep_checkpoints": 0}, r"config.keep_checkpoints must be a positive integer"),
     ({"seed": -1}, r"config.seed must be a non-negative integer"),
 ])
@@ -234,3 +234,22 @@ def test_failed_checkpoint_save_is_a_clear_error_and_leaves_no_half_checkpoint(t
   resumed = glue_train.train_and_evaluate(config, config.workdir)
   straight = tiny_config(tiny_bert, tiny_glue, tmp_path / "straight", method="lora", max_steps=6)
   assert resumed["metrics"] == glue_train.train_and_evaluate(straight, straight.workdir)["metrics"]
+
+
+def test_adalora_budget_is_2r_to_r_unless_set(tmp_path):
+  config = tiny_config("unused", str(tmp_path), tmp_path)
+  budget = glue_train.adalora_budget(config.adalora, 8)
+  assert (budget["init_rank"], budget["target_rank"]) == (16, 8)
+  config.adalora.init_rank, config.adalora.target_rank = 12, 6
+  budget = glue_train.adalora_budget(config.adalora, 8)
+  assert (budget["init_rank"], budget["target_rank"]) == (12, 6)
+
+
+def test_results_report_best_and_final_evaluations(tiny_bert, tiny_glue, tmp_path):
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6, eval_every_steps=2)
+  results = glue_train.train_and_evaluate(config, config.workdir)
+  evals = results["history"]["eval"]
+  assert [e["step"] for e in evals] == [2, 4, 6]
+  assert results["final"] == evals[-1] and results["metrics"]["accuracy"] == evals[-1]["accuracy"]
+  assert results["best"]["accuracy"] == max(e["accuracy"] for e in evals)
+  assert results["best"] in evals
