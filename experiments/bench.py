@@ -86,9 +86,11 @@ def _settings(config, entry: str):
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
+  from rmlora_jax import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
+
   adalora = config.adalora.to_dict()
-  adalora["init_rank"] = adalora["init_rank"] if adalora["init_rank"] > 0 else 2 * config.rank  # 2R -> R
-  adalora["target_rank"] = adalora["target_rank"] if adalora["target_rank"] > 0 else config.rank
+  adalora["init_rank"], adalora["target_rank"] = adalora_lib.budget_ranks(
+      config.rank, adalora["init_rank"], adalora["target_rank"])
   rank = adalora["init_rank"] if name == "adalora" else config.rank
   spec = None if name == "full_ft" else lora_lib.LoraSpec(
       rank=rank, alpha=config.alpha, targets=bench_config.TARGETS[config.targets])

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from rmlora_jax import adalora as adalora_lib
 from rmlora_jax import analysis
 from rmlora_jax import accounting
 from rmlora_jax import lora as lora_lib
@@ -100,8 +101,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 def adalora_budget(adalora: ml_collections.ConfigDict, rank: int) -> dict[str, Any]:
   """``config.adalora`` as a dict with its ranks resolved: unset (<= 0) means 2R -> R."""
   out = adalora.to_dict()
-  out["init_rank"] = out["init_rank"] if out["init_rank"] > 0 else 2 * rank
-  out["target_rank"] = out["target_rank"] if out["target_rank"] > 0 else rank
+  out["init_rank"], out["target_rank"] = adalora_lib.budget_ranks(rank, out["init_rank"], out["target_rank"])
   return out
 
 
@@ -168,8 +168,7 @@ def _validate_method_fields(config: ml_collections.ConfigDict) -> None:
   for name, value in (("rm.mask_period", config.rm.mask_period), ("keep_checkpoints", config.keep_checkpoints)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-  ranges = {"optim.max_grad_norm": (None, None), "lora.init_std": (0.0, None), "sora.gate_lr": (None, None),
-            "adalora.t_init_ratio": (0.0, 1.0), "adalora.t_final_ratio": (0.0, 1.0),
+  ranges = {"lora.init_std": (0.0, None), "adalora.t_init_ratio": (0.0, 1.0), "adalora.t_final_ratio": (0.0, 1.0),
             "lora2.t_init_ratio": (0.0, 1.0), "lora2.t_final_ratio": (0.0, 1.0),
             "adalora.beta1": (0.0, 1.0), "adalora.beta2": (0.0, 1.0),
             "lora2.beta1": (0.0, 1.0), "lora2.beta2": (0.0, 1.0)}
@@ -356,7 +355,8 @@ class NonFiniteGuard:
     if previous is not None:
       self._count(*previous, ckpt)
 
-  def finish(self, ckpt: training.Checkpointer) -> None:
+  def flush(self, ckpt: training.Checkpointer) -> None:
+    """Counts the step still pending (waits for it); before a checkpoint and at the end."""
     if self._pending is not None:
       self._count(*self._pending, ckpt)
       self._pending = None
@@ -500,13 +500,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       now = time.perf_counter()
       train_time, tick = train_time + now - tick, now
+      nonfinite.flush(ckpt)  # the count saved below includes this step
       ckpt.save(done, state, {"history": history, "train_time_s": train_time,
                               "nonfinite_steps": nonfinite.total, "run_config": run_fingerprint(config)})
     if done == kill_at:
       # For tests: die like a killed job, without flushing anything (an
       # asynchronous checkpoint save may be left half-written).
       os.kill(os.getpid(), signal.SIGKILL)
-  nonfinite.finish(ckpt)
+  nonfinite.flush(ckpt)
   bar.close()
   if writer is not None:
     writer.close()

@@ -21,7 +21,7 @@ from rmlora_jax.lora import (
 from rmlora_jax.masking import RandomDirectionMaskState, direction_mask, random_direction_mask
 from rmlora_jax.penalty import gram_deviation, ortho_penalty
 from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
-from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, init_adalora
+from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, budget_ranks, init_adalora
 from rmlora_jax.budget import BudgetPruningState, BudgetSchedule, budget_schedule, is_pruning_step
 from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
 from rmlora_jax.sora import SoraProximalState, init_sora, soft_threshold, sora_proximal, sora_ranks
@@ -40,6 +40,7 @@ __all__ = [
     "adalora_penalty",
     "adalora_pruning",
     "adalora_ranks",
+    "budget_ranks",
     "adapter_param_counts",
     "adapter_product",
     "attach",

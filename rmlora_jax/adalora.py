@@ -125,3 +125,18 @@ def adalora_pruning(
 def adalora_ranks(adapters: Any) -> dict[str, int]:
   """``{path: number of nonzero lam entries}``: each AdaLoRA adapter's rank now."""
   return budget_lib.nonzero_ranks(adapters, ADALORA_FACTORS, "lam")
+
+
+def budget_ranks(rank: int, init_rank: int = 0, target_rank: int = 0) -> tuple[int, int]:
+  """AdaLoRA's ``(initial, target)`` ranks beside a LoRA of rank ``rank``.
+
+  The papers compare AdaLoRA at LoRA's inference budget: it starts at rank
+  2R and is pruned to R (RM-LoRA Table 2: "16 / 8" beside LoRA R = 8). Each
+  rank given as a positive number is kept; unset (<= 0) takes that default.
+
+  Example::
+
+    budget_ranks(8)         # (16, 8)
+    budget_ranks(8, 12, 6)  # (12, 6)
+  """
+  return (init_rank if init_rank > 0 else 2 * rank, target_rank if target_rank > 0 else rank)

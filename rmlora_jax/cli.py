@@ -34,6 +34,7 @@ TRACEBACK_ENV = "RMLORA_TRACEBACK"
 # What the user's errors exit with (2, as argparse and absl do for bad usage).
 EXIT_USER_ERROR = 2
 
+
 def is_user_error(error: BaseException) -> bool:
   """Whether ``error`` comes from the user's input or environment rather than from a bug.
 

@@ -293,10 +293,10 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   Equal to `dense_apply` on each kernel, computed in fewer, wider matmuls:
   the frozen kernels are concatenated into one ``x @ [w0_1 | w0_2 | ...]``,
   and the low-rank branches share one ``u = x @ [right_1; right_2; ...].T``
-  of width ``sum(r')``. On CPU a rank-8 matmul over every token costs far
-  more than its FLOPs (it is bound by reading ``x``), so reading ``x`` once
-  for all three adapters instead of three times is most of what the adapters
-  cost beyond the frozen model (docs/BENCHMARKS.md).
+  of width ``sum(r')``, so ``x`` is read once rather than once per adapter.
+  Their gradients are written out (a custom VJP) so that no (d_out, N)
+  gradient is transposed on CPU; that, not the fusion, is what brought the
+  adapters near the frozen model's speed (docs/BENCHMARKS.md).
 
   Args:
     x: (..., d_in) inputs.

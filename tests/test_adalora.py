@@ -205,3 +205,11 @@ def test_toy_regression_learns_and_reaches_target_budget():
   spec = LoraSpec(rank=4, alpha=4.0, targets=(r"dense_.*/kernel",))
   check_pruned_regression(init_adalora, spec, adalora_pruning, adalora_penalty, adalora_ranks,
                           initial_rank=4, target_rank=2, seed=0)
+
+
+def test_budget_ranks_follow_the_papers_2r_to_r_unless_set():
+  from rmlora_jax.adalora import budget_ranks
+  # RM-LoRA Table 2: AdaLoRA "16 / 8" beside LoRA R = 8, "8 / 4" beside R = 4.
+  assert budget_ranks(8) == (16, 8) and budget_ranks(4) == (8, 4)
+  assert budget_ranks(8, 12, 6) == (12, 6)
+  assert budget_ranks(8, 12) == (12, 8) and budget_ranks(8, -1, 3) == (16, 3)
