@@ -82,11 +82,11 @@ def _batch(config, rng) -> dict[str, Any]:
 def _settings(config, entry: str):
   """MethodSettings for ``entry``: a method name, or ``name@merge`` / ``name@low_rank``."""
   from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
-  from rmlora_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
-  from rmlora_jax import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.adapters import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
 
   adalora = config.adalora.to_dict()
   adalora["init_rank"], adalora["target_rank"] = adalora_lib.budget_ranks(

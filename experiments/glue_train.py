@@ -31,11 +31,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from rmlora_jax import adalora as adalora_lib
+from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax import analysis
 from rmlora_jax import accounting
-from rmlora_jax import lora as lora_lib
-from rmlora_jax import lora2 as lora2_lib
+from rmlora_jax.adapters import lora as lora_lib
+from rmlora_jax.adapters import lora2 as lora2_lib
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib

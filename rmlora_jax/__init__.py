@@ -5,26 +5,24 @@ function here is pure and jittable. See README.md for a tour.
 """
 
 from rmlora_jax.analysis import count_params, delta_report, effective_rank, ortho_loss, singular_values
-from rmlora_jax.lora import (
+from rmlora_jax.adapters.lora import (
     LoraSpec,
-    LowRankKernel,
     adapter_product,
     attach,
     delta_weights,
-    dense_apply,
-    dense_group_apply,
     init_lora,
     merge,
     register_adapter_kind,
     select_targets,
 )
+from rmlora_jax.low_rank import LowRankKernel, dense_apply, dense_group_apply
 from rmlora_jax.masking import RandomDirectionMaskState, direction_mask, random_direction_mask
 from rmlora_jax.penalty import gram_deviation, ortho_penalty
 from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
-from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, budget_ranks, init_adalora
+from rmlora_jax.adapters.adalora import adalora_penalty, adalora_pruning, adalora_ranks, budget_ranks, init_adalora
 from rmlora_jax.budget import BudgetPruningState, BudgetSchedule, budget_schedule, is_pruning_step
-from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
-from rmlora_jax.sora import SoraProximalState, init_sora, soft_threshold, sora_proximal, sora_ranks
+from rmlora_jax.adapters.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
+from rmlora_jax.adapters.sora import SoraProximalState, init_sora, soft_threshold, sora_proximal, sora_ranks
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmlora_jax import adalora, lora2, sora
+from rmlora_jax.adapters import adalora, lora2, sora
 from rmlora_jax import budget as budget_lib
 from rmlora_jax import paths as paths_lib
 

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmlora_jax import adalora as adalora_lib
+from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax import budget as budget_lib
-from rmlora_jax import lora as lora_lib
-from rmlora_jax import lora2 as lora2_lib
+from rmlora_jax.adapters import lora as lora_lib
+from rmlora_jax.adapters import lora2 as lora2_lib
 from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib
-from rmlora_jax import sora as sora_lib
+from rmlora_jax.adapters import sora as sora_lib
 
 METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
 MASK_MODES = ("update", "gradient")

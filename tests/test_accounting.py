@@ -7,9 +7,9 @@ import pytest
 
 from rmlora_jax import LoraSpec, init_lora
 from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
-from rmlora_jax.adalora import init_adalora
-from rmlora_jax.lora2 import Lora2Spec, init_lora2
-from rmlora_jax.sora import init_sora
+from rmlora_jax.adapters.adalora import init_adalora
+from rmlora_jax.adapters.lora2 import Lora2Spec, init_lora2
+from rmlora_jax.adapters.sora import init_sora
 
 # Two kernels: (d_in, d_out) = (10, 6) and (6, 4); d = 16 and 10.
 PARAMS = {"l0": {"kernel": jnp.ones((10, 6)), "bias": jnp.ones((6,))}, "l1": {"kernel": jnp.ones((6, 4))}}

@@ -9,7 +9,7 @@ import pytest
 
 from tests.family_reference import RefPruner, check_pruned_regression, random_like, ref_budget, ref_is_pruning_step
 from rmlora_jax import LoraSpec, delta_weights, merge
-from rmlora_jax.adalora import adalora_penalty, adalora_pruning, adalora_ranks, init_adalora
+from rmlora_jax.adapters.adalora import adalora_penalty, adalora_pruning, adalora_ranks, init_adalora
 from rmlora_jax.budget import (
     BudgetSchedule,
     budget_schedule,
@@ -208,7 +208,7 @@ def test_toy_regression_learns_and_reaches_target_budget():
 
 
 def test_budget_ranks_follow_the_papers_2r_to_r_unless_set():
-  from rmlora_jax.adalora import budget_ranks
+  from rmlora_jax.adapters.adalora import budget_ranks
   # RM-LoRA Table 2: AdaLoRA "16 / 8" beside LoRA R = 8, "8 / 4" beside R = 4.
   assert budget_ranks(8) == (16, 8) and budget_ranks(4) == (8, 4)
   assert budget_ranks(8, 12, 6) == (12, 6)

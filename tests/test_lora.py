@@ -200,7 +200,7 @@ def test_spec_passes_through_jit_as_static():
 @pytest.mark.parametrize("family", ["lora", "adalora", "sora", "lora2"])
 def test_attach_low_rank_path_equals_merge(family):
   """x W0 + (x right^T) left^T through attach == x (W0 + dW^T), values and gradients."""
-  from rmlora_jax import adalora, lora2, sora
+  from rmlora_jax.adapters import adalora, lora2, sora
   from tests.family_reference import random_like
 
   rng = np.random.default_rng(0)

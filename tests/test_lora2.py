@@ -10,7 +10,7 @@ import pytest
 from tests.family_reference import RefPruner, check_pruned_regression, random_like
 from rmlora_jax import delta_weights, merge
 from rmlora_jax.budget import BudgetSchedule
-from rmlora_jax.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
+from rmlora_jax.adapters.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
 
 PARAMS = {"a": {"kernel": jnp.ones((9, 7))}, "b": {"kernel": jnp.ones((7, 8))}, "c": jnp.ones((3,))}
 SPEC = Lora2Spec(k=5, r=3, alpha=6.0, targets=(r"[ab]/kernel",))

@@ -10,7 +10,7 @@ import pytest
 from tests.family_reference import random_like, toy_problem, train
 from rmlora_jax import LoraSpec, delta_weights, init_lora, merge
 from rmlora_jax.masking import adapter_pairs
-from rmlora_jax.sora import init_sora, soft_threshold, sora_proximal, sora_ranks
+from rmlora_jax.adapters.sora import init_sora, soft_threshold, sora_proximal, sora_ranks
 
 PARAMS = {"x": {"kernel": jnp.ones((6, 5))}, "y": {"kernel": jnp.ones((5, 4))}}
 SPEC = LoraSpec(rank=3, alpha=6.0, targets=(r".*/kernel",))

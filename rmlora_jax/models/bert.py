@@ -106,7 +106,7 @@ class BertArch:
 
 
 def _dense(features: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> torch_port.Dense:
-  # Takes a LowRankKernel too (rmlora_jax.lora.attach): LoRA without merging.
+  # Takes a LowRankKernel too (rmlora_jax.adapters.lora.attach): LoRA without merging.
   return torch_port.dense(features, init=nn.initializers.normal(arch.initializer_range),
                           dtype=dtype, param_dtype=param_dtype, name=name)
 
@@ -167,7 +167,7 @@ class Attention(nn.Module):
     # or jax.nn.dot_product_attention (measured at MiniLM shapes, docs/MODELS.md).
     heads = lambda y: y.reshape(b, t, n, d).transpose(0, 2, 1, 3)
     # One matmul for the three frozen kernels and one for their adapters'
-    # right factors (lora.dense_group_apply); the parameters stay three Dense.
+    # right factors (low_rank.dense_group_apply); the parameters stay three Dense.
     init = nn.initializers.normal(a.initializer_range)
     q, k, v = map(heads, torch_port.dense_group(
         x, [torch_port.DenseParams(h, param_dtype=pdt, kernel_init=init, name=n) for n in ("query", "key", "value")],

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmlora_jax import lora as lora_lib
+from rmlora_jax import low_rank
 from rmlora_jax import paths as paths_lib
 
 # transformers' ACT2FN names -> JAX functions. "gelu" is the exact (erf) GELU;
@@ -161,8 +161,8 @@ def pair(value: int | Iterable[int], *, where: str) -> tuple[int, int]:
 class Dense(nn.Module):
   """``nn.Dense`` (same parameters, same numbers) that also takes a low-rank kernel.
 
-  When the params hold a `rmlora_jax.lora.LowRankKernel` at ``kernel`` (what
-  `rmlora_jax.lora.attach` builds), the layer computes
+  When the params hold a `rmlora_jax.low_rank.LowRankKernel` at ``kernel`` (what
+  `rmlora_jax.adapters.lora.attach` builds), the layer computes
   ``x @ w0 + (x @ right.T) @ left.T`` instead of ``x @ kernel``.
   """
 
@@ -182,7 +182,7 @@ class Dense(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     dtype = self.dtype or jnp.result_type(inputs, kernel.dtype, *(() if bias is None else (bias,)))
-    y = lora_lib.dense_apply(inputs, kernel, dtype)
+    y = low_rank.dense_apply(inputs, kernel, dtype)
     if bias is not None:
       y = y + jnp.asarray(bias, dtype)
     return y
@@ -192,7 +192,7 @@ class DenseParams(nn.Module):
   """Declares a `Dense` layer's parameters (same names and inits) and returns them.
 
   For layers that apply several projections of one input together
-  (`rmlora_jax.lora.dense_group_apply`): the parameter tree, and so every
+  (`rmlora_jax.low_rank.dense_group_apply`): the parameter tree, and so every
   checkpoint, LoRA target and partition rule, stays that of separate `Dense`s.
   """
 
@@ -218,7 +218,7 @@ def dense_group(inputs: jax.Array, layers: Iterable[DenseParams], dtype: Any = N
   params = [layer(jnp.shape(inputs)[-1]) for layer in layers]
   biases = [b for _, b in params if b is not None]
   dtype = dtype or jnp.result_type(inputs, *(k.dtype for k, _ in params), *biases)
-  outs = lora_lib.dense_group_apply(inputs, [k for k, _ in params], dtype)
+  outs = low_rank.dense_group_apply(inputs, [k for k, _ in params], dtype)
   return [y if b is None else y + jnp.asarray(b, dtype) for y, (_, b) in zip(outs, params)]
 
 

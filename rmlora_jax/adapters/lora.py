@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax.low_rank import LowRankKernel
 
 Array = jax.Array
 Adapter = Mapping[str, Array]
@@ -235,122 +235,6 @@ def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
     return (w + deltas[path].T).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(merge_leaf, params)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LowRankKernel:
-  """A frozen Dense kernel and a low-rank update, applied without merging them.
-
-  Stands in for the kernel ``w0 + (left @ right).T`` of shape (d_in, d_out).
-  Models whose Dense layers understand it (`rmlora_jax.models`' BERT, DeBERTa-v2
-  and ViT, through `dense_apply`) compute ``x @ w0 + (x @ right.T) @ left.T``:
-  in training the backward pass then needs no (d_in, d_out) weight gradient,
-  only the small ones of ``left`` and ``right``.
-  """
-
-  # The frozen kernel (d_in, d_out).
-  w0: Array
-  # (d_out, r'), the update's scale folded in.
-  left: Array
-  # (r', d_in).
-  right: Array
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.w0.shape
-
-  @property
-  def dtype(self) -> jnp.dtype:
-    return self.w0.dtype
-
-  def merged(self) -> Array:
-    """The equivalent dense kernel ``w0 + (left @ right).T``."""
-    return (self.w0 + (self.left @ self.right).T).astype(self.w0.dtype)
-
-
-def dense_apply(x: Array, kernel: Array | LowRankKernel, dtype: Any = None) -> Array:
-  """``x @ kernel`` over the last axis, for a plain or a `LowRankKernel` kernel.
-
-  Args:
-    x: (..., d_in) inputs.
-    kernel: a (d_in, d_out) array or a `LowRankKernel`.
-    dtype: the computation dtype; None: ``x``'s.
-
-  Returns:
-    (..., d_out) in ``dtype``.
-  """
-  dtype = dtype or x.dtype
-  x = jnp.asarray(x, dtype)
-  if not isinstance(kernel, LowRankKernel):
-    return x @ jnp.asarray(kernel, dtype)
-  return dense_group_apply(x, [kernel], dtype)[0]
-
-
-def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype: Any = None) -> list[Array]:
-  """``[x @ k for k in kernels]`` for projections that read the same input (Q, K, V).
-
-  Equal to `dense_apply` on each kernel, computed in fewer, wider matmuls:
-  the frozen kernels are concatenated into one ``x @ [w0_1 | w0_2 | ...]``,
-  and the low-rank branches share one ``u = x @ [right_1; right_2; ...].T``
-  of width ``sum(r')``, so ``x`` is read once rather than once per adapter.
-  Their gradients are written out (a custom VJP) so that no (d_out, N)
-  gradient is transposed on CPU; that, not the fusion, is what brought the
-  adapters near the frozen model's speed (docs/BENCHMARKS.md).
-
-  Args:
-    x: (..., d_in) inputs.
-    kernels: (d_in, d_out_i) arrays or `LowRankKernel`s.
-    dtype: the computation dtype; None: ``x``'s.
-
-  Returns:
-    One (..., d_out_i) array per kernel, in ``dtype``.
-  """
-  dtype = dtype or x.dtype
-  x = jnp.asarray(x, dtype)
-  frozen = [k.w0 if isinstance(k, LowRankKernel) else k for k in kernels]
-  widths = [w.shape[-1] for w in frozen]
-  y = x @ jnp.concatenate([jnp.asarray(w, dtype) for w in frozen], axis=-1)
-  outs = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
-  low = [i for i, k in enumerate(kernels) if isinstance(k, LowRankKernel)]
-  if low:
-    x2 = x.reshape(-1, x.shape[-1])
-    ys = _low_rank_group(x2, tuple(kernels[i].left.astype(dtype) for i in low),
-                         tuple(kernels[i].right.astype(dtype) for i in low))
-    for i, y in zip(low, ys):
-      outs[i] = outs[i] + y.reshape(*x.shape[:-1], y.shape[-1])
-  return outs
-
-
-@jax.custom_vjp
-def _low_rank_group(x: Array, lefts: tuple[Array, ...], rights: tuple[Array, ...]) -> tuple[Array, ...]:
-  """``(x @ right_i.T) @ left_i.T`` for each pair, x (N, d_in) read once."""
-  return _low_rank_group_fwd(x, lefts, rights)[0]
-
-
-def _low_rank_group_fwd(x, lefts, rights):
-  u = x @ jnp.concatenate(rights, axis=0).T
-  parts = jnp.split(u, np.cumsum([r.shape[0] for r in rights])[:-1], axis=-1)
-  return tuple(p @ left.T for p, left in zip(parts, lefts)), (x, lefts, rights, parts)
-
-
-def _low_rank_group_bwd(res, gs):
-  # Written out rather than left to autodiff for one reason: autodiff takes
-  # the left factor's gradient as g.T @ u, whose (d_out, N) operand XLA CPU
-  # materialises transposed (and fuses the activation's backward into that
-  # strided copy); u.T @ g contracts g over its leading axis as stored, and
-  # only the rank-sized results are transposed. On MiniLM that copy was most
-  # of what the adapters cost beyond the frozen model (docs/BENCHMARKS.md).
-  x, lefts, rights, parts = res
-  dus = [g @ left for g, left in zip(gs, lefts)]
-  d_lefts = tuple((p.T @ g).T for p, g in zip(parts, gs))
-  du = jnp.concatenate(dus, axis=-1)
-  d_right = du.T @ x
-  d_rights = tuple(jnp.split(d_right, np.cumsum([r.shape[0] for r in rights])[:-1], axis=0))
-  return du @ jnp.concatenate(rights, axis=0), d_lefts, d_rights
-
-
-_low_rank_group.defvjp(_low_rank_group_fwd, _low_rank_group_bwd)
 
 
 def attach(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:

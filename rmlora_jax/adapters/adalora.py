@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from rmlora_jax import budget as budget_lib
-from rmlora_jax import lora
+from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty
 

@@ -1,0 +1,1 @@
+"""Adapter families, one module each, and the registry of fine-tuning methods."""
