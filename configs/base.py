@@ -14,7 +14,6 @@ folder>``, and ``method=<name>``.
 
 from ml_collections import config_dict
 
-METHODS = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2")
 MODEL_ALIASES = {"minilm": "minilm-l6", "deberta": "microsoft/deberta-v3-base"}
 
 
@@ -26,7 +25,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     if not sep or key not in ("model", "method"):
       raise ValueError(
           f"config argument {item!r}: expected model=<minilm|deberta|hub id|folder> "
-          f"or method=<{'|'.join(METHODS)}>"
+          f"or method=<name> (the methods of rmlora_jax.methods.METHODS)"
       )
     out[key] = value
   return out
@@ -37,7 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   args = parse_arg(arg)
   c = config_dict.ConfigDict()
   c.task = "rte"
-  c.method = args.get("method", "rm_lora")  # one of METHODS
+  c.method = args.get("method", "rm_lora")  # a name of rmlora_jax.methods.METHODS
   c.seed = 0
   # Where checkpoints, metrics, plots and results.json go; empty:
   # runs/<task>_<method>_<model>_s<seed>. The same workdir again resumes the run.

@@ -82,24 +82,27 @@ def _batch(config, rng) -> dict[str, Any]:
 def _settings(config, entry: str):
   """MethodSettings for ``entry``: a method name, or ``name@merge`` / ``name@low_rank``."""
   from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
-  from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.adapters import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
-  from rmlora_jax.adapters import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
-
-  adalora = config.adalora.to_dict()
-  adalora["init_rank"], adalora["target_rank"] = adalora_lib.budget_ranks(
-      config.rank, adalora["init_rank"], adalora["target_rank"])
-  rank = adalora["init_rank"] if name == "adalora" else config.rank
+  init_rank, target_rank = adalora_lib.budget_ranks(config.rank, config.adalora.init_rank,
+                                                    config.adalora.target_rank)
+  rank = init_rank if name == "adalora" else config.rank
   spec = None if name == "full_ft" else lora_lib.LoraSpec(
       rank=rank, alpha=config.alpha, targets=bench_config.TARGETS[config.targets])
+  ada = {k: v for k, v in config.adalora.to_dict().items() if k != "init_rank"}
+  options = {
+      "adalora": lambda: methods_lib.AdaLoraOptions(**{**ada, "target_rank": target_rank}),
+      "full_ft": lambda: None,
+  }.get(name, lambda: methods_lib.RmOptions(
+      num_directions=config.num_directions, ortho_weight=config.rm.ortho_weight,
+      ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
+      mask_mode=config.rm.mask_mode))()
   return methods_lib.MethodSettings(
-      name=name, spec=spec, train_patterns=HEAD, num_directions=config.num_directions,
-      ortho_weight=config.rm.ortho_weight, ortho_squared=config.rm.ortho_squared,
-      ortho_reduction=config.rm.ortho_reduction, mask_mode=config.rm.mask_mode,
-      seed=config.seed, total_steps=1000, extra={"adalora": adalora},
-      adapter_apply=apply or config.adapter_apply)
+      name=name, spec=spec, train_patterns=HEAD, seed=config.seed, total_steps=1000, options=options,
+      adapter_apply="merge" if spec is None else (apply or config.adapter_apply))
 
 
 def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
@@ -120,10 +123,19 @@ def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
   return methods_lib.Method(
       settings=methods_lib.MethodSettings(name="full_ft"), init=init,
       assemble=lambda trainable, frozen: methods_lib.with_head(frozen, trainable["head"]),
-      penalty=lambda trainable: methods_lib._zero(trainable),  # pylint: disable=protected-access
+      penalty=methods_lib.no_penalty,
       optimizer=lambda lr: methods_lib.base_optimizer(lr, weight_decay=weight_decay,
                                                       max_grad_norm=max_grad_norm),
       frozen=lambda params: params, adapters=lambda trainable: {})
+
+
+def _task(config):
+  """The SST-2-shaped classification task whose forward pass and loss the steps run."""
+  from rmlora_jax.data import glue  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.tasks import classification  # pylint: disable=g-import-not-at-top
+
+  # The benchmark feeds its own batches: the task supplies only forward, loss and predict.
+  return classification.TextClassification(spec=glue.get_task("sst2"), buckets=(config.seq_len,))
 
 
 def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], None], dict]:
@@ -143,7 +155,7 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
   state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
   frozen = jax.device_put(method.frozen(params), rep)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data)
-  step = training.make_train_step(module, method, tx, regression=False, seed=config.seed, mesh=mesh)
+  step = training.make_train_step(module, method, tx, _task(config), seed=config.seed, mesh=mesh)
   start = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start

@@ -10,8 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rmlora_jax import cli
-
-from experiments import glue_train
+from rmlora_jax.tasks import glue
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -24,7 +23,7 @@ def main(argv):
     # Orbax logs every save at INFO; keep the terminal to the progress bar,
     # evaluations and warnings unless --verbosity asks for more.
     logging.set_verbosity(logging.WARNING)
-  glue_train.train_and_evaluate(_CONFIG.value, _CONFIG.value.workdir)
+  glue.train_and_evaluate(_CONFIG.value, _CONFIG.value.workdir)
 
 
 if __name__ == "__main__":

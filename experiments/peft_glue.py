@@ -15,18 +15,19 @@ padded to their longest example (PEFT's usual collator), in a seeded order.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import glue_train
-from rmlora_jax import cli
 from rmlora_jax import analysis
+from rmlora_jax import cli
+from rmlora_jax import experiment
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
+from rmlora_jax.tasks import classification
+from rmlora_jax.tasks import glue as glue_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -41,12 +42,12 @@ def run(config, workdir: str) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
   import peft  # pylint: disable=g-import-not-at-top
 
-  task = glue_train.validate_config(config, workdir)
-  workdir = glue_train.resolve_workdir(config, workdir, method="peft_lora")
+  task = glue_task.validate(config)
+  workdir = experiment.resolve_workdir(config, workdir, task=config.task, method="peft_lora")
   torch.manual_seed(config.seed)
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-  train, evals = glue_train.load_data(config, task, tokenizer)
+  train, evals = glue_task.load_data(config, task, tokenizer)
   model = transformers.AutoModelForSequenceClassification.from_pretrained(
       folder, num_labels=task.num_labels)
   if task.is_regression and config.head_bias == "label_mean":  # as experiments.glue does
@@ -61,7 +62,7 @@ def run(config, workdir: str) -> dict:
 
   steps_per_epoch = glue.num_batches(len(train), config.batch_size, drop_remainder=False)
   total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_epochs
-  lr = glue_train.learning_rate(config)
+  lr = experiment.learning_rate(config)
   opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.optim.weight_decay)
   warmup = int(round(config.optim.warmup_ratio * total))
   sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
@@ -136,8 +137,8 @@ def _evaluate(model, evals, task, config, to_torch) -> dict[str, float]:
     return logits[:, 0] if task.is_regression else logits.argmax(-1)
 
   model.eval()
-  out = glue_train.evaluate_splits(predict, evals, task, batch_size=config.batch_size,
-                                   buckets=(config.max_seq_len,))
+  scorer = classification.TextClassification(spec=task, evals=evals, buckets=(config.max_seq_len,))
+  out = scorer.evaluate(predict, config.batch_size)
   model.train()
   return out
 

@@ -262,19 +262,56 @@ def find_adapters(tree: Any, factors: frozenset[str]) -> dict[str, dict[str, str
   return {p: c for p, c in sorted(children.items()) if frozenset(c) == factors}
 
 
+def _by_adapter(tree: Any) -> dict[str, dict[str, Any]]:
+  """``{adapter path: {factor name: leaf}}`` from a tree's leaves (masked nodes hold none)."""
+  out: dict[str, dict[str, Any]] = {}
+  for path, leaf in paths_lib.flatten_with_paths(tree).items():
+    parent, _, name = path.rpartition("/")
+    out.setdefault(parent, {})[name] = leaf
+  return out
+
+
+def _at_paths(tree: Any, fill: Mapping[str, Any]) -> Any:
+  """``tree``'s structure with ``fill[path]`` at the listed leaf paths and `optax.MaskedNode` elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: fill.get(paths_lib.path_str(kp), optax.MaskedNode()), tree)
+
+
 class BudgetPruningState(NamedTuple):
-  """State of `budget_pruning` (and so of `adalora_pruning` and `lora2_pruning`)."""
+  """State of `budget_pruning` (and so of `adalora_pruning` and `lora2_pruning`).
+
+  The statistics and the keep-pattern are trees of the parameters' structure
+  (`optax.MaskedNode` at the leaves they do not cover), so that
+  `optax.tree_map_params` finds them and each takes the sharding of the
+  factor it belongs to (`rmlora_jax.partitioning.optimizer_shardings`).
+  ``ipt``, ``unc`` and ``keep`` give them by adapter.
+  """
 
   count: Array  # int32 scalar, the number of updates taken
-  ipt: Any  # {adapter path: {factor: smoothed sensitivity I}}
-  unc: Any  # {adapter path: {factor: uncertainty U}}
-  keep: Any  # {adapter path: bool (r,)}, the current keep-pattern
+  ipt_by_param: Any  # smoothed sensitivity I at each scored factor
+  unc_by_param: Any  # uncertainty U at each scored factor
+  keep_by_param: Any  # bool (r,) at each lam: the current keep-pattern
   inner_state: Any  # the wrapped optimizer's state
+
+  @property
+  def ipt(self) -> dict[str, dict[str, Array]]:
+    """``{adapter path: {factor: I}}``."""
+    return _by_adapter(self.ipt_by_param)
+
+  @property
+  def unc(self) -> dict[str, dict[str, Array]]:
+    """``{adapter path: {factor: U}}``."""
+    return _by_adapter(self.unc_by_param)
+
+  @property
+  def keep(self) -> dict[str, Array]:
+    """``{adapter path: bool (r,)}``, True for the triplets kept."""
+    return {p: factors["lam"] for p, factors in _by_adapter(self.keep_by_param).items()}
 
 
 def budget_pruning(
     inner: optax.GradientTransformation, schedule: BudgetSchedule, family: TripletFamily
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` with AdaLoRA-style importance scoring and global pruning.
 
   It needs the raw gradient (for the sensitivities) and the final update (to
@@ -285,7 +322,8 @@ def budget_pruning(
   throughout the final phase, replace the ``lam`` update of dropped triplets
   by ``-lam`` so that `optax.apply_updates` leaves them exactly 0. Leaves
   that are not adapters of ``family`` (a classifier head) get ``inner``'s
-  update unchanged.
+  update unchanged. Extra keyword arguments of ``update`` (``value=`` for
+  `optax.contrib.reduce_on_plateau`, say) are passed on to ``inner``.
 
   Args:
     inner: the optimizer, e.g. ``optax.adamw(1e-3)``.
@@ -294,8 +332,9 @@ def budget_pruning(
     family: the adapter family and its score.
 
   Returns:
-    An `optax.GradientTransformation` whose ``update`` requires ``params``.
+    An `optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``.
   """
+  inner = optax.with_extra_args_support(inner)
 
   def locate(tree):
     found = find_adapters(tree, family.factors)
@@ -315,65 +354,70 @@ def budget_pruning(
 
   scored = ("lam", *family.rank_axes)
 
-  def gather(tree, found):
+  def scored_only(tree, found):
     flat = paths_lib.flatten_with_paths(tree)
-    return {p: {n: flat[names[n]] for n in scored} for p, names in found.items()}
+    return _at_paths(tree, {names[n]: flat[names[n]] for names in found.values() for n in scored})
 
   def init_fn(params):
-    found = locate(params)
-    stats = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), gather(params, found)
-    )
+    # `optax.tree_map_params` calls init on a placeholder without leaves to
+    # find the parameter-shaped parts of the state: nothing to check then,
+    # and update_fn checks the real tree.
+    found = locate(params) if jax.tree.leaves(params) else {}
+    stats = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                         scored_only(params, found))
+    ones = jnp.ones((schedule.initial_rank,), bool)
     return BudgetPruningState(
         count=jnp.zeros((), jnp.int32),
-        ipt=stats,
-        unc=stats,
-        keep={p: jnp.ones((schedule.initial_rank,), bool) for p in found},
+        ipt_by_param=stats,
+        unc_by_param=stats,
+        keep_by_param=_at_paths(params, {names["lam"]: ones for names in found.values()}),
         inner_state=inner.init(params),
     )
 
   last_scored = schedule.total_steps - schedule.t_final
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{family.name} pruning needs params: call tx.update(grads, state, params)")
     found = locate(params)
     step = state.count + 1
     ipt, unc = update_importance(
-        state.ipt, state.unc, gather(params, found), gather(updates, found),
+        state.ipt_by_param, state.unc_by_param, scored_only(params, found), scored_only(updates, found),
         beta1=schedule.beta1, beta2=schedule.beta2,
     )
     scoring = step <= last_scored
-    ipt = jax.tree.map(lambda new, old: jnp.where(scoring, new, old), ipt, state.ipt)
-    unc = jax.tree.map(lambda new, old: jnp.where(scoring, new, old), unc, state.unc)
+    ipt = jax.tree.map(lambda new, old: jnp.where(scoring, new, old), ipt, state.ipt_by_param)
+    unc = jax.tree.map(lambda new, old: jnp.where(scoring, new, old), unc, state.unc_by_param)
 
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params)
+    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
 
     prune_now = is_pruning_step(schedule, step)
 
     def new_keep():
-      scores = {p: triplet_scores(ipt[p], unc[p], family.rank_axes) for p in found}
-      return global_keep_mask(scores, budget_schedule(schedule, step, len(found)))
+      ipt_of, unc_of = _by_adapter(ipt), _by_adapter(unc)
+      scores = {p: triplet_scores(ipt_of[p], unc_of[p], family.rank_axes) for p in found}
+      keep = global_keep_mask(scores, budget_schedule(schedule, step, len(found)))
+      return _at_paths(params, {names["lam"]: keep[p] for p, names in found.items()})
 
-    keep = jax.lax.cond(prune_now, new_keep, lambda: state.keep)
+    keep_by_param = jax.lax.cond(prune_now, new_keep, lambda: state.keep_by_param)
+    keep = paths_lib.flatten_with_paths(keep_by_param)  # {lam path: bool (r,)}
     enforce = prune_now | (step > last_scored)
-
-    lam_paths = {names["lam"]: p for p, names in found.items()}
 
     def final_update(key_path, u, theta):
       path = paths_lib.path_str(key_path)
-      if path not in lam_paths:
+      if path not in keep:
         return u
-      drop = enforce & ~keep[lam_paths[path]]
+      drop = enforce & ~keep[path]
       return jnp.where(drop, -theta, u).astype(u.dtype)
 
     final = jax.tree_util.tree_map_with_path(final_update, inner_updates, params)
     new_state = BudgetPruningState(
-        count=optax.safe_increment(state.count), ipt=ipt, unc=unc, keep=keep, inner_state=inner_state
+        count=optax.safe_increment(state.count), ipt_by_param=ipt, unc_by_param=unc,
+        keep_by_param=keep_by_param, inner_state=inner_state,
     )
     return final, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def nonzero_ranks(adapters: Any, factors: frozenset[str], gate: str) -> dict[str, int]:

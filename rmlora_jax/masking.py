@@ -159,7 +159,10 @@ def random_direction_mask(
     raise ValueError(f"random_direction_mask: seed must be an integer, got {seed!r}")
 
   def init_fn(params):
-    _check(adapter_pairs(params), num_directions)
+    # An empty tree is `optax.tree_map_params`' stand-in when it reads the
+    # state's layout; the real tree is checked here and at every update.
+    if jax.tree.leaves(params):
+      _check(adapter_pairs(params), num_directions)
     return RandomDirectionMaskState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):

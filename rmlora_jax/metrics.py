@@ -1,15 +1,18 @@
-"""GLUE evaluation metrics in plain numpy.
+"""GLUE evaluation metrics on scikit-learn and SciPy.
 
 Accuracy for every classification task, binary F1 of class 1 for MRPC and
 QQP, Matthews correlation for CoLA, Pearson and Spearman correlation for
-STS-B. Written from the formulas (confusion counts, tie-averaged ranks) so
-the library needs neither scikit-learn nor scipy; the tests compare them to
-both.
+STS-B. The formulas are `sklearn.metrics` (`accuracy_score`, `f1_score`,
+`matthews_corrcoef`) and `scipy.stats` (`pearsonr`, `spearmanr`); this module
+adds input checks and one convention: where a metric is undefined (no
+examples, a constant side of a correlation) it is 0.0, not nan or an error.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
 
 from rmlora_jax.data import glue
 
@@ -25,10 +28,14 @@ def _pair(predictions: np.ndarray, labels: np.ndarray, where: str):
   return predictions, labels
 
 
+def _constant(x: np.ndarray) -> bool:
+  return bool(x.size) and bool(np.all(x == x[0]))
+
+
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-  """Share of predictions equal to their label."""
+  """Share of predictions equal to their label; 0.0 for no examples."""
   predictions, labels = _pair(predictions, labels, "accuracy")
-  return float(np.mean(predictions == labels)) if labels.size else 0.0
+  return float(skm.accuracy_score(labels, predictions)) if labels.size else 0.0
 
 
 def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -37,57 +44,44 @@ def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
   With ``c`` correct, ``s`` examples, ``t_k`` true and ``p_k`` predicted counts
   of class k: ``(c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t))``. A constant
   prediction or label makes the denominator 0; the result is then 0.0, as
-  scikit-learn returns.
+  scikit-learn returns (checked here first, which also spares scikit-learn's
+  warning about a single class).
   """
   predictions, labels = _pair(predictions, labels, "matthews_corrcoef")
-  classes, inverse = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
-  n = labels.size
-  t = np.bincount(inverse[:n], minlength=len(classes)).astype(np.float64)
-  p = np.bincount(inverse[n:], minlength=len(classes)).astype(np.float64)
-  c = float(np.sum(labels == predictions))
-  s = float(n)
-  denominator = np.sqrt((s * s - p @ p) * (s * s - t @ t))
-  return float((c * s - t @ p) / denominator) if denominator > 0 else 0.0
+  if not labels.size or _constant(predictions) or _constant(labels):
+    return 0.0
+  return float(skm.matthews_corrcoef(labels, predictions))
 
 
 def f1_binary(predictions: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
-  """F1 of the ``positive`` class: ``2 tp / (2 tp + fp + fn)``; 0.0 when undefined."""
+  """F1 of the ``positive`` class: ``2 tp / (2 tp + fp + fn)``; 0.0 when undefined.
+
+  The other classes all count as negative, so it is defined for any number
+  of classes; with no ``positive`` among predictions and labels it is 0.0.
+  """
   predictions, labels = _pair(predictions, labels, "f1_binary")
-  predicted, actual = predictions == positive, labels == positive
-  tp = np.sum(predicted & actual)
-  wrong = np.sum(predicted != actual)
-  return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
+  if not labels.size:
+    return 0.0
+  per_class = skm.f1_score(labels, predictions, labels=[positive], average=None, zero_division=0.0)
+  return float(per_class[0])
+
+
+def _correlation(statistic, predictions: np.ndarray, labels: np.ndarray, where: str) -> float:
+  x, y = _pair(predictions, labels, where)
+  # Undefined (scipy: nan and a warning, or an error below two points): 0.0.
+  if x.size < 2 or _constant(x) or _constant(y):
+    return 0.0
+  return float(statistic(x.astype(np.float64), y.astype(np.float64)).statistic)
 
 
 def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
   """Pearson correlation; 0.0 when either side is constant (scipy gives nan)."""
-  x, y = _pair(predictions, labels, "pearson")
-  x = x.astype(np.float64) - np.mean(x, dtype=np.float64)
-  y = y.astype(np.float64) - np.mean(y, dtype=np.float64)
-  denominator = np.sqrt((x @ x) * (y @ y))
-  if not denominator > 0:
-    return 0.0
-  return float(np.clip((x @ y) / denominator, -1.0, 1.0))
-
-
-def rank_average(values: np.ndarray) -> np.ndarray:
-  """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-  values = np.asarray(values)
-  order = np.argsort(values, kind="stable")
-  sorted_values = values[order]
-  # Start of each run of equal values in sorted order, and the run each element is in.
-  starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-  ends = np.r_[starts[1:], len(values)]
-  run = np.cumsum(np.r_[True, sorted_values[1:] != sorted_values[:-1]]) - 1
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = ((starts + 1 + ends) / 2.0)[run]
-  return ranks
+  return _correlation(stats.pearsonr, predictions, labels, "pearson")
 
 
 def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
   """Spearman correlation: Pearson of tie-averaged ranks; 0.0 when undefined."""
-  predictions, labels = _pair(predictions, labels, "spearman")
-  return pearson(rank_average(predictions), rank_average(labels))
+  return _correlation(stats.spearmanr, predictions, labels, "spearman")
 
 
 def glue_metrics(

@@ -18,8 +18,10 @@ covers is an error. A dimension that an axis does not divide (a vocabulary of
 
 Everything derived from the parameters follows them (`follow_specs`): a LoRA
 ``a`` (rank, d_in) takes its kernel's d_in sharding, ``b`` (d_out, rank) its
-d_out sharding, the other families' factors likewise, and each optimizer
-state leaf the sharding of the parameter it belongs to.
+d_out sharding, the other families' factors likewise. Each optimizer state
+leaf that copies a trainable leaf (Adam's moments) takes that leaf's
+sharding, found through `optax.tree_map_params`, and the rest of the state
+is replicated (`optimizer_shardings`).
 
 Example::
 
@@ -31,12 +33,12 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -301,19 +303,21 @@ def follow_spec(path: str, shape: Sequence[int], param_specs: Mapping[str, P],
   return None
 
 
-def follow_specs(tree: Any, params: Any, param_specs: Any, *, strict: bool, where: str) -> Any:
-  """PartitionSpecs for a tree derived from ``params`` (trainable tree, optimizer state).
+def follow_specs(tree: Any, params: Any, param_specs: Any, *, where: str) -> Any:
+  """PartitionSpecs for a trainable tree derived from ``params`` (adapters, a head, full_ft's copy).
+
+  It goes by names and shapes (an adapter's factors by `FACTOR_LAYOUTS`); an
+  optimizer state follows the trainable tree through `optimizer_shardings`,
+  which asks optax which parts of the state mirror it.
 
   Args:
     tree: the derived pytree (arrays or `jax.ShapeDtypeStruct`s).
     params: the parameter pytree ``param_specs`` was matched on.
     param_specs: `match_partition_rules(params, ...)`.
-    strict: every leaf must follow a parameter (a trainable tree); otherwise
-      leaves that follow none (step counts, RNG keys, schedules) are replicated.
     where: names the tree in error messages.
 
   Raises:
-    ValueError: with ``strict``, a leaf that follows no parameter.
+    ValueError: a leaf that follows no parameter.
   """
   specs = paths_lib.flatten_with_paths(param_specs)
   shapes = {p: tuple(np.shape(x)) for p, x in paths_lib.flatten_with_paths(params).items()}
@@ -328,12 +332,72 @@ def follow_specs(tree: Any, params: Any, param_specs: Any, *, strict: bool, wher
     return spec
 
   out = jax.tree_util.tree_map_with_path(one, tree)
-  if strict and orphans:
+  if orphans:
     raise ValueError(
         f"{where}: {len(orphans)} leaf/leaves follow no parameter: {', '.join(orphans[:10])}; "
         f"adapter factors must be named in partitioning.FACTOR_LAYOUTS"
     )
   return out
+
+
+def optimizer_shardings(
+    tx: optax.GradientTransformation, abstract_trainable: Any, trainable_shardings: Any, mesh: Mesh
+) -> Any:
+  """Shardings of ``tx``'s state: each copy of a parameter follows it, the rest is replicated.
+
+  `optax.tree_map_params` finds the parts of the state that ``tx.init``
+  builds from the parameter tree (Adam's moments, the pruning statistics of
+  `rmlora_jax.budget`); each of their leaves takes its parameter's sharding
+  when it has that parameter's shape. Every other leaf (step counts,
+  schedule states, a parameter-shaped leaf of another shape such as
+  Adafactor's factored moments) is replicated. `optax.MaskedNode`s (the parts
+  `optax.masked` and `optax.partition` leave out) are kept, so the result has
+  the state's exact structure.
+
+  The transforms in ``tx`` must accept a tree without leaves in ``init``
+  (`optax.tree_map_params` calls it on a placeholder).
+
+  Args:
+    tx: the optimizer.
+    abstract_trainable: the trainable tree (arrays or `jax.ShapeDtypeStruct`s).
+    trainable_shardings: its shardings, a tree of the same structure.
+    mesh: the mesh of the replicated leaves.
+
+  Returns:
+    A tree of `NamedSharding`s of the structure of ``tx.init(abstract_trainable)``.
+
+  Raises:
+    ValueError: ``trainable_shardings`` does not have the trainable tree's
+      structure, or a transform's ``init`` rejects the placeholder.
+
+  Example::
+
+    opt_shardings = optimizer_shardings(tx, abstract.trainable, trainable_shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  """
+  want, got = jax.tree.structure(abstract_trainable), jax.tree.structure(trainable_shardings)
+  if want != got:
+    raise ValueError(
+        f"optimizer_shardings: trainable_shardings must have the trainable tree's structure "
+        f"{want}, got {got}"
+    )
+  rep = replicated(mesh)
+
+  def follow(leaf, param, sharding):
+    if isinstance(leaf, optax.MaskedNode):
+      return leaf
+    return sharding if np.shape(leaf) == np.shape(param) else rep
+
+  state = jax.eval_shape(tx.init, abstract_trainable)
+  try:
+    return optax.tree_map_params(tx, follow, state, abstract_trainable, trainable_shardings,
+                                 transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  except ValueError as e:
+    raise ValueError(
+        f"optimizer_shardings: optax.tree_map_params could not find the parameter-shaped parts of the "
+        f"optimizer state ({e}); every transform's init must accept a tree without leaves and build "
+        f"its parameter-shaped state by mapping over the tree it is given"
+    ) from e
 
 
 # --------------------------------------------------------------------------- placement

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -84,15 +84,3 @@ def path_hash(path: str) -> int:
   hosts, which ``hash`` of a string does not (hash randomisation).
   """
   return zlib.crc32(path.encode("utf-8")) & 0x7FFFFFFF
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of `flatten_with_paths` for dict trees: ``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-  out: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[last] = leaf
-  return out

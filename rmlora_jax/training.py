@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
@@ -58,34 +58,12 @@ data_sharded = partitioning.batch_sharding
 check_batch_size = partitioning.check_batch_size
 
 
-def model_outputs(module, params, batch: Mapping[str, jax.Array], *, deterministic: bool, rng=None):
-  """Runs a text encoder with a head on a batch dict."""
-  return module.apply(
-      {"params": params},
-      batch["input_ids"],
-      attention_mask=batch["attention_mask"],
-      token_type_ids=batch["token_type_ids"],
-      deterministic=deterministic,
-      rngs=None if rng is None else {"dropout": rng},
-  )
-
-
-def task_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, *, regression: bool) -> jax.Array:
-  """Weighted mean cross-entropy (classification) or squared error (regression)."""
-  logits = logits.astype(jnp.float32)
-  if regression:
-    per_example = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
-  else:
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
-  return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def make_train_step(
     module,
     method: methods_lib.Method,
     tx: optax.GradientTransformation,
+    task: Any,
     *,
-    regression: bool,
     seed: int,
     mesh: Mesh,
     state_sharding: Any = None,
@@ -98,6 +76,12 @@ def make_train_step(
   still advances) and ``metrics["finite"]`` is False, for the caller to count.
 
   Args:
+    module: the Flax module, run through ``task.forward``.
+    method: the fine-tuning method (`rmlora_jax.methods.make_method`).
+    tx: its optimizer.
+    task: supplies ``forward`` and ``loss`` (`rmlora_jax.tasks.base.Task`).
+    seed: the run's seed; dropout keys derive from it and the step.
+    mesh: the device mesh.
     state_sharding, frozen_sharding: `NamedSharding` trees (or one sharding
       for all leaves) of the state and the frozen weights, which the step
       keeps; None: replicated. The batch is split over the mesh's data axes
@@ -109,8 +93,8 @@ def make_train_step(
 
     def loss_fn(trainable):
       params = method.assemble(trainable, frozen)
-      out = model_outputs(module, params, batch, deterministic=False, rng=rng)
-      loss = task_loss(out["logits"], batch["labels"], batch["weights"], regression=regression)
+      out = task.forward(module, params, batch, deterministic=False, rngs={"dropout": rng})
+      loss = task.loss(out, batch)
       pen = method.penalty(trainable)
       return loss + pen, (loss, pen)
 
@@ -135,17 +119,16 @@ def make_train_step(
                  donate_argnums=(0,))
 
 
-def make_eval_step(module, method: methods_lib.Method, *, regression: bool, mesh: Mesh,
+def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
                    trainable_sharding: Any = None, frozen_sharding: Any = None):
-  """The jitted ``(trainable, frozen, batch) -> predictions`` step (class ids or scores).
+  """The jitted ``(trainable, frozen, batch) -> task.predict(...)`` step.
 
   The predictions come back replicated, so every process can read them whole.
   """
 
   def eval_fn(trainable, frozen, batch):
-    out = model_outputs(module, method.assemble(trainable, frozen), batch, deterministic=True)
-    logits = out["logits"].astype(jnp.float32)
-    return logits[:, 0] if regression else jnp.argmax(logits, axis=-1)
+    out = task.forward(module, method.assemble(trainable, frozen), batch, deterministic=True, rngs=None)
+    return task.predict(out, batch)
 
   rep, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(eval_fn, in_shardings=(rep if trainable_sharding is None else trainable_sharding,
@@ -186,10 +169,13 @@ def init_state(
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
   abstract = jax.eval_shape(init, key, params)
-  follow = lambda tree, strict, where: partitioning.named_shardings(
-      tree, partitioning.follow_specs(tree, params, param_specs, strict=strict, where=where), mesh)
-  shardings = TrainState(replicated(mesh), follow(abstract.trainable, True, "trainable tree"),
-                         follow(abstract.opt_state, False, "optimizer state"))
+  trainable_sh = partitioning.named_shardings(
+      abstract.trainable,
+      partitioning.follow_specs(abstract.trainable, params, param_specs, where="trainable tree"), mesh)
+  # Optimizer-state leaves that mirror a trainable leaf take its sharding
+  # (`optax.tree_map_params`); counts and rank-sized statistics are replicated.
+  shardings = TrainState(replicated(mesh), trainable_sh,
+                         partitioning.optimizer_shardings(tx, abstract.trainable, trainable_sh, mesh))
   # Eagerly, as on one device, so every mesh starts from bit-identical
   # adapters (a jitted init may fuse `std * normal` differently). What is new
   # here is rank-sized; copied leaves (a head, full_ft's params) are already

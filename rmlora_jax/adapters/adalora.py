@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from rmlora_jax import budget as budget_lib
+from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty
@@ -140,3 +142,74 @@ def budget_ranks(rank: int, init_rank: int = 0, target_rank: int = 0) -> tuple[i
     budget_ranks(8, 12, 6)  # (12, 6)
   """
   return (init_rank if init_rank > 0 else 2 * rank, target_rank if target_rank > 0 else rank)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BudgetOptions:
+  """Settings of a method pruned to a rank budget (AdaLoRA, LoRA²); the initial rank is the spec's."""
+
+  # Average rank per adapter at the end of pruning (the budget b(T) / adapters);
+  # None: half the initial rank, the papers' 2R -> R.
+  target_rank: int | None = None
+  # Weight of the family's orthogonality penalty.
+  ortho_weight: float = 0.5
+  # Fraction of the steps before pruning starts (t_i) ...
+  t_init_ratio: float = 0.1
+  # ... and at the end with the rank pattern frozen (t_f).
+  t_final_ratio: float = 0.2
+  # Steps between pruning steps.
+  delta_t: int = 10
+  # EMA factors of the sensitivity and of its uncertainty.
+  beta1: float = 0.85
+  beta2: float = 0.85
+
+  def __post_init__(self):
+    name = type(self).__name__
+    for field in ("t_init_ratio", "t_final_ratio", "beta1", "beta2"):
+      value = getattr(self, field)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}.{field} must be in [0, 1], got {value!r}")
+    if not self.ortho_weight >= 0:
+      raise ValueError(f"{name}.ortho_weight must be >= 0, got {self.ortho_weight!r}")
+    for field in ("target_rank", "delta_t"):
+      value = getattr(self, field)
+      if field == "target_rank" and value is None:
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}")
+
+  def schedule(self, initial_rank: int, total_steps: int) -> budget_lib.BudgetSchedule:
+    """The budget schedule of a run of ``total_steps`` from ``initial_rank``."""
+    target = max(1, initial_rank // 2) if self.target_rank is None else self.target_rank
+    if not 1 <= target <= initial_rank:
+      raise ValueError(f"{type(self).__name__}.target_rank={target} must be in 1..{initial_rank} "
+                       f"(the initial rank)")
+    return budget_lib.BudgetSchedule(
+        initial_rank=initial_rank, target_rank=target, total_steps=total_steps,
+        t_init=int(round(self.t_init_ratio * total_steps)), t_final=int(round(self.t_final_ratio * total_steps)),
+        delta_t=self.delta_t, beta1=self.beta1, beta2=self.beta2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaLoraOptions(BudgetOptions):
+  """AdaLoRA's settings: PEFT's defaults; the initial rank is ``MethodSettings.spec.rank``."""
+
+
+def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, initial_rank: int,
+                  init_adapters, penalty, pruning, ranks) -> base.Method:
+  """A method pruned to a rank budget: ``options.ortho_weight * penalty`` (plain norms,
+  averaged, PEFT's form) in the loss, ``pruning`` wrapped around clipping and AdamW."""
+  schedule = options.schedule(initial_rank, settings.total_steps)
+  return lora.adapter_method(
+      settings, init_adapters=init_adapters,
+      penalty=lambda ads: options.ortho_weight * penalty(ads, squared=False, reduction="mean"),
+      optimizer=lambda lr: pruning(base.settings_optimizer(settings, lr), schedule),
+      ranks=ranks)
+
+
+def build(settings: base.MethodSettings) -> base.Method:
+  """AdaLoRA: SVD-form adapters, PEFT's penalty (plain norms, averaged), budget pruning."""
+  opts = settings.with_options(AdaLoraOptions, method=settings.name)
+  return budget_method(settings, opts, initial_rank=settings.spec.rank, init_adapters=init_adalora,
+                       penalty=adalora_penalty, pruning=adalora_pruning, ranks=adalora_ranks)
+

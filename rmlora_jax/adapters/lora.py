@@ -1,4 +1,4 @@
-"""LoRA adapters as plain pytrees: specification, initialisation, merging.
+"""The LoRA family: adapters as plain pytrees, and LoRA, R-, GM- and RM-LoRA as methods.
 
 An adapter for a frozen kernel ``W0`` of a Flax ``Dense`` layer (shape
 ``(d_in, d_out)``) is the dict ``{"a": (rank, d_in), "b": (d_out, rank)}``,
@@ -11,6 +11,12 @@ its adapter, e.g. ``{"encoder/layer_0/attention/query/kernel": {"a": ..., "b": .
 Other adapter families (AdaLoRA, SoRA, LoRA²) use the same flat dict with
 their own factor names; `delta_weights` and `merge` understand all of them
 through `adapter_product`.
+
+The methods (`build`): LoRA trains the adapters and the head; R-LoRA adds the
+orthogonality penalty (`rmlora_jax.penalty`) to the loss, GM-LoRA masks all
+but r_hat random directions of each adapter per step
+(`rmlora_jax.masking`), RM-LoRA does both. `adapter_method` is the shared
+frame the other families (AdaLoRA, SoRA, LoRA²) build theirs on.
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import penalty as penalty_lib
+from rmlora_jax.adapters import base
 from rmlora_jax.low_rank import LowRankKernel
 
 Array = jax.Array
@@ -262,3 +272,114 @@ def attach(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
     return kernels.get(paths_lib.path_str(key_path), w)
 
   return jax.tree_util.tree_map_with_path(leaf, merged)
+
+
+MASK_MODES = ("update", "gradient")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RmOptions:
+  """R-, GM- and RM-LoRA's settings (plain LoRA ignores them).
+
+  The defaults are the RM-LoRA authors' code: plain Frobenius norms averaged
+  over matrices; the paper's Eq. 10 is ``ortho_squared=True,
+  ortho_reduction="sum"``.
+  """
+
+  # r_hat: directions updated per step and adapter (GM, RM); 1..rank.
+  num_directions: int = 4
+  # Weight of the orthogonality penalty (R, RM).
+  ortho_weight: float = 0.1
+  # Squared Frobenius norm (the paper) or plain (the authors' code).
+  ortho_squared: bool = False
+  # "sum" (the paper) or "mean" over terms (the authors' code).
+  ortho_reduction: str = "mean"
+  # "update": mask before and after the optimizer (unselected directions do
+  # not move); "gradient": mask the gradient only, as the authors' code does.
+  mask_mode: str = "update"
+  # Steps between fresh direction draws.
+  mask_period: int = 1
+
+  def __post_init__(self):
+    if self.mask_mode not in MASK_MODES:
+      raise ValueError(f"RmOptions.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+    penalty_lib.check_reduction(self.ortho_reduction, where="RmOptions.ortho_reduction")
+    if not self.ortho_weight >= 0:
+      raise ValueError(f"RmOptions.ortho_weight must be >= 0, got {self.ortho_weight!r}")
+    if isinstance(self.mask_period, bool) or not isinstance(self.mask_period, int) or self.mask_period < 1:
+      raise ValueError(f"RmOptions.mask_period must be a positive integer, got {self.mask_period!r}")
+
+
+def adapter_method(
+    settings: base.MethodSettings,
+    *,
+    init_adapters: Callable[[Array, Any, Any], Adapters],
+    penalty: Callable[[Adapters], Array] | None = None,
+    optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
+    ranks: Callable[[Adapters], Mapping[str, int]] | None = None,
+) -> base.Method:
+  """A method that trains ``{"adapters": ..., "head": ...}`` over frozen weights.
+
+  Args:
+    settings: the method's settings; ``settings.spec`` places the adapters.
+    init_adapters: ``(key, params, spec) -> adapters`` of the family.
+    penalty: ``adapters -> scalar`` added to the loss; None: none.
+    optimizer: ``learning_rate -> GradientTransformation``; None: clipping
+      and AdamW from ``settings``.
+    ranks: ``adapters -> {path: rank now}``; None: every adapter at
+      ``settings.spec.rank``.
+  """
+  s = settings
+  if s.spec is None:
+    raise ValueError(f"method {s.name!r} needs an adapter spec (MethodSettings.spec)")
+  spec = s.spec
+  combine = attach if s.adapter_apply == "low_rank" else merge
+
+  def init(key, params):
+    flat = paths_lib.flatten_with_paths(params)
+    head = {p: flat[p] for p in base.head_paths(params, s.train_patterns)}
+    return {"adapters": init_adapters(key, params, spec), "head": head}
+
+  def assemble(trainable, frozen):
+    return combine(base.with_head(frozen, trainable["head"]), trainable["adapters"], spec)
+
+  full_rank = getattr(spec, "rank", None)
+  return base.Method(
+      settings=s,
+      init=init,
+      assemble=assemble,
+      penalty=base.no_penalty if penalty is None else (lambda trainable: penalty(trainable["adapters"])),
+      optimizer=optimizer or (lambda lr: base.settings_optimizer(s, lr)),
+      frozen=lambda params: params,
+      adapters=lambda trainable: trainable["adapters"],
+      ranks=(lambda trainable: ranks(trainable["adapters"])) if ranks else
+      (lambda trainable: {p: full_rank for p in trainable["adapters"]}),
+  )
+
+
+def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Method:
+  """LoRA (neither), R-LoRA (``ortho``), GM-LoRA (``mask``) or RM-LoRA (both).
+
+  R adds ``ortho_weight * ortho_penalty`` to the loss; GM draws r_hat
+  directions per adapter and step and masks the clipped gradient before
+  AdamW (and, with ``mask_mode="update"``, the update after it).
+  """
+  s = settings
+  opts = s.with_options(RmOptions, method=s.name)
+  if mask and not 1 <= opts.num_directions <= s.spec.rank:
+    raise ValueError(f"RmOptions.num_directions={opts.num_directions} must be in 1..rank={s.spec.rank} "
+                     f"for method {s.name!r}")
+  penalty = None
+  if ortho and opts.ortho_weight > 0:
+    penalty = lambda ads: opts.ortho_weight * penalty_lib.ortho_penalty(
+        ads, squared=opts.ortho_squared, reduction=opts.ortho_reduction)
+
+  def optimizer(lr):
+    if not mask:
+      return base.settings_optimizer(s, lr)
+    directions = lambda: masking.random_direction_mask(opts.num_directions, seed=s.seed, period=opts.mask_period)
+    tx = base.settings_optimizer(s, lr, between=(directions(),))  # clip, mask, AdamW
+    return optax.chain(tx, directions()) if opts.mask_mode == "update" else tx
+
+  return adapter_method(s, init_adapters=init_lora, penalty=penalty, optimizer=optimizer)
+

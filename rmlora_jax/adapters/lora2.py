@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from rmlora_jax import budget as budget_lib
+from rmlora_jax.adapters import adalora
+from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty
@@ -189,3 +191,22 @@ def lora2_pruning(
 def lora2_ranks(adapters: Any) -> dict[str, int]:
   """``{path: number of nonzero lam entries}`` for each LoRA² adapter."""
   return budget_lib.nonzero_ranks(adapters, LORA2_FACTORS, "lam")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lora2Options(adalora.BudgetOptions):
+  """LoRA²'s settings: AdaLoRA's budget, the authors' penalty weight; k and r are the spec's."""
+
+  # The authors' code: 0.1 (0.3 for RTE and STS-B).
+  ortho_weight: float = 0.1
+
+
+def build(settings: base.MethodSettings) -> base.Method:
+  """LoRA²: two-plane adapters, the dual orthogonality penalty, cheap-score budget pruning."""
+  s = settings
+  opts = s.with_options(Lora2Options, method=s.name)
+  if not isinstance(s.spec, Lora2Spec):
+    raise ValueError(f"method {s.name!r} needs a Lora2Spec, got {type(s.spec).__name__}")
+  return adalora.budget_method(s, opts, initial_rank=s.spec.r, init_adapters=init_lora2, penalty=lora2_penalty,
+                               pruning=lora2_pruning, ranks=lora2_ranks)
+

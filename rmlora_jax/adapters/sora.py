@@ -20,6 +20,7 @@ Example (gates and the rest may also get different optimizers through
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from rmlora_jax import budget as budget_lib
+from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 
@@ -93,17 +95,24 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
   if not isinstance(first, (int, float, jax.Array)) or not float(first) >= 0:
     raise ValueError(f"sora_proximal: the threshold xi must be >= 0, got {first!r} at step 0")
 
-  def init_fn(params):
-    if not budget_lib.find_adapters(params, SORA_FACTORS):
+  def require_adapters(tree):
+    if not budget_lib.find_adapters(tree, SORA_FACTORS):
       raise ValueError(
           "sora_proximal found no SoRA adapters (dicts with 'a', 'b', 'g') in the tree it "
           "was given; pass the adapters (and any head) it should train"
       )
+
+  def init_fn(params):
+    # An empty tree is `optax.tree_map_params`' stand-in when it reads the
+    # state's layout; a real tree is checked here and at every update.
+    if jax.tree.leaves(params):
+      require_adapters(params)
     return SoraProximalState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("sora_proximal needs params: call tx.update(updates, state, params)")
+    require_adapters(params)
     threshold = xi(state.count) if callable(xi) else xi
     gates = {names["g"] for names in budget_lib.find_adapters(params, SORA_FACTORS).values()}
 
@@ -121,3 +130,48 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
 def sora_ranks(adapters: Any) -> dict[str, int]:
   """``{path: number of nonzero gates}``: each SoRA adapter's remaining rank."""
   return budget_lib.nonzero_ranks(adapters, SORA_FACTORS, "g")
+
+
+def gate_paths(tree: Any) -> set[str]:
+  """The "/"-paths of every SoRA gate ``g`` in ``tree`` (adapters found by their factors)."""
+  return {names["g"] for names in budget_lib.find_adapters(tree, SORA_FACTORS).values()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SoraOptions:
+  """SoRA's settings; the maximum rank is ``MethodSettings.spec.rank``."""
+
+  # lambda, the L1 weight of the gates (Table 3 of the RM-LoRA paper per task).
+  xi: float = 0.005
+  # Learning rate of the gates' SGD; <= 0: the run's learning rate.
+  gate_lr: float = -1.0
+
+  def __post_init__(self):
+    if not self.xi >= 0:
+      raise ValueError(f"SoraOptions.xi must be >= 0, got {self.xi!r}")
+
+
+def build(settings: base.MethodSettings) -> base.Method:
+  """SoRA: gated LoRA adapters; the gates take SGD plus a proximal L1 step, the rest AdamW.
+
+  The proximal threshold per step is the gate learning rate times the
+  sparsity weight lambda (``SoraOptions.xi``), as in proximal gradient.
+  """
+  s = settings
+  opts = s.with_options(SoraOptions, method=s.name)
+
+  def optimizer(lr):
+    gate_lr = lr if opts.gate_lr <= 0 else opts.gate_lr
+    lam = opts.xi
+    xi = (lambda step: lam * gate_lr(step)) if callable(gate_lr) else lam * gate_lr
+
+    def labels(tree):
+      gates = gate_paths(tree)
+      return jax.tree_util.tree_map_with_path(
+          lambda kp, _: "gate" if paths_lib.path_str(kp) in gates else "rest", tree)
+
+    return optax.chain(optax.partition({"gate": optax.sgd(gate_lr), "rest": base.settings_optimizer(s, lr)}, labels),
+                       sora_proximal(xi))
+
+  return lora.adapter_method(s, init_adapters=init_sora, optimizer=optimizer, ranks=sora_ranks)
+

@@ -24,7 +24,9 @@ from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import training
+from rmlora_jax.data import glue
 from rmlora_jax.models import hub
+from rmlora_jax.tasks import classification
 
 # (data, fsdp, model); the first is the single-device reference.
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2))
@@ -62,16 +64,17 @@ def run(model_dir, method_name, shape):
   params = partitioning.put_sharded(params, partitioning.named_shardings(params, param_specs, mesh))
   settings = methods_lib.MethodSettings(
       name=method_name, spec=rl.LoraSpec(rank=4, alpha=8.0, targets=hub.default_lora_targets(hf_config)),
-      train_patterns=(r"classifier/.*",), num_directions=2, ortho_weight=0.1, seed=0)
+      train_patterns=(r"classifier/.*",), options=methods_lib.RmOptions(num_directions=2, ortho_weight=0.1), seed=0)
   method = methods_lib.make_method(settings)
   tx = method.optimizer(1e-2)
   state, state_sh = training.init_state(method, tx, params, key=jax.random.key(0), mesh=mesh,
                                         param_specs=param_specs)
   frozen = method.frozen(params)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  step = training.make_train_step(module, method, tx, regression=False, seed=0, mesh=mesh,
+  task = classification.TextClassification(spec=glue.get_task("sst2"), buckets=(SEQ,))
+  step = training.make_train_step(module, method, tx, task, seed=0, mesh=mesh,
                                   state_sharding=state_sh, frozen_sharding=frozen_sh)
-  evaluate = training.make_eval_step(module, method, regression=False, mesh=mesh,
+  evaluate = training.make_eval_step(module, method, task, mesh=mesh,
                                      trainable_sharding=state_sh.trainable, frozen_sharding=frozen_sh)
   data = batches(hf_config.vocab_size)
   losses = []

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import glue_train
+from rmlora_jax.tasks import glue as glue_task
 from tests.experiments.test_glue import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_two_processes_match_one_and_resume_in_a_new_pair(tiny_bert_one_layer, t
   assert (tmp_path / "pair" / "spectra.png").exists()
 
   single = tiny_config(tiny_bert, tiny_glue, tmp_path / "single", method="rm_lora")
-  want = glue_train.train_and_evaluate(single, single.workdir)
+  want = glue_task.train_and_evaluate(single, single.workdir)
   assert got["steps"] == want["steps"] == 6
   assert got["metrics"].keys() == want["metrics"].keys()
   for key, value in want["metrics"].items():
@@ -142,4 +142,4 @@ def test_bad_mesh_fails_before_loading_anything(overrides, message, tmp_path):
   # The model path does not exist: the mesh error must come first.
   config = tiny_config("/nonexistent/model", str(tmp_path), tmp_path / "w", **overrides)
   with pytest.raises(ValueError, match=message):
-    glue_train.train_and_evaluate(config, config.workdir)
+    glue_task.train_and_evaluate(config, config.workdir)

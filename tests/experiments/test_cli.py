@@ -53,7 +53,7 @@ def test_default_command_offline_says_which_model_works_and_picks_a_workdir(tmp_
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--config.method=dora"], r"method 'dora' is unknown; choose one of"),
+    (["--config.method=dora"], r"config.method='dora' is unknown; choose one of"),
     (["--config.lora.rank=0"], r"config.lora.rank must be a positive integer, got 0"),
     (["--config.method=rm_lora", "--config.rm.num_directions=5"], r"rm.num_directions=5 must be in 1..config.lora.rank=4"),
     (["--config.batch_size=-8"], r"config.batch_size must be a positive integer, got -8"),

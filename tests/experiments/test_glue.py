@@ -13,8 +13,11 @@ import pytest
 
 from configs import rte
 from tests.experiments.conftest import WORDS
-from experiments import glue_train
+from rmlora_jax import experiment
+from rmlora_jax import trainer
 from rmlora_jax import training
+from rmlora_jax.data import glue as glue_data
+from rmlora_jax.tasks import glue as glue_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -53,7 +56,7 @@ def lora_param_count(d_model, d_ff, layers, rank):
 @pytest.mark.parametrize("method", ["full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2"])
 def test_every_method_runs_end_to_end(method, tiny_bert, tiny_glue, tmp_path):
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method=method)
-  results = glue_train.train_and_evaluate(config, config.workdir)
+  results = glue_task.train_and_evaluate(config, config.workdir)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["metrics"] == results["metrics"]
   assert saved["task"] == "rte" and saved["method"] == method and saved["steps"] == 6
@@ -86,7 +89,7 @@ def test_rm_lora_moves_only_selected_directions(tiny_bert, tiny_glue, tmp_path):
   # unselected rows of every `a` keep their initial values.
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="rm_lora", max_steps=1,
                        checkpoint_every_steps=1)
-  glue_train.train_and_evaluate(config, config.workdir)
+  glue_task.train_and_evaluate(config, config.workdir)
   restored = _final_trainable(tmp_path, 1)
   import rmlora_jax as rl
   from rmlora_jax.models import hub
@@ -111,7 +114,7 @@ def _final_trainable(workdir, step):
 
 def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_path):
   straight = tiny_config(tiny_bert, tiny_glue, tmp_path / "straight", method="rm_lora", max_steps=10)
-  expected = glue_train.train_and_evaluate(straight, straight.workdir)
+  expected = glue_task.train_and_evaluate(straight, straight.workdir)
 
   killed_dir = tmp_path / "killed"
   args = [f"--config={ROOT}/configs/rte.py",
@@ -120,7 +123,7 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
           "--config.num_epochs=1", "--config.max_steps=10", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=2", "--config.progress=False", "--config.lora.rank=4",
           "--config.rm.num_directions=2", "--config.method=rm_lora", "--config.data.num_buckets=1"]
-  env = {**os.environ, glue_train.SIGKILL_ENV: "7"}
+  env = {**os.environ, trainer.SIGKILL_ENV: "7"}
   proc = subprocess.run([sys.executable, "-m", "experiments.glue", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == -9, proc.stderr[-3000:]
@@ -129,14 +132,14 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
   assert steps and max(steps) <= 7
 
   resumed_config = tiny_config(tiny_bert, tiny_glue, killed_dir, method="rm_lora", max_steps=10)
-  resumed = glue_train.train_and_evaluate(resumed_config, resumed_config.workdir)
+  resumed = glue_task.train_and_evaluate(resumed_config, resumed_config.workdir)
   assert resumed["metrics"] == expected["metrics"]
   assert [h["loss"] for h in resumed["history"]["train"]] == [h["loss"] for h in expected["history"]["train"]]
   chex.assert_trees_all_equal(_final_trainable(killed_dir, 10), _final_trainable(tmp_path / "straight", 10))
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"method": "dora"}, r"method 'dora' is unknown"),
+    ({"method": "dora"}, r"config.method='dora' is unknown; choose one of \('full_ft', 'lora'"),
     ({"task": "squad"}, r"squad"),
     ({"method": "rm_lora", "rm.num_directions": 9}, r"rm.num_directions=9 must be in 1..config.lora.rank=4"),
     ({"data.dir": "/nonexistent/glue"}, r"config.data.dir='/nonexistent/glue' is not a directory"),
@@ -156,24 +159,24 @@ def test_bad_config_fails_before_loading_anything(overrides, message, tmp_path):
   # The model path does not exist: a config error must be raised before it is looked at.
   config = tiny_config("/nonexistent/model", str(tmp_path), tmp_path / "w", **overrides)
   with pytest.raises(ValueError, match=message):
-    glue_train.train_and_evaluate(config, config.workdir)
+    glue_task.train_and_evaluate(config, config.workdir)
 
 
 def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path):
   first = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2)
-  glue_train.train_and_evaluate(first, first.workdir)
+  glue_task.train_and_evaluate(first, first.workdir)
   changed = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, seed=1, **{"lora.rank": 2})
   with pytest.raises(ValueError, match=r"other settings \(lora.rank: 4 -> 2, seed: 0 -> 1\)"):
-    glue_train.train_and_evaluate(changed, changed.workdir)
+    glue_task.train_and_evaluate(changed, changed.workdir)
   # Where and how it reports may change: this resumes (and finds the run finished).
   again = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, log_every_steps=2)
-  assert glue_train.train_and_evaluate(again, again.workdir)["steps"] == 2
+  assert glue_task.train_and_evaluate(again, again.workdir)["steps"] == 2
 
 
 def test_poisoned_batch_is_skipped_and_counted(tiny_bert, tiny_glue, tmp_path, monkeypatch):
   # Step 3's batch gets a label that makes its loss nan: that one update is
   # skipped, the run goes on and its parameters stay finite.
-  real_batches = glue_train.glue.batches
+  real_batches = glue_data.batches
   counter = {"n": 0}
 
   def poisoned(*args, **kwargs):
@@ -184,9 +187,9 @@ def test_poisoned_batch_is_skipped_and_counted(tiny_bert, tiny_glue, tmp_path, m
           batch = {**batch, "weights": batch["weights"] * np.float32("nan")}
       yield batch
 
-  monkeypatch.setattr(glue_train.glue, "batches", poisoned)
+  monkeypatch.setattr(glue_data, "batches", poisoned)
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6)
-  results = glue_train.train_and_evaluate(config, config.workdir)
+  results = glue_task.train_and_evaluate(config, config.workdir)
   assert results["nonfinite_steps"] == 1
   losses = [h["loss"] for h in results["history"]["train"]]
   assert np.isnan(losses[2]) and np.all(np.isfinite(np.delete(losses, 2)))
@@ -199,7 +202,7 @@ def test_diverging_run_stops_with_a_resumable_checkpoint(tiny_bert, tiny_glue, t
                        **{"optim.max_grad_norm": 0.0, "optim.max_nonfinite_steps": 3})
   with pytest.raises(ValueError, match=r"3 steps in a row up to step \d+ had a non-finite loss or gradient "
                                        r"\(config.optim.max_nonfinite_steps=3\); the last checkpoint \(step \d+\) is intact"):
-    glue_train.train_and_evaluate(config, config.workdir)
+    glue_task.train_and_evaluate(config, config.workdir)
   assert not (tmp_path / "results.json").exists()
   ckpt = training.Checkpointer(str(tmp_path / "checkpoints"))
   latest = ckpt.latest_step()
@@ -226,28 +229,28 @@ def test_failed_checkpoint_save_is_a_clear_error_and_leaves_no_half_checkpoint(t
   with pytest.raises(training.CheckpointError,
                      match=r"saving .* failed \(OSError: \[Errno 28\] No space left on device\); the last "
                            r"complete checkpoint is step 2: free space"):
-    glue_train.train_and_evaluate(config, config.workdir)
+    glue_task.train_and_evaluate(config, config.workdir)
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", real_save)
   committed = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert committed == ["2"]
   # The same command resumes from step 2 and ends as an uninterrupted run.
-  resumed = glue_train.train_and_evaluate(config, config.workdir)
+  resumed = glue_task.train_and_evaluate(config, config.workdir)
   straight = tiny_config(tiny_bert, tiny_glue, tmp_path / "straight", method="lora", max_steps=6)
-  assert resumed["metrics"] == glue_train.train_and_evaluate(straight, straight.workdir)["metrics"]
+  assert resumed["metrics"] == glue_task.train_and_evaluate(straight, straight.workdir)["metrics"]
 
 
 def test_adalora_budget_is_2r_to_r_unless_set(tmp_path):
-  config = tiny_config("unused", str(tmp_path), tmp_path)
-  budget = glue_train.adalora_budget(config.adalora, 8)
-  assert (budget["init_rank"], budget["target_rank"]) == (16, 8)
+  config = tiny_config("unused", str(tmp_path), tmp_path, method="adalora", **{"lora.rank": 8})
+  settings = experiment.method_settings(config, default_targets=(".*kernel",))
+  assert (settings.spec.rank, settings.options.target_rank) == (16, 8)
   config.adalora.init_rank, config.adalora.target_rank = 12, 6
-  budget = glue_train.adalora_budget(config.adalora, 8)
-  assert (budget["init_rank"], budget["target_rank"]) == (12, 6)
+  settings = experiment.method_settings(config, default_targets=(".*kernel",))
+  assert (settings.spec.rank, settings.options.target_rank) == (12, 6)
 
 
 def test_results_report_best_and_final_evaluations(tiny_bert, tiny_glue, tmp_path):
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6, eval_every_steps=2)
-  results = glue_train.train_and_evaluate(config, config.workdir)
+  results = glue_task.train_and_evaluate(config, config.workdir)
   evals = results["history"]["eval"]
   assert [e["step"] for e in evals] == [2, 4, 6]
   assert results["final"] == evals[-1] and results["metrics"]["accuracy"] == evals[-1]["accuracy"]

@@ -17,13 +17,12 @@ bias and -0.160 with a zero bias. The threshold 0.6 sits well between the
 two regimes and below both implementations' score with the fix.
 """
 
-import os
 import pathlib
 
 import pytest
 
 from configs import stsb
-from experiments import glue_train
+from rmlora_jax.tasks import glue as glue_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHARED_GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()
@@ -55,5 +54,5 @@ def stsb_config(workdir, **overrides):
 @pytest.mark.skipif(not (SHARED_GLUE / "STS-B" / "train.tsv").is_file() or not _has_minilm(),
                     reason="needs ../shared/data/glue/STS-B and the embedded MiniLM (scripts/setup.sh)")
 def test_lora_learns_stsb_on_real_data(tmp_path):
-  results = glue_train.train_and_evaluate(stsb_config(tmp_path), str(tmp_path))
+  results = glue_task.train_and_evaluate(stsb_config(tmp_path), str(tmp_path))
   assert results["metrics"]["pearson"] > 0.6, results["metrics"]

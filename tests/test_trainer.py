@@ -1,0 +1,119 @@
+"""The task-generic trainer on a task of its own: results, exact resume, refusals, schedule."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmlora_jax as rl
+from rmlora_jax import methods, trainer
+
+X = np.random.default_rng(0).normal(size=(96, 6)).astype(np.float32)
+Y = (X @ np.linspace(-1, 1, 6)).astype(np.float32)
+
+
+class Net(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    h = nn.Dropout(0.1)(nn.Dense(16, name="hidden")(x), deterministic=deterministic)
+    return nn.Dense(1, name="out")(h)[:, 0]
+
+
+class Toy:
+  """Regression on 64 training rows (8 batches of 8), 32 held out; optionally fails at one batch."""
+
+  name, main_metric = "toy", "neg_mse"
+
+  def __init__(self, fail_at=None):
+    self.fail_at, self.served = fail_at, 0
+
+  def num_train_batches(self, batch_size):
+    return 64 // batch_size
+
+  def train_batches(self, batch_size, *, seed, epoch, start):
+    order = np.random.default_rng([seed, epoch]).permutation(64)
+    for i in range(start, 64 // batch_size):
+      self.served += 1
+      if self.served == self.fail_at:
+        raise RuntimeError("the machine went away")
+      idx = order[i * batch_size:(i + 1) * batch_size]
+      yield {"x": X[idx], "y": Y[idx]}
+
+  def forward(self, module, params, batch, *, deterministic, rngs):
+    return module.apply({"params": params}, batch["x"], deterministic=deterministic, rngs=rngs)
+
+  def loss(self, outputs, batch):
+    return jnp.mean((outputs - batch["y"]) ** 2)
+
+  def predict(self, outputs, batch):
+    return outputs
+
+  def evaluate(self, predict, batch_size):
+    pred = np.concatenate([predict({"x": X[i:i + batch_size], "y": Y[i:i + batch_size]})
+                           for i in range(64, 96, batch_size)])
+    return {"neg_mse": -float(np.mean((pred - Y[64:]) ** 2))}
+
+
+PARAMS = Net().init(jax.random.key(0), X[:1])["params"]
+METHOD = methods.MethodSettings(name="rm_lora", spec=rl.LoraSpec(rank=4, alpha=8.0, targets=("hidden/kernel",)),
+                                train_patterns=("out/.*",), options=methods.RmOptions(num_directions=2))
+
+
+def run(workdir, task=None, **overrides):
+  settings = trainer.TrainerSettings(**{"batch_size": 8, "num_epochs": 3, "learning_rate": 1e-2,
+                                        "checkpoint_every_steps": 5, "eval_every_steps": 8, "log_every_steps": 1,
+                                        "progress": False, **overrides})
+  return trainer.train_and_evaluate(task or Toy(), Net(), PARAMS, METHOD, settings, workdir)
+
+
+def test_a_user_task_trains_and_reports(tmp_path):
+  results = run(tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["final"] == results["final"] and saved["steps"] == 24
+  assert [e["step"] for e in results["history"]["eval"]] == [8, 16, 24]
+  assert results["best"] == max(results["history"]["eval"], key=lambda e: e["neg_mse"])
+  evals = [e["neg_mse"] for e in results["history"]["eval"]]
+  assert evals[0] < evals[1] < evals[2]  # it learns
+  assert results["ranks"] == {"hidden/kernel": 4}
+  # Trainable: a, b of the adapter (4 * (6 + 16)) and the head (16 + 1).
+  assert results["trainable_params"] == 4 * (6 + 16) + 17
+  assert (tmp_path / "curves.png").exists() and (tmp_path / "spectra.png").exists()
+
+
+def test_a_crashed_run_resumes_to_the_same_numbers(tmp_path):
+  straight = run(tmp_path / "straight")
+  with pytest.raises(RuntimeError, match="went away"):
+    run(tmp_path / "crashed", task=Toy(fail_at=13))  # after the checkpoint at step 10
+  resumed = run(tmp_path / "crashed")
+  assert resumed["history"]["eval"] == straight["history"]["eval"]
+  assert resumed["history"]["train"] == straight["history"]["train"]
+
+
+def test_resume_under_other_settings_is_refused(tmp_path):
+  run(tmp_path, fingerprint={"lr": 1})
+  with pytest.raises(ValueError, match=r"other settings \(lr: 1 -> 2\)"):
+    run(tmp_path, fingerprint={"lr": 2})
+
+
+def test_learning_rate_schedule_is_linear_warmup_then_decay():
+  schedule = trainer.lr_schedule(1.0, 100, 0.1)
+  want = {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 100: 0.0}
+  for step, value in want.items():
+    np.testing.assert_allclose(float(schedule(step)), value, atol=1e-6, err_msg=str(step))
+  np.testing.assert_allclose(float(trainer.lr_schedule(2.0, 10, 0.0)(5)), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, r"TrainerSettings.batch_size must be a positive integer, got 0"),
+    ({"max_steps": 0}, r"TrainerSettings.max_steps must be -1 \(from num_epochs\) or positive, got 0"),
+    ({"warmup_ratio": 1.5}, r"TrainerSettings.warmup_ratio must be in \[0, 1\], got 1.5"),
+    ({"learning_rate": 0.0}, r"TrainerSettings.learning_rate must be positive, got 0.0"),
+    ({"seed": -2}, r"TrainerSettings.seed must be a non-negative integer, got -2"),
+])
+def test_bad_trainer_settings_name_the_field(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.TrainerSettings(**overrides)
