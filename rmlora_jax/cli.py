@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging
 
 # Set to 1 to see the traceback of errors that are otherwise one line.
 TRACEBACK_ENV = "RMLORA_TRACEBACK"
@@ -134,3 +135,31 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   """
   enable_compilation_cache()
   app.run(guarded(main), flags_parser=parse_flags)
+
+
+def config_main(train: Callable[[Any, str | None], Any], config_flag: Any, *,
+                quiet: bool = True) -> Callable[[Sequence[str]], None]:
+  """The ``main`` of an experiment: ``train(config, config.workdir)`` for ``--config``.
+
+  Args:
+    train: e.g. `rmlora_jax.tasks.glue.train_and_evaluate`.
+    config_flag: what ``config_flags.DEFINE_config_file`` returned.
+    quiet: without ``--verbosity``, log warnings only (orbax logs every save
+      at INFO), keeping the terminal to the progress bar and evaluations.
+
+  Example::
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.")
+    if __name__ == "__main__":
+      cli.run(cli.config_main(glue.train_and_evaluate, _CONFIG))
+  """
+
+  def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if quiet and not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    train(config_flag.value, config_flag.value.workdir)
+
+  return main
+

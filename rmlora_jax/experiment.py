@@ -47,7 +47,7 @@ ADAPTER_LEARNING_RATE = 1e-3
 # runs and reports, not what it computes.
 RESUMABLE_CHANGES = ("workdir", "progress", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "mesh", "distributed", "data.dir", "data.hub_name",
-                     "optim.max_nonfinite_steps")
+                     "optim.max_nonfinite_steps", "data.cache_dir")
 
 
 # Typed settings -> the config names their fields come from, for error messages.
@@ -320,4 +320,15 @@ def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
                    "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
           "config": config.to_dict()}
+
+
+def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, workdir: Any) -> dict[str, Any]:
+  """`rmlora_jax.peft_anchor.train_peft_lora` with the config's rank, alpha, optimizer and steps."""
+  from rmlora_jax import peft_anchor  # pylint: disable=g-import-not-at-top  (torch is imported lazily there)
+
+  return peft_anchor.train_peft_lora(
+      task, model, trainer_settings(config), workdir, rank=config.lora.rank, alpha=config.lora.alpha,
+      weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm,
+      extra_results={"model": config.model.name_or_path,
+                     "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}})
 

@@ -10,11 +10,17 @@ examples, a constant side of a correlation) it is 0.0, not nan or an error.
 
 from __future__ import annotations
 
+import collections
+import re
+import string
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
 from rmlora_jax.data import glue
+from rmlora_jax.data import squad
 
 
 def _pair(predictions: np.ndarray, labels: np.ndarray, where: str):
@@ -133,3 +139,107 @@ def glue_metrics(
       "spearman": spearman,
   }
   return {name: functions[name](predictions, labels) for name in task.metrics}
+
+
+# --------------------------------------------------------------------------- SQuAD
+# Extractive QA scores as the official SQuAD v1.1 evaluation script computes
+# them: exact match and token F1 of normalised text, each the best over the
+# reference answers, averaged over questions on a 0-100 scale. Appended below
+# the GLUE metrics, so its imports sit here.
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+  """Lower case, no punctuation, no articles, single spaces (official v1.1 order).
+
+  Example::
+
+    normalize_answer("The  Denver Broncos!")  # "denver broncos"
+  """
+  text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+  text = _ARTICLES.sub(" ", text)
+  return " ".join(text.split())
+
+
+def _references(references: Sequence[str], where: str) -> Sequence[str]:
+  if isinstance(references, str):
+    raise ValueError(
+        f"{where}: references must be a sequence of strings, got the string {references!r}"
+    )
+  if not references:
+    raise ValueError(f"{where}: no reference answers to compare with")
+  return references
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+  """1.0 when the normalised prediction equals some normalised reference, else 0.0."""
+  references = _references(references, "exact_match")
+  predicted = normalize_answer(prediction)
+  return float(max(predicted == normalize_answer(r) for r in references))
+
+
+def _f1(predicted_tokens: list[str], reference: str) -> float:
+  reference_tokens = normalize_answer(reference).split()
+  common = collections.Counter(predicted_tokens) & collections.Counter(reference_tokens)
+  num_same = sum(common.values())
+  if num_same == 0:  # Also when both sides are empty, as in the official script.
+    return 0.0
+  precision = num_same / len(predicted_tokens)
+  recall = num_same / len(reference_tokens)
+  return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+  """The best F1, over references, of the normalised prediction's whitespace tokens.
+
+  Tokens are matched as multisets; with no token in common (an empty side
+  included) the F1 is 0.0, as in the official script.
+  """
+  references = _references(references, "token_f1")
+  predicted_tokens = normalize_answer(prediction).split()
+  return max(_f1(predicted_tokens, r) for r in references)
+
+
+def squad_metrics(
+    predictions: Mapping[str, str], examples: Sequence[squad.QAExample]
+) -> dict[str, float]:
+  """SQuAD v1.1 exact match and F1, averaged over ``examples``, in percent.
+
+  Args:
+    predictions: example id -> predicted answer text (`squad.postprocess`);
+      an example without a prediction counts as answered "".
+    examples: the questions with their reference answers.
+
+  Returns:
+    ``{"exact_match": ..., "f1": ...}``, each in [0, 100].
+
+  Raises:
+    ValueError: no examples, an example without answers, or predictions for
+      ids that are not among the examples.
+
+  Example::
+
+    squad_metrics(squad.postprocess(dev, features, start, end), dev)
+  """
+  if not examples:
+    raise ValueError("squad_metrics: no examples to score")
+  ids = {e.id for e in examples}
+  unknown = [i for i in predictions if i not in ids]
+  if unknown:
+    raise ValueError(
+        f"squad_metrics: {len(unknown)} predictions are for ids not among the "
+        f"{len(examples)} examples, e.g. {sorted(unknown)[:5]}"
+    )
+  em = f1 = 0.0
+  for e in examples:
+    if not e.answers:
+      raise ValueError(
+          f"squad_metrics: question id {e.id!r} has no reference answers to score against"
+      )
+    prediction = predictions.get(e.id, "")
+    em += exact_match(prediction, e.answers)
+    f1 += token_f1(prediction, e.answers)
+  return {"exact_match": 100.0 * em / len(examples), "f1": 100.0 * f1 / len(examples)}

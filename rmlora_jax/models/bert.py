@@ -1,10 +1,11 @@
 """BERT and RoBERTa encoders in Flax linen, numerically matching transformers.
 
 One implementation serves both: RoBERTa differs only by its position ids
-(counted from ``pad_token_id + 1`` over the non-pad tokens), a one-row token
-type table, and its classification head. GELU is the exact erf form, LayerNorm
-epsilon comes from the config and padding is an additive large negative on the
-attention logits, as in transformers' PyTorch ``BertModel``/``RobertaModel``.
+(counted from the config's ``pad_token_id + 1`` over the non-pad tokens), a
+one-row token type table, and its classification head. The activation
+(``hidden_act``, the exact erf GELU in released checkpoints) and LayerNorm
+epsilon come from the config and padded keys get the float32 minimum as
+attention logit, as in transformers' PyTorch ``BertModel``/``RobertaModel``.
 
 Every matrix is a plain ``nn.Dense`` with a 2-D ``(d_in, d_out)`` kernel, so
 LoRA adapters attach to it directly. Parameter paths ("/"-joined, what LoRA
@@ -39,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,9 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmlora_jax.models import hub, torch_port
+from rmlora_jax.models import torch_port
 
 MODEL_TYPES = ("bert", "roberta")
+HEADS = torch_port.TEXT_HEADS
 
 # Every attention and feed-forward matrix: the papers adapt all of them.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
@@ -87,8 +88,11 @@ class BertArch:
   attention_dropout: float
   # Dropout in the classification head.
   classifier_dropout: float
-  # Token id of padding; RoBERTa's positions count from pad_token_id + 1.
+  # Token id of padding (the config's pad_token_id); RoBERTa's positions
+  # count from pad_token_id + 1 over the tokens that are not padding.
   pad_token_id: int
+  # Activation of the feed-forward layer (a `torch_port.ACTIVATIONS` name).
+  hidden_act: str = "gelu"
   # Standard deviation of the normal init of matrices and embeddings.
   initializer_range: float = 0.02
   # True for RoBERTa: position ids from non-pad tokens, and RoBERTa's head.
@@ -107,23 +111,19 @@ class BertArch:
 
 def _dense(features: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> torch_port.Dense:
   # Takes a LowRankKernel too (rmlora_jax.adapters.lora.attach): LoRA without merging.
-  return torch_port.dense(features, init=nn.initializers.normal(arch.initializer_range),
+  return torch_port.dense(features, init=torch_port.weight_init(arch.initializer_range),
                           dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _layer_norm(arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=arch.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  # One-pass variance, as this port has always computed it (see torch_port.layer_norm).
+  return torch_port.layer_norm(arch.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                               name=name, fast_variance=True)
 
 
 def _embed(num: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> nn.Embed:
-  return nn.Embed(
-      num,
-      arch.hidden_size,
-      embedding_init=nn.initializers.normal(arch.initializer_range),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-  )
+  return torch_port.embed(num, arch.hidden_size, init=torch_port.weight_init(arch.initializer_range),
+                          dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Embeddings(nn.Module):
@@ -156,8 +156,8 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-    """x: (B, T, H); bias: (B, 1, 1, T) float32 additive mask; returns (B, T, H)."""
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+    """x: (B, T, H); keep: (B, 1, 1, T) bool padding mask; returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     b, t, h = x.shape
     n = a.num_heads
@@ -168,13 +168,13 @@ class Attention(nn.Module):
     heads = lambda y: y.reshape(b, t, n, d).transpose(0, 2, 1, 3)
     # One matmul for the three frozen kernels and one for their adapters'
     # right factors (low_rank.dense_group_apply); the parameters stay three Dense.
-    init = nn.initializers.normal(a.initializer_range)
+    init = torch_port.weight_init(a.initializer_range)
     q, k, v = map(heads, torch_port.dense_group(
         x, [torch_port.DenseParams(h, param_dtype=pdt, kernel_init=init, name=n) for n in ("query", "key", "value")],
         dt))
     # Scaling q (T*H values) is cheaper than scaling the logits (N*T*T).
     q = q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)
-    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + bias
+    logits = torch_port.mask_logits((q @ k.swapaxes(-1, -2)).astype(jnp.float32), keep)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     probs = torch_port.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
     ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, h)
@@ -191,12 +191,12 @@ class Layer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-    """x: (B, T, H); bias: (B, 1, 1, T); returns (B, T, H)."""
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+    """x: (B, T, H); keep: (B, 1, 1, T); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    x = Attention(a, dt, pdt, name="attention")(x, bias, deterministic)
+    x = Attention(a, dt, pdt, name="attention")(x, keep, deterministic)
     y = _dense(a.intermediate_size, a, "intermediate", dt, pdt)(x)
-    y = jax.nn.gelu(y, approximate=False)
+    y = torch_port.activation(a.hidden_act, where="hidden_act")(y)
     y = _dense(a.hidden_size, a, "output", dt, pdt)(y)
     y = torch_port.Dropout(a.hidden_dropout)(y, deterministic=deterministic)
     return _layer_norm(a, "output_layer_norm", dt, pdt)(x + y)
@@ -210,25 +210,11 @@ class Encoder(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-    """x: (B, T, H); bias: (B, 1, 1, T); returns (B, T, H)."""
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+    """x: (B, T, H); keep: (B, 1, 1, T); returns (B, T, H)."""
     for i in range(self.arch.num_layers):
-      x = Layer(self.arch, self.dtype, self.param_dtype, name=f"layer_{i}")(x, bias, deterministic)
+      x = Layer(self.arch, self.dtype, self.param_dtype, name=f"layer_{i}")(x, keep, deterministic)
     return x
-
-
-class Pooler(nn.Module):
-  """tanh(Dense(first token)), BERT's pooled output."""
-
-  arch: BertArch
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: (B, T, H); returns (B, H)."""
-    a = self.arch
-    return jnp.tanh(_dense(a.hidden_size, a, "dense", self.dtype, self.param_dtype)(x[:, 0]))
 
 
 class RobertaClassifier(nn.Module):
@@ -294,10 +280,9 @@ class Bert(nn.Module):
       regression; ``"start_logits"``, ``"end_logits"`` (B, T) for qa.
     """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    hub.validate_head(self.head, self.num_labels, where="Bert")
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2:
-      raise ValueError(f"Bert: input_ids must be (batch, seq), got shape {input_ids.shape}")
+    torch_port.validate_head(self.head, self.num_labels, where="Bert", heads=HEADS)
+    input_ids, attention_mask, token_type_ids = torch_port.text_inputs(
+        input_ids, attention_mask, token_type_ids, where="Bert")
     b, t = input_ids.shape
     if t > a.max_length:
       raise ValueError(
@@ -305,89 +290,86 @@ class Bert(nn.Module):
           f"({a.max_length} = max_position_embeddings {a.max_position_embeddings} - offset "
           f"{a.position_offset}); truncate the inputs"
       )
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, t), jnp.int32)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros((b, t), jnp.int32)
-    for name, arr in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-      if jnp.shape(arr) != (b, t):
-        raise ValueError(
-            f"Bert: {name} has shape {jnp.shape(arr)}, but input_ids has shape {(b, t)}"
-        )
     if a.roberta:
-      # RoBERTa counts positions over non-pad tokens, starting at pad + 1.
+      # RoBERTa counts positions over non-pad tokens, starting at pad + 1
+      # (transformers' create_position_ids_from_input_ids); pad tokens get pad.
       real = (input_ids != a.pad_token_id).astype(jnp.int32)
       position_ids = jnp.cumsum(real, axis=1) * real + a.pad_token_id
     else:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    bias = jnp.where(
-        jnp.asarray(attention_mask)[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min
-    ).astype(jnp.float32)
+    keep = torch_port.padding_mask(attention_mask)
 
     x = Embeddings(a, dt, pdt, name="embeddings")(
         input_ids, position_ids, token_type_ids, deterministic
     )
-    x = Encoder(a, dt, pdt, name="encoder")(x, bias, deterministic)
+    x = Encoder(a, dt, pdt, name="encoder")(x, keep, deterministic)
     out = {"last_hidden_state": x}
+    init = torch_port.weight_init(a.initializer_range)
     if has_pooler(a, self.head):
-      out["pooler_output"] = Pooler(a, dt, pdt, name="pooler")(x)
+      out["pooler_output"] = torch_port.Pooler(
+          a.hidden_size, kernel_init=init, dtype=dt, param_dtype=pdt, name="pooler")(x)
     if self.head in ("classification", "regression"):
       if a.roberta:
         out["logits"] = RobertaClassifier(a, self.num_labels, dt, pdt, name="classifier")(
             x, deterministic
         )
       else:
-        y = torch_port.Dropout(a.classifier_dropout)(out["pooler_output"], deterministic=deterministic)
-        out["logits"] = _dense(self.num_labels, a, "classifier", dt, pdt)(y)
+        out["logits"] = torch_port.classifier_logits(
+            out["pooler_output"], self.num_labels, init=init, dtype=dt, param_dtype=pdt,
+            dropout=torch_port.Dropout(a.classifier_dropout), deterministic=deterministic)
     elif self.head == "qa":
-      span = _dense(2, a, "qa_outputs", dt, pdt)(x)
-      out["start_logits"], out["end_logits"] = span[..., 0], span[..., 1]
+      out.update(torch_port.span_logits(x, init=init, dtype=dt, param_dtype=pdt))
     return out
 
 
 def arch_from_hf_config(hf_config: Any) -> BertArch:
-  """Reads a transformers ``BertConfig``/``RobertaConfig`` into a `BertArch`.
+  """Reads a transformers ``BertConfig``/``RobertaConfig`` (or its dict) into a `BertArch`.
 
   Raises:
     ValueError: the config's model_type is not bert/roberta, it uses a
       position embedding type or activation this module does not implement,
-      or hidden_size is not a multiple of num_attention_heads.
+      hidden_size is not a multiple of num_attention_heads, a dropout
+      probability is outside [0, 1], or a RoBERTa config has no pad_token_id.
   """
-  model_type = getattr(hf_config, "model_type", None)
+  get = lambda name, default=None: torch_port.config_get(hf_config, name, default)
+  where = "bert config"
+  model_type = get("model_type")
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"bert: config model_type {model_type!r} is not one of {MODEL_TYPES}")
-  pos_type = getattr(hf_config, "position_embedding_type", "absolute") or "absolute"
+    raise ValueError(f"{where}: model_type {model_type!r} is not one of {MODEL_TYPES}")
+  pos_type = get("position_embedding_type", "absolute")
   if pos_type != "absolute":
     raise ValueError(
-        f"bert: config position_embedding_type {pos_type!r} is not supported (only 'absolute')"
+        f"{where}: position_embedding_type {pos_type!r} is not supported (only 'absolute')"
     )
-  act = getattr(hf_config, "hidden_act", "gelu")
-  if act != "gelu":
-    raise ValueError(f"bert: config hidden_act {act!r} is not supported (only exact 'gelu')")
-  if hf_config.hidden_size % hf_config.num_attention_heads:
-    raise ValueError(
-        f"bert: config hidden_size {hf_config.hidden_size} is not a multiple of "
-        f"num_attention_heads {hf_config.num_attention_heads}"
-    )
-  classifier_dropout = getattr(hf_config, "classifier_dropout", None)
-  pad = hf_config.pad_token_id
+  hidden, heads, _ = torch_port.attention_sizes(hf_config, where=where)
+  roberta = model_type == "roberta"
+  pad = get("pad_token_id")
+  if pad is None:
+    if roberta:
+      raise ValueError(
+          f"{where}: RoBERTa's pad_token_id is None, but its position ids count from "
+          "pad_token_id + 1; set it (released RoBERTa checkpoints use 1)"
+      )
+    pad = 0  # BERT's default; BERT itself never reads it.
+  hidden_dropout = torch_port.dropout_rate(hf_config, "hidden_dropout_prob", default=0.1, where=where)
   return BertArch(
-      vocab_size=hf_config.vocab_size,
-      hidden_size=hf_config.hidden_size,
-      num_layers=hf_config.num_hidden_layers,
-      num_heads=hf_config.num_attention_heads,
-      intermediate_size=hf_config.intermediate_size,
-      max_position_embeddings=hf_config.max_position_embeddings,
-      type_vocab_size=hf_config.type_vocab_size,
-      layer_norm_eps=float(hf_config.layer_norm_eps),
-      hidden_dropout=float(hf_config.hidden_dropout_prob),
-      attention_dropout=float(hf_config.attention_probs_dropout_prob),
-      classifier_dropout=float(
-          hf_config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-      ),
-      pad_token_id=0 if pad is None else int(pad),
-      initializer_range=float(getattr(hf_config, "initializer_range", 0.02)),
-      roberta=model_type == "roberta",
+      vocab_size=int(get("vocab_size")),
+      hidden_size=hidden,
+      num_layers=int(get("num_hidden_layers")),
+      num_heads=heads,
+      intermediate_size=int(get("intermediate_size")),
+      max_position_embeddings=int(get("max_position_embeddings", 512)),
+      type_vocab_size=int(get("type_vocab_size", 2)),
+      layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
+      hidden_dropout=hidden_dropout,
+      attention_dropout=torch_port.dropout_rate(
+          hf_config, "attention_probs_dropout_prob", default=0.1, where=where),
+      classifier_dropout=torch_port.dropout_rate(
+          hf_config, "classifier_dropout", "hidden_dropout_prob", default=0.1, where=where),
+      pad_token_id=int(pad),
+      hidden_act=torch_port.config_activation(hf_config, "hidden_act", "gelu", where=where),
+      initializer_range=float(get("initializer_range", 0.02)),
+      roberta=roberta,
   )
 
 
@@ -401,55 +383,8 @@ def module_from_hf_config(
     module = module_from_hf_config(AutoConfig.from_pretrained(folder),
                                    head="classification", num_labels=2)
   """
-  hub.validate_head(head, num_labels, where="bert.module_from_hf_config")
-  if head == "image_classification":
-    raise ValueError("bert.module_from_hf_config: head 'image_classification' is for vision "
-                     "models; text encoders take 'classification', 'regression', 'qa' or 'base'")
+  torch_port.validate_head(head, num_labels, where="bert.module_from_hf_config", heads=HEADS)
   return Bert(arch=arch_from_hf_config(hf_config), head=head, num_labels=num_labels, dtype=dtype)
-
-
-def _weight_table(arch: BertArch, head: str) -> list[tuple[str, tuple[str, ...], str]]:
-  """(HF module name without model prefix, our module path, kind) per module."""
-  table = [
-      ("embeddings.word_embeddings", ("embeddings", "word_embeddings"), "embed"),
-      ("embeddings.position_embeddings", ("embeddings", "position_embeddings"), "embed"),
-      ("embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings"), "embed"),
-      ("embeddings.LayerNorm", ("embeddings", "layer_norm"), "norm"),
-  ]
-  for i in range(arch.num_layers):
-    hf, ours = f"encoder.layer.{i}.", ("encoder", f"layer_{i}")
-    table += [
-        (hf + "attention.self.query", (*ours, "attention", "query"), "dense"),
-        (hf + "attention.self.key", (*ours, "attention", "key"), "dense"),
-        (hf + "attention.self.value", (*ours, "attention", "value"), "dense"),
-        (hf + "attention.output.dense", (*ours, "attention", "output"), "dense"),
-        (hf + "attention.output.LayerNorm", (*ours, "attention", "layer_norm"), "norm"),
-        (hf + "intermediate.dense", (*ours, "intermediate"), "dense"),
-        (hf + "output.dense", (*ours, "output"), "dense"),
-        (hf + "output.LayerNorm", (*ours, "output_layer_norm"), "norm"),
-    ]
-  if has_pooler(arch, head):
-    table.append(("pooler.dense", ("pooler", "dense"), "dense"))
-  if head in ("classification", "regression"):
-    if arch.roberta:
-      table += [
-          ("classifier.dense", ("classifier", "dense"), "dense"),
-          ("classifier.out_proj", ("classifier", "out_proj"), "dense"),
-      ]
-    else:
-      table.append(("classifier", ("classifier",), "dense"))
-  elif head == "qa":
-    table.append(("qa_outputs", ("qa_outputs",), "dense"))
-  return table
-
-
-# (our leaf name, HF suffixes tried in order, transpose) per kind of module;
-# gamma/beta are the names of checkpoints saved by old transformers versions.
-_LEAVES = {
-    "embed": (("embedding", ("weight",), False),),
-    "dense": (("kernel", ("weight",), True), ("bias", ("bias",), False)),
-    "norm": (("scale", ("weight", "gamma"), False), ("bias", ("bias", "beta"), False)),
-}
 
 
 def params_from_state_dict(
@@ -468,30 +403,52 @@ def params_from_state_dict(
   Returns:
     (nested params holding every leaf found, set of the state keys used). Leaves
     the checkpoint lacks (typically the head) are simply absent.
+
+  Raises:
+    ValueError: ``head`` is not one of `HEADS`.
   """
+  torch_port.validate_head(head, where="bert.params_from_state_dict", heads=HEADS)
   arch = arch_from_hf_config(hf_config)
-  prefix = re.compile(r"^(bert|roberta)\.")
-  by_name: dict[str, str] = {}
-  for key in state:
-    name = prefix.sub("", key)
-    # An unprefixed key wins over a prefixed duplicate.
-    if name not in by_name or name == key:
-      by_name[name] = key
-  params: dict = {}
-  used: set[str] = set()
-  for hf_module, path, kind in _weight_table(arch, head):
-    for leaf, suffixes, transpose in _LEAVES[kind]:
-      names = [f"{hf_module}.{s}" for s in suffixes if f"{hf_module}.{s}" in by_name]
-      if not names:
-        continue
-      key = by_name[names[0]]
-      value = np.asarray(state[key])
-      node = params
-      for part in path:
-        node = node.setdefault(part, {})
-      node[leaf] = value.T if transpose else value
-      used.add(key)
-  return params, used
+  r = torch_port.StateReader(state, ("bert.", "roberta."))
+  dense = lambda name, backbone=True: r.dense(name, required=False, backbone=backbone)
+  norm = lambda name: r.layer_norm(name, required=False)
+  embedding = lambda name: r.embedding(name, required=False)
+  params: dict = {
+      "embeddings": {
+          "word_embeddings": embedding("embeddings.word_embeddings"),
+          "position_embeddings": embedding("embeddings.position_embeddings"),
+          "token_type_embeddings": embedding("embeddings.token_type_embeddings"),
+          "layer_norm": norm("embeddings.LayerNorm"),
+      },
+      "encoder": {},
+  }
+  for i in range(arch.num_layers):
+    p = f"encoder.layer.{i}."
+    params["encoder"][f"layer_{i}"] = {
+        "attention": {
+            "query": dense(p + "attention.self.query"),
+            "key": dense(p + "attention.self.key"),
+            "value": dense(p + "attention.self.value"),
+            "output": dense(p + "attention.output.dense"),
+            "layer_norm": norm(p + "attention.output.LayerNorm"),
+        },
+        "intermediate": dense(p + "intermediate.dense"),
+        "output": dense(p + "output.dense"),
+        "output_layer_norm": norm(p + "output.LayerNorm"),
+    }
+  if has_pooler(arch, head):
+    params["pooler"] = {"dense": dense("pooler.dense")}
+  if head in ("classification", "regression"):
+    if arch.roberta:
+      params["classifier"] = {
+          "dense": dense("classifier.dense", backbone=False),
+          "out_proj": dense("classifier.out_proj", backbone=False),
+      }
+    else:
+      params["classifier"] = dense("classifier", backbone=False)
+  elif head == "qa":
+    params["qa_outputs"] = dense("qa_outputs", backbone=False)
+  return torch_port.drop_missing(params), r.used
 
 
 def dummy_inputs(hf_config: Any, batch: int = 2, seq: int = 8) -> dict:

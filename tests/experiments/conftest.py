@@ -13,6 +13,17 @@ WORDS = ("the a cat dog sat ran on mat park is not big small red blue tree house
          "saw ate food quickly slowly happy sad".split())
 
 
+def set_overrides(config, overrides):
+  """``config`` with each dotted key of ``overrides`` (``"rm.num_directions"``) set."""
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
 def _sentence(rng, n):
   return " ".join(rng.choice(WORDS, size=n))
 

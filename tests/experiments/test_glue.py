@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import rte
-from tests.experiments.conftest import WORDS
+from tests.experiments.conftest import WORDS, set_overrides
 from rmlora_jax import experiment
 from rmlora_jax import trainer
 from rmlora_jax import training
@@ -37,13 +37,7 @@ def tiny_config(model, data_dir, workdir, **overrides):
   config.lora.rank = 4
   config.rm.num_directions = 2
   config.data.num_buckets = 1  # one padded shape: one compilation per step function
-  for key, value in overrides.items():
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return config
+  return set_overrides(config, overrides)
 
 
 def lora_param_count(d_model, d_ff, layers, rank):

@@ -69,6 +69,57 @@ def test_matches_transformers(case, tmp_path, tiny_config, save_hf_model, make_b
     assert set(ours) == {"last_hidden_state", "pooler_output"}
 
 
+def _roberta_batch(config, *, seed=0):
+  """Token ids padded with ``config.pad_token_id``: right padding, left padding, none.
+
+  Real ids avoid the pad id, as a tokenizer's do; RoBERTa numbers the real
+  tokens from ``pad_token_id + 1`` wherever the padding sits.
+  """
+  rng = np.random.default_rng(seed)
+  pad = config.pad_token_id
+  ids = rng.integers(pad + 1, config.vocab_size, size=(3, 11)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, 6:] = 0  # right padding
+  mask[1, :3] = 0  # left padding: positions still start at pad + 1 on the first real token
+  ids[mask == 0] = pad
+  return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("pad_token_id", [1, 4])
+@pytest.mark.parametrize(
+    "cls,head,num_labels",
+    [(transformers.RobertaModel, "base", 2),
+     (transformers.RobertaForSequenceClassification, "classification", 3)],
+    ids=["base", "cls"],
+)
+def test_roberta_positions_follow_the_config_pad_token_id(
+    cls, head, num_labels, pad_token_id, tmp_path, tiny_config, save_hf_model
+):
+  """Position ids come from the config's pad_token_id, not from a fixed 0 (or 1)."""
+  config = tiny_config("roberta", num_labels=num_labels, pad_token_id=pad_token_id)
+  torch_model = save_hf_model(cls, config, tmp_path)
+  module, params, _, _ = load_pretrained(tmp_path, head=head, num_labels=num_labels)
+  assert module.arch.pad_token_id == pad_token_id
+  assert module.arch.max_length == config.max_position_embeddings - pad_token_id - 1
+
+  batch = _roberta_batch(config)
+  ours = jax.jit(module.apply)({"params": params}, **batch)
+  with torch.no_grad():
+    ref = torch_model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
+  real = batch["attention_mask"].astype(bool)
+  if head == "base":
+    np.testing.assert_allclose(np.asarray(ours["last_hidden_state"])[real],
+                               ref.last_hidden_state.numpy()[real], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours["pooler_output"], ref.pooler_output.numpy(), atol=TOL, rtol=0)
+  else:
+    np.testing.assert_allclose(ours["logits"], ref.logits.numpy(), atol=TOL, rtol=0)
+
+
+def test_roberta_without_pad_token_id_raises(tiny_config):
+  with pytest.raises(ValueError, match="RoBERTa's pad_token_id is None"):
+    bert.arch_from_hf_config(tiny_config("roberta", pad_token_id=None))
+
+
 def _tiny_module(tiny_config, model_type="bert", head="classification", num_labels=2, **kw):
   config = tiny_config(model_type, num_hidden_layers=kw.pop("num_hidden_layers", 2))
   module = bert.module_from_hf_config(config, head=head, num_labels=num_labels, **kw)

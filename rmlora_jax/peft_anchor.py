@@ -1,0 +1,171 @@
+"""PEFT's LoRA on PyTorch, trained on one of our tasks: the anchor our results are compared with.
+
+`train_peft_lora` takes a task (`rmlora_jax.tasks`), the transformers model
+for it, and the run's `rmlora_jax.trainer.TrainerSettings`; it wraps the
+model with PEFT's LoRA on the same matrices our default targets select,
+trains it on the task's own batches (cut to their longest row, as PEFT's
+usual collator pads) with AdamW, gradient clipping and a linear warm-up and
+decay, evaluates with the task's own metric, and writes results.json in
+the trainer's layout with method ``peft_lora``. Needs torch and peft.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from rmlora_jax import analysis
+from rmlora_jax import trainer as trainer_lib
+from rmlora_jax.tasks import classification
+from rmlora_jax.tasks import qa
+
+# PEFT's names, per model type, of the matrices `default_lora_targets` selects
+# in each layer (Q, K, V, attention output, intermediate, output).
+PEFT_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _task_functions(task: Any) -> tuple[str, list[str], Callable, Callable]:
+  """PEFT's task type, the head modules to train, and the task's loss and predictions in torch."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def weighted(per_example, batch):
+    w = torch.tensor(batch["weights"])
+    return (w * per_example).sum() / w.sum().clamp(min=1.0)
+
+  if isinstance(task, classification.TextClassification):
+    regression = task.spec.is_regression
+
+    def loss(out, batch):
+      labels = torch.tensor(batch["labels"])
+      if regression:
+        return weighted((out.logits[:, 0] - labels.float()) ** 2, batch)
+      return weighted(torch.nn.functional.cross_entropy(out.logits, labels.long(), reduction="none"), batch)
+
+    def predict(out):
+      logits = out.logits.float().numpy()
+      return logits[:, 0] if regression else logits.argmax(-1)
+
+    return "SEQ_CLS", ["classifier"], loss, predict
+  if isinstance(task, qa.ExtractiveQA):
+
+    def loss(out, batch):
+      ce = lambda logits, pos: torch.nn.functional.cross_entropy(
+          logits, torch.tensor(batch[pos]).long(), reduction="none")
+      return weighted(0.5 * (ce(out.start_logits, "start_positions") + ce(out.end_logits, "end_positions")), batch)
+
+    def predict(out):
+      return {"start_logits": out.start_logits.float().numpy(), "end_logits": out.end_logits.float().numpy()}
+
+    return "QUESTION_ANS", ["qa_outputs"], loss, predict
+  raise ValueError(f"the PEFT anchor knows TextClassification and ExtractiveQA tasks, not {type(task).__name__}")
+
+
+def train_peft_lora(
+    task: Any,
+    model: Any,
+    settings: trainer_lib.TrainerSettings,
+    workdir: str | pathlib.Path,
+    *,
+    rank: int,
+    alpha: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    extra_results: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Trains PEFT LoRA of ``rank`` and ``alpha`` on ``model`` (a transformers model for ``task``).
+
+  Seed torch (``torch.manual_seed``) before building ``model``; the adapters'
+  initialisation continues that stream.
+
+  Returns the results dict, also written to ``workdir/results.json``.
+  """
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  model_type = model.config.model_type
+  if model_type not in PEFT_TARGETS:
+    raise ValueError(f"the PEFT anchor has target names for {sorted(PEFT_TARGETS)}, not model_type {model_type!r}")
+  task_type, head, loss_fn, predict_out = _task_functions(task)
+  # The LoRA factors are drawn from torch's global generator: the caller seeds
+  # it (torch.manual_seed) before building the model, so head and adapters
+  # come from one seeded stream.
+  model = peft.get_peft_model(model, peft.LoraConfig(
+      r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[model_type],
+      modules_to_save=head, task_type=task_type))
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  steps_per_epoch = task.num_train_batches(settings.batch_size)
+  total = settings.total_steps(steps_per_epoch)
+  opt = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=weight_decay)
+  sched = transformers.get_linear_schedule_with_warmup(opt, int(round(settings.warmup_ratio * total)), total)
+  eval_every = settings.eval_every_steps if settings.eval_every_steps > 0 else steps_per_epoch
+
+  def inputs(batch):
+    longest = int(batch["attention_mask"].sum(1).max())
+    return {k: torch.tensor(np.asarray(batch[k][:, :longest]), dtype=torch.long) for k in _TOKEN_FIELDS}
+
+  def predict(batch):
+    with torch.no_grad():
+      out = predict_out(model(**inputs(batch)))
+    return out
+
+  def evaluate():
+    model.eval()
+    try:
+      return task.evaluate(predict, settings.batch_size)
+    finally:
+      model.train()
+
+  history: dict[str, list] = {"train": [], "eval": []}
+  start = time.perf_counter()
+  model.train()
+  for step in range(total):
+    epoch, index = divmod(step, steps_per_epoch)
+    if index == 0:
+      batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=0)
+    batch = next(batches)
+    loss = loss_fn(model(**inputs(batch)), batch)
+    loss.backward()
+    if max_grad_norm > 0:
+      torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    done = step + 1
+    if done % settings.log_every_steps == 0 or done == total:
+      history["train"].append({"step": done, "loss": float(loss), "task_loss": float(loss), "penalty": 0.0})
+    if done % eval_every == 0 or done == total:
+      history["eval"].append({"step": done, **evaluate()})
+      print(f"step {done}/{total} eval " + " ".join(f"{k} {v:.4f}" for k, v in history["eval"][-1].items()
+                                                  if k != "step"), flush=True)
+  train_time = time.perf_counter() - start
+
+  deltas = {}
+  for name, module in model.named_modules():
+    if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+      a = module.lora_A["default"].weight.detach().numpy()
+      b = module.lora_B["default"].weight.detach().numpy()
+      deltas[name] = (alpha / rank) * b @ a
+  n_trainable = int(sum(p.numel() for p in trainable))
+  evals = history["eval"]
+  results = {
+      "task": task.name, "method": "peft_lora", "seed": settings.seed,
+      "metrics": {k: v for k, v in evals[-1].items() if k != "step"}, "main_metric": task.main_metric,
+      "final": dict(evals[-1]), "best": dict(max(evals, key=lambda h: h[task.main_metric])),
+      "trainable_params": n_trainable, "inference_params": n_trainable,
+      "steps": total, "train_time_s": round(train_time, 2), "learning_rate": settings.learning_rate,
+      "adapters": analysis.delta_report(deltas), "history": history, **(extra_results or {}),
+  }
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results
