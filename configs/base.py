@@ -118,7 +118,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.sora.gate_lr = -1.0  # <= 0: the learning rate
 
   c.lora2 = config_dict.ConfigDict()
-  c.lora2.k = 8
+  # The LoRA² paper's headline setting: k = 1 (outer planes of width one), r = 8.
+  c.lora2.k = 1
   c.lora2.r = 8
   c.lora2.target_rank = 4
   c.lora2.ortho_weight = 0.1  # the authors' code: 0.1 (0.3 for RTE and STS-B)

@@ -35,7 +35,6 @@ import jax
 import numpy as np
 
 from rmlora_jax.adapters import adalora, lora2, sora
-from rmlora_jax import budget as budget_lib
 from rmlora_jax import paths as paths_lib
 
 Array = jax.Array
@@ -100,7 +99,7 @@ def param_counts(tree: Any) -> ParamCounts:
   counted: set[str] = set()
   trainable = inference = 0
   for factors in (LORA_FACTORS, adalora.ADALORA_FACTORS, sora.SORA_FACTORS, lora2.LORA2_FACTORS):
-    for path, names in budget_lib.find_adapters(tree, factors).items():
+    for path, names in paths_lib.find_adapters(tree, factors).items():
       c = adapter_param_counts({n: flat[p] for n, p in names.items()}, path=path)
       trainable += c.trainable
       inference += c.inference

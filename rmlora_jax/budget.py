@@ -248,20 +248,6 @@ class TripletFamily:
   rank_axes: Mapping[str, int]
 
 
-def find_adapters(tree: Any, factors: frozenset[str]) -> dict[str, dict[str, str]]:
-  """The adapter dicts of one family in ``tree``.
-
-  Returns:
-    ``{adapter path: {factor name: leaf path}}`` for every node of ``tree``
-    whose leaf children are exactly ``factors``, in sorted path order.
-  """
-  children: dict[str, dict[str, str]] = {}
-  for path in paths_lib.flatten_with_paths(tree):
-    parent, _, name = path.rpartition("/")
-    children.setdefault(parent, {})[name] = path
-  return {p: c for p, c in sorted(children.items()) if frozenset(c) == factors}
-
-
 def _by_adapter(tree: Any) -> dict[str, dict[str, Any]]:
   """``{adapter path: {factor name: leaf}}`` from a tree's leaves (masked nodes hold none)."""
   out: dict[str, dict[str, Any]] = {}
@@ -337,7 +323,7 @@ def budget_pruning(
   inner = optax.with_extra_args_support(inner)
 
   def locate(tree):
-    found = find_adapters(tree, family.factors)
+    found = paths_lib.find_adapters(tree, family.factors)
     if not found:
       raise ValueError(
           f"{family.name} pruning found no adapters with factors {sorted(family.factors)} "
@@ -425,5 +411,5 @@ def nonzero_ranks(adapters: Any, factors: frozenset[str], gate: str) -> dict[str
   flat = paths_lib.flatten_with_paths(adapters)
   return {
       p: int(np.count_nonzero(np.asarray(flat[names[gate]])))
-      for p, names in find_adapters(adapters, factors).items()
+      for p, names in paths_lib.find_adapters(adapters, factors).items()
   }

@@ -52,20 +52,17 @@ def adapter_pairs(tree: Any) -> dict[str, int]:
   """
   leaves = paths_lib.flatten_with_paths(tree)
   pairs = {}
-  for path, leaf in leaves.items():
-    parent, _, name = path.rpartition("/")
-    if name != "a" or getattr(leaf, "ndim", 0) != 2:
+  for parent, names in paths_lib.find_adapters(tree, ("a", "b"), exact=False).items():
+    a, b = leaves[names["a"]], leaves[names["b"]]
+    if getattr(a, "ndim", 0) != 2 or getattr(b, "ndim", 0) != 2:
       continue
-    b = leaves.get(f"{parent}/b" if parent else "b")
-    if b is None or getattr(b, "ndim", 0) != 2:
-      continue
-    if leaf.shape[0] != b.shape[1]:
+    if a.shape[0] != b.shape[1]:
       raise ValueError(
-          f"adapter {parent!r}: a has shape {tuple(leaf.shape)} and b has shape "
+          f"adapter {parent!r}: a has shape {tuple(a.shape)} and b has shape "
           f"{tuple(b.shape)}; a is (rank, d_in) and b is (d_out, rank), so "
           f"a.shape[0] must equal b.shape[1]"
       )
-    pairs[parent] = int(leaf.shape[0])
+    pairs[parent] = int(a.shape[0])
   return pairs
 
 

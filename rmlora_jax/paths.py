@@ -84,3 +84,28 @@ def path_hash(path: str) -> int:
   hosts, which ``hash`` of a string does not (hash randomisation).
   """
   return zlib.crc32(path.encode("utf-8")) & 0x7FFFFFFF
+
+
+def find_adapters(tree: Any, factors: Iterable[str], *, exact: bool = True) -> dict[str, dict[str, str]]:
+  """The adapter dicts in ``tree``, found by their factor names: the one way adapters are found.
+
+  Args:
+    tree: any pytree holding adapters (a trainable tree, gradients, updates).
+    factors: the names of one family's factors, e.g. ``{"a", "b"}`` for LoRA.
+    exact: a node's leaf children must be exactly ``factors`` (one family);
+      False: they must include them (``{"a", "b"}`` also finds SoRA's
+      ``{"a", "b", "g"}``).
+
+  Returns:
+    ``{adapter path: {factor name: leaf path}}`` in sorted path order; with
+    ``exact=False`` only the factors asked for.
+  """
+  factors = frozenset(factors)
+  children: dict[str, dict[str, str]] = {}
+  for path in flatten_with_paths(tree):
+    parent, _, name = path.rpartition("/")
+    children.setdefault(parent, {})[name] = path
+  if exact:
+    return {p: c for p, c in sorted(children.items()) if frozenset(c) == factors}
+  return {p: {f: c[f] for f in sorted(factors)} for p, c in sorted(children.items()) if factors <= frozenset(c)}
+

@@ -142,7 +142,8 @@ def train_peft_lora(
     opt.zero_grad()
     done = step + 1
     if done % settings.log_every_steps == 0 or done == total:
-      history["train"].append({"step": done, "loss": float(loss), "task_loss": float(loss), "penalty": 0.0})
+      value = float(loss.detach())
+      history["train"].append({"step": done, "loss": value, "task_loss": value, "penalty": 0.0})
     if done % eval_every == 0 or done == total:
       history["eval"].append({"step": done, **evaluate()})
       print(f"step {done}/{total} eval " + " ".join(f"{k} {v:.4f}" for k, v in history["eval"][-1].items()

@@ -122,3 +122,23 @@ def test_registry_entries_are_what_the_trainer_and_configs_read():
   assert {m.family for m in methods.METHODS.values()} == {"full", "lora", "adalora", "sora", "lora2"}
   assert [n for n, m in methods.METHODS.items() if not m.adapts] == ["full_ft"]
   assert dataclasses.is_dataclass(methods.METHODS["rm_lora"])
+
+
+@pytest.mark.parametrize("name", ["adalora", "lora2"])
+def test_budget_methods_score_the_clipped_gradient(name):
+  """As PEFT: importance after clipping. First step: I = (1 - beta1) |theta * clip(g)|."""
+  method = methods.make_method(settings(name, max_grad_norm=1e-3))
+  trainable = method.init(jax.random.key(0), PARAMS)
+  trainable = jax.tree.map(lambda x: x + 0.5, trainable)  # lam != 0, so every factor has a sensitivity
+  tx = method.optimizer(1e-2)
+  state = tx.init(trainable)
+  grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), trainable)
+  _, state = tx.update(grads, state, trainable)
+  pruning = [s for s in state if hasattr(s, "ipt_by_param")]
+  assert len(pruning) == 1
+  leaves = jax.tree.leaves(grads)
+  scale = 1e-3 / np.sqrt(sum(float(np.sum(np.asarray(g) ** 2)) for g in leaves))  # clip_by_global_norm's factor
+  ad = trainable["adapters"]["layer/kernel"]
+  for factor, ipt in pruning[0].ipt["adapters/layer/kernel"].items():
+    want = (1 - 0.85) * np.abs(np.asarray(ad[factor]) * 3.0 * scale)
+    np.testing.assert_allclose(np.asarray(ipt), want, rtol=1e-4, err_msg=factor)

@@ -198,12 +198,13 @@ class AdaLoraOptions(BudgetOptions):
 def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, initial_rank: int,
                   init_adapters, penalty, pruning, ranks) -> base.Method:
   """A method pruned to a rank budget: ``options.ortho_weight * penalty`` (plain norms,
-  averaged, PEFT's form) in the loss, ``pruning`` wrapped around clipping and AdamW."""
+  averaged, PEFT's form) in the loss; gradients clipped, then ``pruning`` around AdamW, so
+  the importance scores see the clipped gradients the optimizer steps with (as PEFT's)."""
   schedule = options.schedule(initial_rank, settings.total_steps)
   return lora.adapter_method(
       settings, init_adapters=init_adapters,
       penalty=lambda ads: options.ortho_weight * penalty(ads, squared=False, reduction="mean"),
-      optimizer=lambda lr: pruning(base.settings_optimizer(settings, lr), schedule),
+      optimizer=lambda lr: base.settings_optimizer(settings, lr, wrap=lambda inner: pruning(inner, schedule)),
       ranks=ranks)
 
 

@@ -110,22 +110,25 @@ def no_penalty(_: Any) -> jax.Array:
 
 
 def base_optimizer(
-    learning_rate, *, weight_decay: float, max_grad_norm: float, between=()
+    learning_rate, *, weight_decay: float, max_grad_norm: float, between=(), wrap=None
 ) -> optax.GradientTransformation:
-  """Gradient clipping (when ``max_grad_norm > 0``), ``between``, then AdamW.
+  """Gradient clipping (when ``max_grad_norm > 0``), ``between``, then AdamW (``wrap``-ped).
 
   ``between`` (e.g. a direction mask) sees the clipped full gradient, as in
-  the RM-LoRA authors' code, which clips and then masks.
+  the RM-LoRA authors' code, which clips and then masks. ``wrap`` (e.g.
+  AdaLoRA's pruning, ``lambda inner: adalora_pruning(inner, schedule)``)
+  wraps AdamW and so also sees the clipped gradient, as PEFT's AdaLoRA
+  scores the gradients the optimizer steps with.
   """
   adamw = optax.adamw(learning_rate, weight_decay=weight_decay)
   clip = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm and max_grad_norm > 0 else []
-  return optax.chain(*clip, *between, adamw)
+  return optax.chain(*clip, *between, wrap(adamw) if wrap else adamw)
 
 
-def settings_optimizer(settings: MethodSettings, learning_rate, between=()) -> optax.GradientTransformation:
+def settings_optimizer(settings: MethodSettings, learning_rate, between=(), wrap=None) -> optax.GradientTransformation:
   """`base_optimizer` with the clipping and weight decay of ``settings``."""
   return base_optimizer(learning_rate, weight_decay=settings.weight_decay,
-                        max_grad_norm=settings.max_grad_norm, between=between)
+                        max_grad_norm=settings.max_grad_norm, between=between, wrap=wrap)
 
 
 def head_paths(params: Any, patterns: tuple[str, ...]) -> list[str]:

@@ -61,7 +61,10 @@ class Lora2Spec:
 
   # Width of the outer plane: U is (d_out, k), V is (k, d_in); 1..min(d_in, d_out).
   k: int
-  # Number of singular values lam (the prunable rank); u is (k, r), v is (r, k); 1..k.
+  # Number of singular values lam (the prunable rank); u is (k, r), v is (r, k).
+  # r may exceed k: the paper's headline setting is k = 1, r = 8 (k d + r (2k + 1)
+  # parameters per matrix), where dW's rank is at most k and lam still weighs
+  # r directions of the inner plane.
   r: int
   # The update is scaled by alpha / r.
   alpha: float
@@ -75,8 +78,6 @@ class Lora2Spec:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"Lora2Spec.{name} must be a positive integer, got {v!r}")
-    if self.r > self.k:
-      raise ValueError(f"Lora2Spec.r={self.r} exceeds k={self.k}: the inner rank is at most k")
     try:
       base = self.as_lora_spec()
     except ValueError as e:

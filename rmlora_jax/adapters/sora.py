@@ -96,7 +96,7 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
     raise ValueError(f"sora_proximal: the threshold xi must be >= 0, got {first!r} at step 0")
 
   def require_adapters(tree):
-    if not budget_lib.find_adapters(tree, SORA_FACTORS):
+    if not paths_lib.find_adapters(tree, SORA_FACTORS):
       raise ValueError(
           "sora_proximal found no SoRA adapters (dicts with 'a', 'b', 'g') in the tree it "
           "was given; pass the adapters (and any head) it should train"
@@ -114,7 +114,7 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
       raise ValueError("sora_proximal needs params: call tx.update(updates, state, params)")
     require_adapters(params)
     threshold = xi(state.count) if callable(xi) else xi
-    gates = {names["g"] for names in budget_lib.find_adapters(params, SORA_FACTORS).values()}
+    gates = gate_paths(params)
 
     def prox(key_path, u, g):
       if paths_lib.path_str(key_path) not in gates:
@@ -134,7 +134,7 @@ def sora_ranks(adapters: Any) -> dict[str, int]:
 
 def gate_paths(tree: Any) -> set[str]:
   """The "/"-paths of every SoRA gate ``g`` in ``tree`` (adapters found by their factors)."""
-  return {names["g"] for names in budget_lib.find_adapters(tree, SORA_FACTORS).values()}
+  return {names["g"] for names in paths_lib.find_adapters(tree, SORA_FACTORS).values()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
