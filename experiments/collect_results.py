@@ -21,10 +21,11 @@ import numpy as np
 from absl import app, flags
 
 from rmlora_jax import cli
+from rmlora_jax import methods
 
 _PLOT = flags.DEFINE_string("plot", None, "Also write a PNG of per-seed scores to this path.")
 
-METHOD_ORDER = ("full_ft", "lora", "r_lora", "gm_lora", "rm_lora", "adalora", "sora", "lora2", "peft_lora")
+METHOD_ORDER = (*methods.METHODS, "peft_lora")
 _REQUIRED = ("task", "method", "seed", "metrics", "main_metric", "trainable_params")
 
 
@@ -44,14 +45,15 @@ class Collection:
     self.scores = collections.defaultdict(dict)  # (method, task) -> {seed: main metric}
     self.ranks = collections.defaultdict(list)
     self.orthos = collections.defaultdict(list)
-    self.params: dict[str, int] = {}
+    self.params: dict[str, str] = {}  # method -> "T / I" parameter counts
+    self.total_ranks: dict[str, str] = {}  # method -> "initial / final" total rank
     self.metric_names: dict[str, str] = {}
     self.tasks: list[str] = []
     seen = {}
     for source, r in results:
       missing = [k for k in _REQUIRED if k not in r]
       if missing:
-        raise ValueError(f"{source}: not a results.json of experiments.glue (missing {', '.join(missing)})")
+        raise ValueError(f"{source}: not a results.json of the trainer (missing {', '.join(missing)})")
       if r["main_metric"] not in r["metrics"]:
         raise ValueError(f"{source}: main metric {r['main_metric']!r} not among its metrics {sorted(r['metrics'])}")
       key = (r["method"], r["task"])
@@ -64,7 +66,9 @@ class Collection:
       if summary:
         self.ranks[key].append(summary["mean_effective_rank"])
         self.orthos[key].append(summary["mean_ortho_loss"])
-      self.params[r["method"]] = r["trainable_params"]
+      self.params[r["method"]] = f"{r['trainable_params']:,} / {r.get('inference_params', r['trainable_params']):,}"
+      if "total_rank" in r:
+        self.total_ranks[r["method"]] = f"{r['total_rank']['initial']} / {r['total_rank']['final']}"
       self.metric_names[r["task"]] = r["main_metric"]
       if r["task"] not in self.tasks:
         self.tasks.append(r["task"])
@@ -90,13 +94,16 @@ def table(results: Collection | Iterable[dict | tuple[str, dict]]) -> str:
   name) errors then name, or is a `Collection` of them.
   """
   c = _collect(results)
-  out = ["| method | # T-params | " + " | ".join(c.tasks) + " |", "|---|---|" + "---|" * len(c.tasks)]
+  # The papers' budget columns: trainable / inference parameters and the total
+  # rank over adapters at the start / end (AdaLoRA, SoRA and LoRA² prune it).
+  out = ["| method | # T / I-params | # rank start / end | " + " | ".join(c.tasks) + " |",
+         "|---|---|---|" + "---|" * len(c.tasks)]
   for m in c.methods:
     row = []
     for t in c.tasks:
       values = c.seeds(m, t)
       row.append("{:.3f} ± {:.3f} ({})".format(*_mean_std(values), len(values)) if values else "")
-    out.append(f"| {m} | {c.params[m]:,} | " + " | ".join(row) + " |")
+    out.append(f"| {m} | {c.params[m]} | {c.total_ranks.get(m, '')} | " + " | ".join(row) + " |")
   out += ["", "| method | " + " | ".join(f"{t} rank(dW) | {t} ‖dWdWᵀ−I‖²" for t in c.tasks) + " |",
           "|---|" + "---|---|" * len(c.tasks)]
   for m in c.methods:

@@ -294,6 +294,9 @@ def _results(task, method, settings, trainable, history, train_time, steps) -> d
   deltas = lora_lib.delta_weights(adapters, method.settings.spec) if adapters else {}
   counts = accounting.param_counts(trainable)
   evals = history["eval"]
+  ranks = {k: int(v) for k, v in method.ranks(trainable).items()}
+  spec = method.settings.spec
+  initial_rank = 0 if spec is None else (spec.r if isinstance(spec, lora2_lib.Lora2Spec) else spec.rank)
   return {
       "task": task.name,
       "method": method.settings.name,
@@ -305,7 +308,10 @@ def _results(task, method, settings, trainable, history, train_time, steps) -> d
       "best": dict(max(evals, key=lambda h: h[task.main_metric])) if evals else {},
       "trainable_params": counts.trainable,
       "inference_params": counts.inference,
-      "ranks": {k: int(v) for k, v in method.ranks(trainable).items()},
+      # Each adapter's rank now (pruned or gated directions not counted), and
+      # the totals over adapters at the start and the end: the papers' "# Rank".
+      "ranks": ranks,
+      "total_rank": {"initial": initial_rank * len(adapters), "final": sum(ranks.values())},
       "steps": int(steps),
       "train_time_s": round(float(train_time), 2),
       "learning_rate": settings.learning_rate,

@@ -78,7 +78,7 @@ def test_a_user_task_trains_and_reports(tmp_path):
   assert results["best"] == max(results["history"]["eval"], key=lambda e: e["neg_mse"])
   evals = [e["neg_mse"] for e in results["history"]["eval"]]
   assert evals[0] < evals[1] < evals[2]  # it learns
-  assert results["ranks"] == {"hidden/kernel": 4}
+  assert results["ranks"] == {"hidden/kernel": 4} and results["total_rank"] == {"initial": 4, "final": 4}
   # Trainable: a, b of the adapter (4 * (6 + 16)) and the head (16 + 1).
   assert results["trainable_params"] == 4 * (6 + 16) + 17
   assert (tmp_path / "curves.png").exists() and (tmp_path / "spectra.png").exists()

@@ -15,8 +15,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def result(task, method, seed, score, *, metric="accuracy", rank=8.0, ortho=500.0, params=1000):
+  pruned = method == "adalora"  # pruned to half its rank: fewer inference parameters
   return {"task": task, "method": method, "seed": seed, "main_metric": metric,
           "metrics": {metric: score, "other": -1.0}, "trainable_params": params,
+          "inference_params": params // 2 if pruned else params,
+          "total_rank": {"initial": 96, "final": 48 if pruned else 96},
           "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho}}}
 
 
@@ -53,11 +56,12 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
     std = statistics.stdev(scores) if len(scores) > 1 else 0.0
     assert got[(method, task)] == f"{statistics.fmean(scores):.3f} ± {std:.3f} ({len(scores)})"
   assert got[("r_lora", "cola")] == "" and got[("peft_lora", "sst2")] == ""
-  assert got[("lora", "# T-params")] == "1,000"
+  assert got[("lora", "# T / I-params")] == "1,000 / 1,000"
+  assert got[("lora", "# rank start / end")] == "96 / 96"
   # Methods in the paper's order with the anchor last; tasks as first seen.
-  rows = re.findall(r"^\| (\w+) \| [\d,]+ \|", md, flags=re.M)
+  rows = re.findall(r"^\| (\w+) \| [\d,]+ / [\d,]+ \|", md, flags=re.M)
   assert rows == ["lora", "r_lora", "rm_lora", "peft_lora"]
-  assert md.splitlines()[0] == "| method | # T-params | cola | sst2 |"
+  assert md.splitlines()[0] == "| method | # T / I-params | # rank start / end | cola | sst2 |"
 
 
 def test_second_table_averages_rank_and_orthogonality():
