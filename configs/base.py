@@ -116,6 +116,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.sora.init_rank = 16
   c.sora.xi = 0.005  # lambda of Table 3 (task files set it)
   c.sora.gate_lr = -1.0  # <= 0: the learning rate
+  # "paper": gates start at 1, SGD then threshold lr * xi; "released": SoRA's
+  # code, gates ~ N(0, 1), Adam then threshold xi per step (it prunes; the
+  # paper's form at lr 1e-3 hardly does).
+  c.sora.variant = "paper"
 
   c.lora2 = config_dict.ConfigDict()
   # The LoRA² paper's headline setting: k = 1 (outer planes of width one), r = 8.

@@ -71,7 +71,8 @@ _CONFIG_NAMES: dict[str, str] = {
 for _cls, _section_name in (("RmOptions", "rm"), ("AdaLoraOptions", "adalora"), ("SoraOptions", "sora"),
                             ("Lora2Options", "lora2")):
   for _field in ("num_directions", "ortho_weight", "ortho_squared", "ortho_reduction", "mask_mode", "mask_period",
-                 "target_rank", "t_init_ratio", "t_final_ratio", "delta_t", "beta1", "beta2", "xi", "gate_lr"):
+                 "target_rank", "t_init_ratio", "t_final_ratio", "delta_t", "beta1", "beta2", "xi", "gate_lr",
+                 "variant"):
     _CONFIG_NAMES[f"{_cls}.{_field}"] = f"config.{_section_name}.{_field}"
 
 

@@ -253,6 +253,11 @@ def train_and_evaluate(
     if done % eval_every == 0 or done == total_steps:
       ev = task.evaluate(lambda batch: eval_step(state.trainable, frozen, put(batch)), settings.batch_size)
       history["eval"].append({"step": done, **ev})
+      # The total rank as training prunes it (AdaLoRA, LoRA²) or gates it off (SoRA).
+      adapters = method.adapters(state.trainable)
+      if adapters:
+        now = method.ranks({"adapters": partitioning.gather(adapters)})
+        history.setdefault("rank", []).append({"step": done, "total_rank": int(sum(now.values()))})
       _add_scalars(writer, "eval", ev, done)
       if primary:
         bar.write(f"step {done}/{total_steps} eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
@@ -325,7 +330,10 @@ def _plots(workdir: pathlib.Path, history, method, trainable, task_name: str) ->
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ranks = history.get("rank", [])
+  pruned = len({h["total_rank"] for h in ranks}) > 1
+  fig, axes = plt.subplots(1, 3 if pruned else 2, figsize=(15 if pruned else 10, 4))
+  ax1, ax2 = axes[:2]
   tr = history["train"]
   ax1.plot([h["step"] for h in tr], [h["task_loss"] for h in tr], label="task loss")
   if any(h["penalty"] for h in tr):
@@ -339,6 +347,10 @@ def _plots(workdir: pathlib.Path, history, method, trainable, task_name: str) ->
   ax2.set_xlabel("step")
   ax2.set_title(f"{task_name} evaluation")
   ax2.legend()
+  if pruned:
+    axes[2].plot([h["step"] for h in ranks], [h["total_rank"] for h in ranks], marker="o")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("total rank (nonzero gates / singular values)")
   fig.tight_layout()
   fig.savefig(workdir / "curves.png", dpi=110)
   plt.close(fig)

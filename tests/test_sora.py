@@ -1,5 +1,7 @@
 """SoRA: gated adapters, soft-thresholding after the optimizer, remaining ranks."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,30 @@ def test_toy_regression_learns_and_prunes():
   ranks = sora_ranks(ad)
   assert all(0 <= r <= 4 for r in ranks.values())
   assert sum(ranks.values()) < 8  # the L1 proximal step has closed some gates
+
+
+def test_released_variant_draws_gates_trains_them_with_adam_and_thresholds_by_xi():
+  """SoRA's released code: g ~ N(0, 1); Adam on the gates; then soft-threshold by xi itself."""
+  from rmlora_jax import methods
+  import rmlora_jax as rl
+  params = {"w": {"kernel": jnp.ones((6, 5))}}
+  spec = rl.LoraSpec(rank=4, alpha=4.0, targets=(r"w/kernel",))
+  s = methods.MethodSettings(name="sora", spec=spec, total_steps=10,
+                             options=methods.SoraOptions(variant="released", xi=0.3))
+  method = methods.make_method(s)
+  trainable = method.init(jax.random.key(0), params)
+  g0 = np.asarray(trainable["adapters"]["w/kernel"]["g"])
+  assert not np.allclose(g0, 1.0) and 0.2 < np.std(g0) < 3.0  # drawn, not ones
+  tx = method.optimizer(0.1)
+  state = tx.init(trainable)
+  grads = jax.tree.map(jnp.zeros_like, trainable)
+  grads["adapters"]["w/kernel"]["g"] = jnp.asarray([1.0, -1.0, 0.0, 2.0])
+  updates, _ = tx.update(grads, state, trainable)
+  g1 = np.asarray(optax.apply_updates(trainable, updates)["adapters"]["w/kernel"]["g"])
+  # Adam's first bias-corrected step moves each gate by lr * sign(grad) (0 where the grad is 0).
+  adam = g0 - 0.1 * np.sign([1.0, -1.0, 0.0, 2.0])
+  want = np.sign(adam) * np.maximum(np.abs(adam) - 0.3, 0.0)
+  np.testing.assert_allclose(g1, want, rtol=1e-4, atol=1e-6)
+  # The paper's variant starts at ones and would threshold by lr * xi = 0.03 after an SGD step.
+  paper = methods.make_method(dataclasses.replace(s, options=methods.SoraOptions(xi=0.3)))
+  assert np.all(np.asarray(paper.init(jax.random.key(0), params)["adapters"]["w/kernel"]["g"]) == 1.0)

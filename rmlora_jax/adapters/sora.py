@@ -40,21 +40,32 @@ lora.register_adapter_kind(SORA_FACTORS, lambda ad: (ad["b"] * ad["g"]) @ ad["a"
                            lambda ad: (ad["b"] * ad["g"], ad["a"]))
 
 
-def init_sora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict[str, Array]]:
+GATE_INITS = ("ones", "normal")
+
+
+def init_sora(key: Array, params: Any, spec: lora.LoraSpec, *, gate_init: str = "ones") -> dict[str, dict[str, Array]]:
   """Creates SoRA adapters for every leaf of ``params`` that ``spec`` targets.
 
   Args:
     key: a PRNG key; adapter ``path`` uses ``fold_in(key, hash(path))``, so
-      ``a`` equals `init_lora`'s for the same key.
+      ``a`` equals `init_lora`'s for the same key (the gates draw from a key
+      folded once more).
     params: the frozen parameter pytree (Flax kernels are (d_in, d_out)).
     spec: ``spec.rank`` is the maximum rank r.
+    gate_init: "ones", or "normal" (N(0, 1), the released code's ``torch.randn``).
 
   Returns:
-    ``{path: {"a": (r, d_in) ~ N(0, init_std^2), "b": zeros (d_out, r), "g": ones (r,)}}``.
+    ``{path: {"a": (r, d_in) ~ N(0, init_std^2), "b": zeros (d_out, r), "g": (r,)}}``.
   """
+  if gate_init not in GATE_INITS:
+    raise ValueError(f"init_sora: gate_init must be one of {GATE_INITS}, got {gate_init!r}")
   adapters = lora.init_lora(key, params, spec)
-  for ad in adapters.values():
-    ad["g"] = jnp.ones((spec.rank,), ad["a"].dtype)
+  for path, ad in adapters.items():
+    if gate_init == "ones":
+      ad["g"] = jnp.ones((spec.rank,), ad["a"].dtype)
+    else:
+      k = jax.random.fold_in(jax.random.fold_in(key, paths_lib.path_hash(path)), 1)
+      ad["g"] = jax.random.normal(k, (spec.rank,), ad["a"].dtype)
   return adapters
 
 
@@ -139,39 +150,59 @@ def gate_paths(tree: Any) -> set[str]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoraOptions:
-  """SoRA's settings; the maximum rank is ``MethodSettings.spec.rank``."""
+  """SoRA's settings; the maximum rank is ``MethodSettings.spec.rank``.
 
-  # lambda, the L1 weight of the gates (Table 3 of the RM-LoRA paper per task).
+  ``variant="paper"``: the gates start at one and take the proximal gradient
+  step of the paper, plain SGD then soft-thresholding by ``eta_t * xi``.
+  ``variant="released"``: what SoRA's released code does (its
+  ``SparseAdamW``): gates drawn from N(0, 1), trained by Adam (bias
+  corrected, no weight decay), then soft-thresholded by ``xi`` itself every
+  step. At a learning rate of 1e-3 the paper's threshold is a thousand times
+  smaller, which is why only the released variant prunes much in practice.
+  """
+
+  # lambda (paper) or the per-step threshold (released): the L1 weight of the gates.
   xi: float = 0.005
-  # Learning rate of the gates' SGD; <= 0: the run's learning rate.
+  # Learning rate of the gates' optimizer; <= 0: the run's learning rate (schedule).
   gate_lr: float = -1.0
+  # "paper" or "released" (see above).
+  variant: str = "paper"
 
   def __post_init__(self):
     if not self.xi >= 0:
       raise ValueError(f"SoraOptions.xi must be >= 0, got {self.xi!r}")
+    if self.variant not in ("paper", "released"):
+      raise ValueError(f"SoraOptions.variant must be 'paper' or 'released', got {self.variant!r}")
 
 
 def build(settings: base.MethodSettings) -> base.Method:
-  """SoRA: gated LoRA adapters; the gates take SGD plus a proximal L1 step, the rest AdamW.
+  """SoRA: gated LoRA adapters; the gates take their own optimizer and a proximal L1 step, the rest AdamW.
 
-  The proximal threshold per step is the gate learning rate times the
-  sparsity weight lambda (``SoraOptions.xi``), as in proximal gradient.
+  With the paper's variant the proximal threshold per step is the gate
+  learning rate times the sparsity weight lambda (``SoraOptions.xi``), as in
+  proximal gradient; with the released code's, ``xi`` (see `SoraOptions`).
   """
   s = settings
   opts = s.with_options(SoraOptions, method=s.name)
+  released = opts.variant == "released"
 
   def optimizer(lr):
     gate_lr = lr if opts.gate_lr <= 0 else opts.gate_lr
     lam = opts.xi
-    xi = (lambda step: lam * gate_lr(step)) if callable(gate_lr) else lam * gate_lr
+    if released:
+      xi, gate_tx = lam, optax.adam(gate_lr)
+    else:
+      xi = (lambda step: lam * gate_lr(step)) if callable(gate_lr) else lam * gate_lr
+      gate_tx = optax.sgd(gate_lr)
 
     def labels(tree):
       gates = gate_paths(tree)
       return jax.tree_util.tree_map_with_path(
           lambda kp, _: "gate" if paths_lib.path_str(kp) in gates else "rest", tree)
 
-    return optax.chain(optax.partition({"gate": optax.sgd(gate_lr), "rest": base.settings_optimizer(s, lr)}, labels),
+    return optax.chain(optax.partition({"gate": gate_tx, "rest": base.settings_optimizer(s, lr)}, labels),
                        sora_proximal(xi))
 
-  return lora.adapter_method(s, init_adapters=init_sora, optimizer=optimizer, ranks=sora_ranks)
+  init = lambda key, params, spec: init_sora(key, params, spec, gate_init="normal" if released else "ones")
+  return lora.adapter_method(s, init_adapters=init, optimizer=optimizer, ranks=sora_ranks)
 
