@@ -40,6 +40,9 @@ def get_config(arg=None):
   d.eval_subset = -1  # >0: that many evaluation questions
   d.subset_seed = 0
   d.buckets = (128, 192, 256, 320)  # padded window lengths below max_seq_len (few compilations)
+  # Segment ids 0 for the question and 1 for the context (BERT's convention);
+  # False: 0 everywhere, for models never trained on sentence pairs.
+  d.segment_ids = True
   d.cache_dir = ""  # features cached between runs; empty: ~/.cache/rmlora_jax/squad_features
   config.data = d
   return config

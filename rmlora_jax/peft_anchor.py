@@ -103,6 +103,12 @@ def train_peft_lora(
       r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[model_type],
       modules_to_save=head, task_type=task_type))
   trainable = [p for p in model.parameters() if p.requires_grad]
+  # PEFT 0.21's PeftModelForQuestionAnswering.forward takes token_type_ids but
+  # does not hand them to the model, which then sees segment 0 everywhere
+  # (measured: its logits equal transformers' with token_type_ids left out).
+  # Calling the wrapped transformers model, LoRA layers in place, gives PEFT's
+  # LoRA the inputs our side gets.
+  forward = model.base_model.model if task_type == "QUESTION_ANS" else model
   steps_per_epoch = task.num_train_batches(settings.batch_size)
   total = settings.total_steps(steps_per_epoch)
   opt = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=weight_decay)
@@ -115,7 +121,7 @@ def train_peft_lora(
 
   def predict(batch):
     with torch.no_grad():
-      out = predict_out(model(**inputs(batch)))
+      out = predict_out(forward(**inputs(batch)))
     return out
 
   def evaluate():
@@ -133,7 +139,7 @@ def train_peft_lora(
     if index == 0:
       batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=0)
     batch = next(batches)
-    loss = loss_fn(model(**inputs(batch)), batch)
+    loss = loss_fn(forward(**inputs(batch)), batch)
     loss.backward()
     if max_grad_norm > 0:
       torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)

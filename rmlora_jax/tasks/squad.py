@@ -16,6 +16,7 @@ seen in training).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -99,8 +100,13 @@ def build_task(config: ml_collections.ConfigDict, tokenizer: Any, train_file: st
                dev_file: str | None) -> qa.ExtractiveQA:
   """The `qa.ExtractiveQA` task: examples, windows (cached between runs), buckets."""
   train, dev = load_examples(config, train_file, dev_file)
-  features = lambda examples: squad.build_features(examples, tokenizer, max_seq_len=config.max_seq_len,
-                                                   doc_stride=config.doc_stride, cache_dir=cache_dir(config))
+  def features(examples):
+    f = squad.build_features(examples, tokenizer, max_seq_len=config.max_seq_len, doc_stride=config.doc_stride,
+                             cache_dir=cache_dir(config))
+    # Without segment ids every token is segment 0, as for a model never
+    # trained on sentence pairs (the embedded sentence-transformers MiniLM).
+    return f if config.data.segment_ids else dataclasses.replace(f, token_type_ids=np.zeros_like(f.token_type_ids))
+
   buckets = tuple(sorted({min(config.max_seq_len, b) for b in config.data.buckets} | {config.max_seq_len}))
   return qa.ExtractiveQA(train=features(train), eval_examples=dev, eval_features=features(dev), buckets=buckets,
                          n_best=config.n_best, max_answer_len=config.max_answer_len)

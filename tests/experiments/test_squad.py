@@ -54,7 +54,7 @@ def tiny_config(model, train_file, workdir, **overrides):
   return set_overrides(config, overrides)
 
 
-@pytest.mark.parametrize("method", ["lora", "rm_lora", "adalora"])
+@pytest.mark.parametrize("method", ["rm_lora", "adalora"])
 def test_squad_runs_every_family_and_reports_exact_match_and_f1(method, tiny_bert, tmp_path):
   config = tiny_config(tiny_bert, write_squad(tmp_path / "train.json"), tmp_path / "run", method=method)
   results = squad_task.train_and_evaluate(config, config.workdir)
