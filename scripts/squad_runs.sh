@@ -2,7 +2,8 @@
 # The SQuAD rows of docs/RESULTS.md on the embedded MiniLM (rank 8), two
 # single-threaded runs at a time: trains on $SUBSET questions of the first 28
 # articles of the shared file (seeded draw), evaluates on its last 4 articles
-# (held out whole); $EPOCHS epochs, seed $SEED. Finished runs are skipped.
+# (held out whole); $EPOCHS epochs, seed $SEED, every token in segment 0 (the
+# embedded MiniLM was never trained on sentence pairs). Finished runs are skipped.
 #
 #   bash scripts/squad_runs.sh "lora peft_lora rm_lora adalora"   # runs/squad/<method>_s0/
 set -euo pipefail
@@ -19,7 +20,7 @@ run_one() {
   [ -f "$workdir/results.json" ] && return 0
   echo "$(date +%T) start $workdir" >&2
   .venv/bin/python -m $entry --config=configs/squad.py:model=minilm --config.method=$method \
-    --config.data.dir=../shared/data/squad --config.data.train_subset=$SUBSET --config.num_epochs=$EPOCHS \
+    --config.data.dir=../shared/data/squad --config.data.train_subset=$SUBSET --config.num_epochs=$EPOCHS --config.data.segment_ids=False \
     --config.seed=$SEED --config.workdir=$workdir --config.progress=False > $workdir.log 2>&1 \
     || { echo "$(date +%T) FAILED $workdir (see $workdir.log)" >&2; return 1; }
   echo "$(date +%T) done  $workdir" >&2
