@@ -68,12 +68,10 @@ _CONFIG_NAMES: dict[str, str] = {
     "Lora2Spec.alpha": "config.lora.alpha", "Lora2Spec.targets": "config.lora.targets",
     "Lora2Spec.init_std": "config.lora.init_std", "Lora2Spec.k": "config.lora2.k", "Lora2Spec.r": "config.lora2.r",
 }
-for _cls, _section_name in (("RmOptions", "rm"), ("AdaLoraOptions", "adalora"), ("SoraOptions", "sora"),
-                            ("Lora2Options", "lora2")):
-  for _field in ("num_directions", "ortho_weight", "ortho_squared", "ortho_reduction", "mask_mode", "mask_period",
-                 "target_rank", "t_init_ratio", "t_final_ratio", "delta_t", "beta1", "beta2", "xi", "gate_lr",
-                 "variant"):
-    _CONFIG_NAMES[f"{_cls}.{_field}"] = f"config.{_section_name}.{_field}"
+for _cls, _section_name in ((methods_lib.RmOptions, "rm"), (methods_lib.AdaLoraOptions, "adalora"),
+                            (methods_lib.SoraOptions, "sora"), (methods_lib.Lora2Options, "lora2")):
+  for _field in dataclasses.fields(_cls):
+    _CONFIG_NAMES[f"{_cls.__name__}.{_field.name}"] = f"config.{_section_name}.{_field.name}"
 
 
 def config_names(message: str, extra: Mapping[str, str] | None = None) -> str:

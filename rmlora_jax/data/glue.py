@@ -544,7 +544,8 @@ def batch_plan(
   return plan
 
 
-def _bucket_for(length: int, buckets: Sequence[int]) -> int:
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  """The smallest of the ascending ``buckets`` that holds ``length`` tokens."""
   for b in buckets:
     if b >= length:
       return b
@@ -601,7 +602,7 @@ def batches(
     real = len(idx)
     # Fill with copies of the first example: its length is already in the batch.
     idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
-    length = _bucket_for(int(lengths[idx].max()), buckets)
+    length = bucket_for(int(lengths[idx].max()), buckets)
     input_ids = np.full((batch_size, length), pad_id, np.int32)
     token_type_ids = np.zeros((batch_size, length), np.int32)
     attention_mask = np.zeros((batch_size, length), np.int32)
@@ -640,5 +641,5 @@ def padding_fraction(
   lengths = np.asarray(lengths)
   buckets = tuple(sorted(buckets))
   plan = batch_plan(lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-  total = sum(batch_size * _bucket_for(int(lengths[idx].max()), buckets) for idx in plan)
+  total = sum(batch_size * bucket_for(int(lengths[idx].max()), buckets) for idx in plan)
   return 1.0 - float(lengths.sum()) / total if total else 0.0

@@ -37,8 +37,7 @@ HEAD_PATTERNS = (r"classifier/.*",)
 
 def validate(config: ml_collections.ConfigDict) -> glue.GlueTask:
   """Every setting of a GLUE run, checked before anything is loaded; the task's description."""
-  methods_settings = experiment.validate(config)
-  del methods_settings
+  experiment.validate(config)
   task = glue.get_task(config.task)
   data_dir = glue.resolve_data_source(config.data.dir)
   if data_dir is not None and not os.path.isdir(data_dir):

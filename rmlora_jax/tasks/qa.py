@@ -35,8 +35,8 @@ def gather(features: squad.QAFeatures, idx: np.ndarray, batch_size: int, buckets
   """
   real = len(idx)
   idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
-  longest = int(features.lengths[idx].max())
-  length = next((b for b in sorted(buckets) if b >= longest), features.input_ids.shape[1])
+  # The full window width is the last bucket, whatever ``buckets`` holds.
+  length = glue.bucket_for(int(features.lengths[idx].max()), sorted({*buckets, features.input_ids.shape[1]}))
   batch = {k: getattr(features, k)[idx, :length] for k in _TOKEN_FIELDS}
   weights = np.zeros(batch_size, np.float32)
   weights[:real] = 1.0
