@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora.rank = 8
   c.lora.alpha = 32.0
   c.lora.init_std = 0.02
+  # "gaussian": a ~ N(0, init_std^2), the paper's; "kaiming_uniform": PEFT's
+  # U(-1/sqrt(d_in), 1/sqrt(d_in)) (LoRA family and SoRA).
+  c.lora.init = "gaussian"
   c.lora.targets = ()  # empty: the model's default (every attention and FFN matrix)
   c.lora.train_patterns = ()  # extra regexes of params trained with the adapters (head is always)
   # "low_rank": our encoders compute x W0 + (x a^T) b^T s (no weight gradient of

@@ -64,7 +64,7 @@ _CONFIG_NAMES: dict[str, str] = {
     "MethodSettings.adapter_apply": "config.lora.apply", "MethodSettings.weight_decay": "config.optim.weight_decay",
     "MethodSettings.train_patterns": "config.lora.train_patterns",
     "LoraSpec.alpha": "config.lora.alpha", "LoraSpec.targets": "config.lora.targets",
-    "LoraSpec.init_std": "config.lora.init_std", "LoraSpec.rank": "config.lora.rank",
+    "LoraSpec.init_std": "config.lora.init_std", "LoraSpec.init": "config.lora.init", "LoraSpec.rank": "config.lora.rank",
     "Lora2Spec.alpha": "config.lora.alpha", "Lora2Spec.targets": "config.lora.targets",
     "Lora2Spec.init_std": "config.lora.init_std", "Lora2Spec.k": "config.lora2.k", "Lora2Spec.r": "config.lora2.r",
 }
@@ -196,8 +196,12 @@ def adapter_spec(config: ml_collections.ConfigDict, default_targets: tuple[str, 
     return None
   targets = tuple(config.lora.targets) or tuple(default_targets)
   common = dict(alpha=config.lora.alpha, targets=targets, init_std=config.lora.init_std)
+  if config.lora.init != "gaussian" and (entry.two_plane or config.method == "adalora"):
+    raise ValueError(f"config.lora.init={config.lora.init!r} applies to the LoRA family and SoRA; "
+                     f"{config.method} draws its factors from N(0, config.lora.init_std^2) (set init='gaussian')")
   if entry.two_plane:
     return _typed(lora2_lib.Lora2Spec, dict(k=config.lora2.k, r=config.lora2.r, **common), {})
+  common["init"] = config.lora.init
   init_rank, _ = adalora_lib.budget_ranks(config.lora.rank, config.adalora.init_rank, config.adalora.target_rank)
   rank, rank_name = {"adalora": (init_rank, "config.adalora.init_rank"),
                      "sora": (config.sora.init_rank, "config.sora.init_rank")}.get(

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=${1:-"lora peft_lora rm_lora adalora"}
-export SUBSET=${SUBSET:-2000} EPOCHS=${EPOCHS:-1} SEED=${SEED:-0}
+export SUBSET=${SUBSET:-2000} EPOCHS=${EPOCHS:-2} SEED=${SEED:-0}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 export OMP_NUM_THREADS=1
 mkdir -p runs/squad

@@ -47,6 +47,21 @@ def test_init_shapes_layout_and_statistics():
   assert abs(float(jnp.mean(big["w"]["a"]))) < 0.01
 
 
+def test_kaiming_uniform_init_is_pytorch_linear_default():
+  # PyTorch's Linear (and PEFT's lora_A) use kaiming_uniform_(a=sqrt(5)):
+  # bound = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + a^2)).
+  d_in, rank = 384, 64
+  bound = np.sqrt(2.0 / (1.0 + 5.0)) * np.sqrt(3.0 / d_in)
+  spec = rl.LoraSpec(rank=rank, alpha=1.0, targets=("w",), init="kaiming_uniform", init_std=7.0)
+  a = np.asarray(rl.init_lora(jax.random.key(2), {"w": jnp.zeros((d_in, 96))}, spec)["w"]["a"])
+  assert a.shape == (rank, d_in)
+  assert np.abs(a).max() <= bound
+  assert np.abs(a).max() > 0.99 * bound  # fills the interval (24,576 draws)
+  assert abs(a.std() - bound / np.sqrt(3.0)) < 0.01 * bound  # uniform, not init_std's Gaussian
+  with pytest.raises(ValueError, match="init must be one of"):
+    rl.LoraSpec(rank=1, alpha=1.0, targets=("w",), init="xavier")
+
+
 def test_init_is_a_function_of_key_and_path():
   params = _params()
   a1 = rl.init_lora(jax.random.key(0), params, SPEC)

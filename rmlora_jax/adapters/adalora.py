@@ -57,6 +57,9 @@ def init_adalora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict
     ``{path: {"p": (d_out, r), "lam": zeros (r,), "q": (r, d_in)}}``, p and q
     ~ N(0, init_std^2), so dW = 0 at init.
   """
+  if spec.init != "gaussian":
+    raise ValueError(f"AdaLoRA draws p and q from N(0, init_std^2); LoraSpec.init={spec.init!r} "
+                     f"applies to LoRA and SoRA only")
   adapters = {}
   for path, leaf in lora.select_targets(params, spec).items():
     d_in, d_out = leaf.shape

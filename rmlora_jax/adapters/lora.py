@@ -41,6 +41,10 @@ Adapter = Mapping[str, Array]
 Adapters = Mapping[str, Adapter]
 
 
+# The ways `init_lora` can draw the factor `a`.
+A_INITS = ("gaussian", "kaiming_uniform")
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraSpec:
@@ -62,6 +66,10 @@ class LoraSpec:
   targets: tuple[str, ...]
   # Standard deviation of the Gaussian that initialises `a` (b starts at zero).
   init_std: float = 0.02
+  # How `a` is drawn: "gaussian", N(0, init_std^2) (the RM-LoRA paper's); or
+  # "kaiming_uniform", U(-1/sqrt(d_in), 1/sqrt(d_in)), PyTorch's default for a
+  # Linear layer and PEFT's for lora_A (init_std is then unused).
+  init: str = "gaussian"
 
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -80,6 +88,8 @@ class LoraSpec:
     object.__setattr__(self, "targets", targets)
     if not isinstance(self.init_std, (int, float)) or not self.init_std >= 0:
       raise ValueError(f"LoraSpec.init_std must be >= 0, got {self.init_std!r}")
+    if self.init not in A_INITS:
+      raise ValueError(f"LoraSpec.init must be one of {A_INITS}, got {self.init!r}")
 
   @property
   def scale(self) -> float:
@@ -139,7 +149,8 @@ def init_lora(key: Array, params: Any, spec: LoraSpec) -> dict[str, dict[str, Ar
     spec: the adapter specification.
 
   Returns:
-    ``{path: {"a": (rank, d_in) ~ N(0, init_std^2), "b": zeros (d_out, rank)}}``.
+    ``{path: {"a": (rank, d_in), "b": zeros (d_out, rank)}}``, ``a`` drawn as
+    ``spec.init`` says: N(0, init_std^2), or U(-1/sqrt(d_in), 1/sqrt(d_in)).
 
   Example::
 
@@ -150,8 +161,13 @@ def init_lora(key: Array, params: Any, spec: LoraSpec) -> dict[str, dict[str, Ar
     d_in, d_out = leaf.shape
     dtype = adapter_dtype(leaf)
     k = jax.random.fold_in(key, paths_lib.path_hash(path))
+    if spec.init == "kaiming_uniform":
+      bound = 1.0 / math.sqrt(d_in)
+      a = jax.random.uniform(k, (spec.rank, d_in), dtype, -bound, bound)
+    else:
+      a = spec.init_std * jax.random.normal(k, (spec.rank, d_in), dtype)
     adapters[path] = {
-        "a": spec.init_std * jax.random.normal(k, (spec.rank, d_in), dtype),
+        "a": a,
         "b": jnp.zeros((d_out, spec.rank), dtype),
     }
   return adapters

@@ -145,6 +145,8 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"rm.ortho_weight": -1.0}, r"config.rm.ortho_weight must be >= 0"),
     ({"optim.warmup_ratio": 2.0}, r"warmup_ratio must be in \[0, 1\]"),
     ({"lora.targets": ("[bad",)}, r"config.lora.targets: invalid regex"),
+    ({"lora.init": "xavier"}, r"config.lora.init must be one of \('gaussian', 'kaiming_uniform'\), got 'xavier'"),
+    ({"method": "adalora", "lora.init": "kaiming_uniform"}, r"config.lora.init='kaiming_uniform' applies to"),
     ({"method": "adalora", "adalora.target_rank": 99}, r"target_rank=99 must be in 1..config.adalora.init_rank=8"),
     ({"keep_checkpoints": 0}, r"config.keep_checkpoints must be a positive integer"),
     ({"seed": -1}, r"config.seed must be a non-negative integer"),

@@ -114,3 +114,35 @@ def test_peft_anchor_trains_on_the_same_windows(tiny_bert, tmp_path):
   assert set(saved["metrics"]) == {"exact_match", "f1"}
   # PEFT's trainable count: LoRA on six matrices of two layers plus the (32, 2) qa_outputs head.
   assert saved["trainable_params"] == 2 * 4 * (4 * (32 + 32) + (32 + 48) + (48 + 32)) + 32 * 2 + 2
+
+
+def test_qa_loss_ignores_padding_positions():
+  """The loss is the NumPy cross-entropy over each row's real tokens, whatever the bucket's padding."""
+  from rmlora_jax.tasks import qa  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  lengths = np.array([5, 9, 3])
+  width = 12
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  logits = {side: rng.normal(size=(3, width)).astype(np.float32) * 3 for side in ("start", "end")}
+  # Pad positions get large logits: counted, they would dominate the softmax.
+  for side in logits:
+    logits[side][mask == 0] = 20.0
+  starts, ends = np.array([0, 4, 2]), np.array([1, 8, 2])
+  weights = np.array([1.0, 1.0, 0.0], np.float32)  # the last row is a filler
+
+  def ce(x, n, label):
+    x = x[:n].astype(np.float64)
+    return np.log(np.exp(x - x.max()).sum()) + x.max() - x[label]
+
+  per_row = [0.5 * (ce(logits["start"][i], lengths[i], starts[i]) + ce(logits["end"][i], lengths[i], ends[i]))
+             for i in range(3)]
+  expected = (weights * per_row).sum() / weights.sum()
+  task = qa.ExtractiveQA(train=None, eval_examples=(), eval_features=None, buckets=(width,))
+  batch = {"attention_mask": mask, "start_positions": starts, "end_positions": ends, "weights": weights}
+  got = task.loss({f"{k}_logits": v for k, v in logits.items()}, batch)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+  # Four more pad columns (another bucket) change nothing.
+  wider = {f"{k}_logits": np.pad(v, ((0, 0), (0, 4)), constant_values=50.0) for k, v in logits.items()}
+  batch_wide = dict(batch, attention_mask=np.pad(mask, ((0, 0), (0, 4))))
+  np.testing.assert_allclose(float(task.loss(wider, batch_wide)), expected, rtol=1e-5)
