@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Where checkpoints, metrics, plots and results.json go; empty:
   # runs/<task>_<method>_<model>_s<seed>. The same workdir again resumes the run.
   c.workdir = ""
+  # A PEFT adapter folder (experiments.export --format=peft, or PEFT's
+  # save_pretrained): the run starts from its adapters and trained head.
+  c.init_adapters = ""
 
   c.model = config_dict.ConfigDict()
   name = args.get("model", "deberta")

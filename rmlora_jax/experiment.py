@@ -23,20 +23,23 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import peft_format
 from rmlora_jax import trainer as trainer_lib
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.adapters import lora as lora_lib
 from rmlora_jax.adapters import lora2 as lora2_lib
+from rmlora_jax.data import glue as glue_data
 from rmlora_jax.models import hub
 
 # Table 3 of the RM-LoRA paper: full fine-tuning at 1e-5, every adapter method at 1e-3.
@@ -152,6 +155,8 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
       name = f"{prefix}{key}"
       if any(name == r or name.startswith(r + ".") for r in RESUMABLE_CHANGES):
         continue
+      if name == "init_adapters" and not value:
+        continue  # unset: the fingerprints of runs from before the key stay as they were
       if isinstance(value, dict):
         walk(value, name + ".")
       else:
@@ -240,6 +245,9 @@ def validate(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
   trainer_settings(config)
   settings = method_settings(config, default_targets=(".*",))
+  if config.get("init_adapters") and not os.path.isdir(config.init_adapters):
+    raise ValueError(f"config.init_adapters={config.init_adapters!r} is not a folder (expected a PEFT adapter: "
+                     f"{peft_format.ADAPTER_CONFIG} and {peft_format.ADAPTER_WEIGHTS})")
   if config.method in ("gm_lora", "rm_lora") and not 1 <= config.rm.num_directions <= config.lora.rank:
     raise ValueError(
         f"config.rm.num_directions={config.rm.num_directions} must be in 1..config.lora.rank={config.lora.rank}")
@@ -335,3 +343,128 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
       extra_results={"model": config.model.name_or_path,
                      "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}})
 
+
+def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config: Any, head: str,
+                      method: methods_lib.MethodSettings) -> Callable[[Any], Any] | None:
+  """The trainer's ``init_trainable`` for ``config.init_adapters`` (a PEFT folder); None when unset."""
+  folder = config.get("init_adapters", "")
+  if not folder:
+    return None
+  try:
+    return peft_format.start_from(peft_format.load_peft(folder, params, hf_config, head=head), method)
+  except ValueError as e:
+    raise ValueError(f"config.init_adapters={folder!r}: {e}") from e
+
+
+EXPORT_FORMATS = ("peft", "merged")
+
+
+def model_head(config: ml_collections.ConfigDict) -> tuple[str, int]:
+  """``(head, num_labels)`` of a run's model: "qa" for SQuAD, else its GLUE task's head."""
+  if config.task == "squad":
+    return "qa", 2
+  try:
+    task = glue_data.get_task(config.task)
+  except ValueError as e:
+    raise ValueError(f"config.task={config.task!r}: export handles GLUE and SQuAD runs ({e})") from e
+  return ("regression" if task.is_regression else "classification"), task.num_labels
+
+
+def saved_config(workdir: str | os.PathLike, defaults: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The config of the run in ``workdir``: its results.json's, else its latest checkpoint's settings.
+
+  ``defaults`` (``configs.base.get_config()``) fill in keys that runs from before they existed lack.
+  """
+  workdir = pathlib.Path(workdir)
+  saved = None
+  if (workdir / "results.json").is_file():
+    saved = json.loads((workdir / "results.json").read_text()).get("config")
+  if saved is None:
+    with _checkpoints(workdir) as (manager, step):
+      flat = manager.restore(step, args=_ocp().args.Composite(record=_ocp().args.JsonRestore())).record["run_config"]
+    saved = {}
+    for dotted, value in flat.items():
+      *parents, last = dotted.split(".")
+      node = saved
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[last] = value
+
+  def deep_merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+      out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+  return ml_collections.ConfigDict(deep_merge(defaults.to_dict() if defaults is not None else {}, saved))
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+@contextlib.contextmanager
+def _checkpoints(workdir: pathlib.Path):
+  """``(manager, latest step)`` of a workdir's checkpoints, read-only."""
+  folder = (workdir / "checkpoints").absolute()
+  if not folder.is_dir():
+    raise ValueError(f"{str(workdir)!r} has no checkpoints folder: is it the workdir of a run?")
+  manager = _ocp().CheckpointManager(folder, options=_ocp().CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"{str(folder)!r} holds no complete checkpoint yet")
+    yield manager, step
+  finally:
+    manager.close()
+
+
+def trained_state(workdir: str | os.PathLike) -> tuple[Any, int]:
+  """The trainable tree (numpy) of a run's latest checkpoint, and its step; no optimizer is rebuilt."""
+  with _checkpoints(pathlib.Path(workdir)) as (manager, step):
+    state = manager.restore(step, args=_ocp().args.Composite(state=_ocp().args.StandardRestore())).state
+  return jax.tree.map(np.asarray, state["trainable"]), step
+
+
+def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike | None = None,
+               defaults: ml_collections.ConfigDict | None = None) -> pathlib.Path:
+  """Writes a run's trained model as a PEFT adapter folder (``fmt="peft"``) or a merged HF folder ("merged").
+
+  The run's base model is loaded as it was for training (its config), the
+  trainable tree is read from its latest checkpoint. ``out`` defaults to
+  ``<workdir>/<fmt>``.
+
+  Raises:
+    ValueError: an unknown format, a folder without checkpoints, or
+      ``fmt="peft"`` for full fine-tuning (no adapter).
+  """
+  if fmt not in EXPORT_FORMATS:
+    raise ValueError(f"--format={fmt!r} is not one of {EXPORT_FORMATS}")
+  workdir = pathlib.Path(workdir)
+  config = saved_config(workdir, defaults)
+  head, num_labels = model_head(config)
+  trainable, step = trained_state(workdir)
+  out = pathlib.Path(out) if out else workdir / fmt
+  _, params, tokenizer, hf_config, _ = load_model(config, head, num_labels)
+  if "params" in trainable:
+    if fmt == "peft":
+      raise ValueError(f"{str(workdir)!r} is a full fine-tuning run: it has no adapter to write in PEFT's format; "
+                       f"use --format=merged")
+    return peft_format.save_merged(out, params=trainable["params"], hf_config=hf_config, head=head,
+                                   tokenizer=tokenizer)
+  settings = method_settings(config, default_targets=hub.default_lora_targets(hf_config))
+  if fmt == "merged":
+    return peft_format.save_merged(out, params=params, hf_config=hf_config, head=head, adapters=trainable["adapters"],
+                                   spec=settings.spec, trained=trainable["head"], tokenizer=tokenizer)
+  extra = {}
+  if isinstance(settings.options, adalora_lib.AdaLoraOptions):
+    # PEFT's AdaLoraConfig checks its schedule on loading: write the run's.
+    schedule = settings.options.schedule(settings.spec.rank, step)
+    extra = {"target_r": schedule.target_rank, "total_step": schedule.total_steps, "tinit": schedule.t_init,
+             "tfinal": schedule.t_final, "deltaT": schedule.delta_t, "beta1": schedule.beta1,
+             "beta2": schedule.beta2, "orth_reg_weight": settings.options.ortho_weight}
+  return peft_format.save_peft(out, params=params, adapters=trainable["adapters"], spec=settings.spec,
+                               trained=trainable["head"], hf_config=hf_config, head=head,
+                               base_model_name_or_path=config.model.name_or_path, extra_config=extra)

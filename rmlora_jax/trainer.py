@@ -23,7 +23,7 @@ import pathlib
 import re
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -171,6 +171,7 @@ def train_and_evaluate(
     mesh: Mesh | None = None,
     param_specs: Any = None,
     extra_results: Mapping[str, Any] | None = None,
+    init_trainable: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
   """Trains ``method`` on ``task`` (or resumes it) and returns the results dict.
 
@@ -185,6 +186,9 @@ def train_and_evaluate(
     param_specs: `PartitionSpec`s of ``params`` (`partitioning.match_partition_rules`);
       None: replicated.
     extra_results: merged into results.json (the model's name, the config).
+    init_trainable: ``trainable -> trainable`` applied to the method's fresh
+      initialisation, e.g. adapters read from a PEFT folder
+      (`rmlora_jax.peft_format.start_from`); a resumed run restores its own.
 
   Returns:
     The results dict, as written to ``workdir/results.json``: final and best
@@ -200,6 +204,8 @@ def train_and_evaluate(
   steps_per_epoch = task.num_train_batches(settings.batch_size)
   total_steps = settings.total_steps(steps_per_epoch)
   method = methods_lib.make_method(dataclasses.replace(method, total_steps=total_steps))
+  if init_trainable is not None:
+    method = dataclasses.replace(method, init=lambda key, p, init=method.init: init_trainable(init(key, p)))
   tx = method.optimizer(lr_schedule(settings.learning_rate, total_steps, settings.warmup_ratio))
   state, state_sh = training.init_state(method, tx, params, key=training.stream_key(settings.seed, training.INIT_STREAM),
                                         mesh=mesh, param_specs=param_specs)

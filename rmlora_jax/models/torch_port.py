@@ -237,6 +237,56 @@ def drop_missing(tree: Mapping[str, Any]) -> dict:
   return out
 
 
+def state_dict_sources(
+    convert: Callable[[Mapping[str, np.ndarray]], Any], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[str, bool]]:
+  """Which state dict entry each Flax leaf of a converter comes from: its inverse.
+
+  Runs ``convert`` (a port's ``params_from_state_dict``) on a state of
+  zero-copy tagged arrays of the given shapes, one tag per key, and reads the
+  tags back from the leaves. So writing weights in transformers' names
+  (PEFT adapters, merged exports) follows the same mapping as reading them,
+  rather than a second table.
+
+  Args:
+    convert: ``state -> nested params``; it may only select and transpose
+      (``.T``) entries, as `StateReader` does.
+    shapes: every entry of the PyTorch state dict and its shape.
+
+  Returns:
+    ``{flax path: (state dict key, transposed)}``; ``transposed``: the leaf is
+    the entry with its axes reversed (``Linear`` weight -> ``Dense`` kernel).
+
+  Raises:
+    AssertionError: a leaf is not one entry, as is or transposed.
+  """
+  keys = list(shapes)
+  state = {}
+  for i, key in enumerate(keys):
+    shape = tuple(int(n) for n in shapes[key])
+    # Value i everywhere, i + 0.5 past the first row: a transpose is seen even
+    # on square matrices. Broadcast views: no memory however large the entry.
+    marker = np.full(shape[:1] + (1,) * max(len(shape) - 1, 0), float(i))
+    if shape and shape[0] > 1:
+      marker[1:] += 0.5
+    state[key] = np.broadcast_to(marker, shape)
+  out = {}
+  for path, leaf in paths_lib.flatten_with_paths(convert(state)).items():
+    leaf = np.asarray(leaf)
+    index = int(np.floor(leaf.flat[0])) if leaf.size else -1
+    assert leaf.dtype == np.float64 and 0 <= index < len(keys), f"{path!r} is not read from one state entry"
+    shape = tuple(int(n) for n in shapes[keys[index]])
+    if leaf.ndim < 2 or leaf.shape != shape[::-1]:
+      transposed = False
+    elif leaf.shape != shape:
+      transposed = True
+    else:  # square: the first row of the entry must still be first
+      transposed = shape[0] > 1 and leaf[(1,) + (0,) * (leaf.ndim - 1)] == index
+    assert leaf.shape == (shape[::-1] if transposed else shape), f"{path!r} reshapes {keys[index]!r}"
+    out[path] = (keys[index], transposed)
+  return out
+
+
 def check_shapes(params: Any, expected: Any, *, model: str) -> None:
   """Checks converted weights against the shapes the Flax module declares.
 

@@ -122,6 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   head_patterns = HEAD_PATTERNS + tuple(re.escape(p) for p in report.missing)
   method = experiment.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
                                       head_patterns=head_patterns)
+  init_trainable = experiment.initial_trainable(config, params, hf_config, head, method)
   with experiment.config_errors():
     return trainer.train_and_evaluate(task, module, params, method, experiment.trainer_settings(config), workdir,
-                                      mesh=mesh, param_specs=param_specs, extra_results=experiment.summary(config))
+                                      mesh=mesh, param_specs=param_specs, extra_results=experiment.summary(config),
+                                      init_trainable=init_trainable)

@@ -129,6 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   summary = {**experiment.summary(config), "train_questions": int(len(np.unique(task.train.example_index))),
              "eval_questions": len(task.eval_examples), "train_windows": len(task.train),
              "eval_windows": len(task.eval_features)}
+  init_trainable = experiment.initial_trainable(config, params, hf_config, "qa", method)
   with experiment.config_errors():
     return trainer.train_and_evaluate(task, module, params, method, experiment.trainer_settings(config), workdir,
-                                      mesh=mesh, param_specs=param_specs, extra_results=summary)
+                                      mesh=mesh, param_specs=param_specs, extra_results=summary,
+                                      init_trainable=init_trainable)
