@@ -30,6 +30,11 @@ AdaLoRA as PEFT AdaLoRA; SoRA and LoRA² (and any family with ``fold=True``)
 as a PEFT LoRA of their active rank whose product is their ``dW`` (gates,
 singular values and scale folded into ``lora_B``, ``lora_alpha = r``).
 
+A ViT (head "image_classification") is written in the names of
+``AutoModelForImageClassification``; its PEFT folder leaves ``task_type``
+unset (PEFT has none for images) and saves the trained classifier whole in
+``modules_to_save``, as PEFT's image-classification guide does.
+
 Example::
 
   save_peft("out/peft", params=params, adapters=trainable["adapters"], spec=spec,
@@ -77,11 +82,16 @@ ADALORA_EPS = 1e-5
 # The PEFT types `load_peft` reads.
 LOADABLE_TYPES = ("LORA", "ADALORA")
 
-# Our heads -> the transformers auto class and PEFT's task type.
+# Our heads -> the transformers auto class and PEFT's task type. PEFT has no
+# task type for images: its image-classification guide leaves task_type unset
+# (a plain PeftModel) and lists the classifier in modules_to_save.
 AUTO_CLASSES = {"base": "AutoModel", "classification": "AutoModelForSequenceClassification",
-                "regression": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering"}
+                "regression": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering",
+                "image_classification": "AutoModelForImageClassification"}
 TASK_TYPES = {"base": "FEATURE_EXTRACTION", "classification": "SEQ_CLS", "regression": "SEQ_CLS",
-              "qa": "QUESTION_ANS"}
+              "qa": "QUESTION_ANS", "image_classification": None}
+# Heads whose classifier has num_labels outputs.
+_CLASSIFIER_HEADS = ("classification", "regression", "image_classification")
 # The head modules PEFT adds to modules_to_save itself for a task type; saved whole.
 _TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The heads each PEFT task type may be loaded into.
@@ -103,14 +113,19 @@ class TorchLayout:
   model_class: str
   # Its config: the checkpoint's, with num_labels and architectures set.
   hf_config: Any
-  # flax path -> (state dict key, transposed).
-  sources: Mapping[str, tuple[str, bool]]
+  # flax path -> (state dict key, axes): the leaf is the entry with its axes permuted
+  # (`torch_port.from_state`; None: as is, (1, 0): a Linear weight's kernel).
+  sources: Mapping[str, tuple[str, tuple[int, ...] | None]]
   # Every entry of the transformers model's state dict and its shape.
   shapes: Mapping[str, tuple[int, ...]]
   # Every module name of the transformers model.
   modules: tuple[str, ...]
   # Each ``nn.Linear`` module's name -> the flax path of its kernel.
   linear: Mapping[str, str]
+  # State dict key -> the name ``save_pretrained`` writes it under, where they
+  # differ (transformers 5 renames some modules in memory, e.g. ViT's q_proj,
+  # and writes the checkpoint's names back).
+  saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def paths(self) -> dict[str, str]:
@@ -119,7 +134,7 @@ class TorchLayout:
 
   def kernel_module(self, path: str, *, where: str) -> str:
     """The name of the ``nn.Linear`` whose weight is the kernel at ``path``."""
-    key, _ = self.sources.get(path, ("", False))
+    key, _ = self.sources.get(path, ("", None))
     module = key.removesuffix(".weight")
     if self.linear.get(module) != path:
       raise ValueError(f"{where}: {path!r} is not the kernel of a linear layer of {self.model_class}")
@@ -131,7 +146,7 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
 
   Args:
     hf_config: the checkpoint's transformers config (as `hub.load_pretrained` returns).
-    head: "base", "classification", "regression" or "qa".
+    head: "base", "classification", "regression", "qa" or "image_classification" (ViT).
     num_labels: outputs of a classification or regression head.
 
   Raises:
@@ -144,8 +159,8 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
     raise ValueError(f"torch_layout: head {head!r} has no transformers model; one of {tuple(AUTO_CLASSES)}")
   arch = hub.architecture(hf_config.model_type)
   cfg = copy.deepcopy(hf_config)
-  if head in ("classification", "regression"):
-    cfg.num_labels = num_labels
+  if head in _CLASSIFIER_HEADS:
+    cfg.num_labels = num_labels  # keeps the config's id2label when it has num_labels entries
     if head == "regression":
       cfg.problem_type = "regression"
   with torch.device("meta"):
@@ -158,14 +173,37 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
   linear = {key.removesuffix(".weight"): path for path, (key, _) in sources.items()
             if key.endswith(".weight") and key.removesuffix(".weight") in linear_names}
   return TorchLayout(model_class=type(model).__name__, hf_config=cfg, sources=sources, shapes=shapes,
-                     modules=tuple(n for n, _ in model.named_modules() if n), linear=linear)
+                     modules=tuple(n for n, _ in model.named_modules() if n), linear=linear,
+                     saved_names=_saved_names(model))
+
+
+def _saved_names(model: Any) -> dict[str, str]:
+  """State dict key -> the key transformers' ``save_pretrained`` writes, for the keys it renames.
+
+  transformers 5 maps checkpoint names to its in-memory ones on loading and
+  back on saving (``revert_weight_conversion``); writing the checkpoint's
+  names keeps a merged folder readable by older transformers. Empty where
+  the version has no such mapping, or the mapping does more than rename.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    from transformers.core_model_loading import revert_weight_conversion  # pylint: disable=g-import-not-at-top
+  except ImportError:  # transformers 4: the names in memory are the checkpoint's
+    return {}
+  state = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+  owners = {id(v): k for k, v in state.items()}
+  reverted = revert_weight_conversion(model, dict(state))
+  names = {owners[id(v)]: k for k, v in reverted.items() if id(v) in owners}
+  if len(names) != len(state):  # a converter that splits or fuses tensors: keep the in-memory names
+    return {}
+  return {k: v for k, v in names.items() if k != v}
 
 
 def num_labels_of(params: Any, head: str) -> int:
   """The outputs of ``params``' classification head (1 for regression, 2 otherwise unused)."""
   if head == "regression":
     return 1
-  if head != "classification":
+  if head not in ("classification", "image_classification"):
     return 2
   flat = paths_lib.flatten_with_paths(params)
   for path in ("classifier/out_proj/kernel", "classifier/kernel"):
@@ -174,9 +212,8 @@ def num_labels_of(params: Any, head: str) -> int:
   raise ValueError("num_labels_of: params have no classifier/kernel or classifier/out_proj/kernel")
 
 
-def _to_torch(value: Any, transposed: bool) -> np.ndarray:
-  value = np.asarray(value, np.float32)
-  return np.ascontiguousarray(value.T if transposed else value)
+def _to_torch(value: Any, axes: tuple[int, ...] | None) -> np.ndarray:
+  return np.ascontiguousarray(torch_port.to_state(np.asarray(value, np.float32), axes))
 
 
 def _number(x: float) -> int | float:
@@ -221,7 +258,8 @@ def target_suffixes(adapted: Iterable[str], modules: Iterable[str]) -> list[str]
   return sorted(out)
 
 
-def _head_modules(layout: TorchLayout, trained: Iterable[str], task_type: str, adapted: set[str]) -> list[str]:
+def _head_modules(layout: TorchLayout, trained: Iterable[str], task_type: str | None,
+                  adapted: set[str]) -> list[str]:
   """The modules_to_save holding ``trained`` leaves: the task's head module whole, else each leaf's module."""
   out = set()
   for path in trained:
@@ -239,7 +277,7 @@ def _head_modules(layout: TorchLayout, trained: Iterable[str], task_type: str, a
   return sorted(out)
 
 
-def _adapter_config(peft_type: str, *, task_type: str, targets: list[str], modules_to_save: list[str],
+def _adapter_config(peft_type: str, *, task_type: str | None, targets: list[str], modules_to_save: list[str],
                     base_model: str | None, **fields: Any) -> dict[str, Any]:
   return {"peft_type": peft_type, "task_type": task_type, "base_model_name_or_path": base_model,
           "target_modules": targets, "modules_to_save": modules_to_save or None, "bias": "none",
@@ -271,7 +309,10 @@ def save_peft(
     trained: ``{path: value}`` trained beside the adapters (a trainable tree's
       ``"head"``); saved as whole modules in ``modules_to_save``.
     hf_config: the base checkpoint's transformers config.
-    head: the head ``params`` were built with ("classification", "regression", "qa", "base").
+    head: the head ``params`` were built with ("classification", "regression", "qa", "base",
+      "image_classification"). The base model PEFT wraps must hold every
+      weight the adapters sit on: an adapter on a weight it lacks (a new
+      classifier) would be applied to PyTorch's random init of that weight.
     fold: write any family as a PEFT LoRA of its active rank (the default for
       families other than LoRA and AdaLoRA).
     base_model_name_or_path: the base model (an alias or folder is written as
@@ -301,8 +342,8 @@ def save_peft(
     for path, ad in adapters.items():
       if ad["a"].shape[0] != spec.rank:
         raise ValueError(f"save_peft: adapter {path!r} has rank {ad['a'].shape[0]}, the spec {spec.rank}")
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(ad["a"], False)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(ad["b"], False)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(ad["a"], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(ad["b"], None)
   elif kind == _ADALORA_FACTORS and not fold:
     r = spec.rank
     pattern = {}
@@ -313,9 +354,9 @@ def save_peft(
         pattern[f"{modules[path]}.lora_E"] = keep.tolist()
       # Ours: alpha / r * p diag(lam) q; PEFT's: alpha / (r + 1e-5) * B diag(E) A.
       e = lam[keep] * np.float32((r + ADALORA_EPS) / r)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A"] = _to_torch(np.asarray(ad["q"])[keep], False)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_E"] = _to_torch(e[:, None], False)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B"] = _to_torch(np.asarray(ad["p"])[:, keep], False)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A"] = _to_torch(np.asarray(ad["q"])[keep], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_E"] = _to_torch(e[:, None], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B"] = _to_torch(np.asarray(ad["p"])[:, keep], None)
     peft_type = "ADALORA"
     fields = {"init_r": r, "target_r": r, "lora_alpha": _number(spec.alpha), "total_step": 1, "tinit": 0, "tfinal": 0,
               "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "rank_pattern": pattern or None}
@@ -324,8 +365,8 @@ def save_peft(
     for path, (left, right) in folded_factors(params, adapters, spec).items():
       if left.shape[1]:
         ranks[path] = left.shape[1]
-        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(right, False)
-        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(left, False)
+        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(right, None)
+        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(left, None)
     if not ranks:
       raise ValueError("save_peft: every adapter has rank 0 (all gates or singular values are zero)")
     modules = {p: modules[p] for p in ranks}
@@ -523,7 +564,7 @@ def load_peft(folder: str | os.PathLike, params: Any, hf_config: Any, *, head: s
       raise ValueError(f"load_peft: {weights_file} holds {key!r}, which is not a weight of {described}{origin}")
     path = paths[name]
     leaf = np.asarray(value, np.float32)
-    leaf = leaf.T if layout.sources[path][1] else leaf
+    leaf = torch_port.from_state(leaf, layout.sources[path][1])
     if leaf.shape != tuple(flat[path].shape):
       raise ValueError(f"load_peft: {weights_file} has {key!r} of shape {tuple(value.shape)}, but {described} has "
                        f"{layout.shapes[name]} there{origin}")
@@ -665,18 +706,19 @@ def save_merged(
   """Writes the model with ``dW`` merged into ``W0`` as a Hugging Face folder.
 
   ``AutoModelForSequenceClassification`` (``AutoModelForQuestionAnswering``
-  for head "qa", ``AutoModel`` for "base") ``.from_pretrained(folder)`` loads
-  it with no missing or unexpected weights.
+  for head "qa", ``AutoModelForImageClassification`` for a ViT's
+  "image_classification", ``AutoModel`` for "base") ``.from_pretrained(folder)``
+  loads it with no missing or unexpected weights.
 
   Args:
     folder: created if needed; gets ``config.json``, ``model.safetensors``
-      and, with ``tokenizer``, the tokenizer's files.
+      and, with ``tokenizer``, the tokenizer's (or image processor's) files.
     params: the base parameters (or every parameter, for full fine-tuning).
     hf_config: the base checkpoint's transformers config.
     head: the head ``params`` were built with.
     adapters, spec: adapters of any family, merged (`lora.merge`); None: none.
     trained: ``{path: value}`` trained beside the adapters (the head).
-    tokenizer: saved with ``save_pretrained`` when given.
+    tokenizer: a tokenizer or image processor, saved with ``save_pretrained`` when given.
 
   Returns:
     ``folder``.
@@ -696,10 +738,11 @@ def save_merged(
   for key, shape in layout.shapes.items():
     if key not in paths or paths[key] not in flat:
       raise ValueError(f"save_merged: {layout.model_class} has weight {key!r}, which these params do not provide")
-    state[key] = _to_torch(flat[paths[key]], layout.sources[paths[key]][1])
-    if state[key].shape != shape:
-      raise ValueError(f"save_merged: {paths[key]!r} gives {key!r} the shape {state[key].shape}, "
+    value = _to_torch(flat[paths[key]], layout.sources[paths[key]][1])
+    if value.shape != shape:
+      raise ValueError(f"save_merged: {paths[key]!r} gives {key!r} the shape {value.shape}, "
                        f"{layout.model_class} needs {shape}")
+    state[layout.saved_names.get(key, key)] = value
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   folder.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,17 @@ def randomize(key, tree, scale):
 
 
 def test_state_dict_sources_inverts_a_converter_and_sees_transposes_of_square_matrices():
-  shapes = {"w": (3, 3), "v": (3, 3), "e": (5, 2), "s": (4,), "one": (1, 1)}
-  convert = lambda st: {"k": {"kernel": st["w"].T}, "emb": st["v"], "x": st["e"].T, "b": st["s"], "o": st["one"]}
-  assert torch_port.state_dict_sources(convert, shapes) == {
-      "b": ("s", False), "emb": ("v", False), "k/kernel": ("w", True), "o": ("one", False), "x": ("e", True)}
+  shapes = {"w": (3, 3), "v": (3, 3), "e": (5, 2), "s": (4,), "one": (1, 1), "conv": (6, 3, 4, 4), "pos": (1, 5, 6)}
+  # A Conv2d weight (out, in, kh, kw) as a Flax kernel (kh, kw, in, out), as the ViT port reads it.
+  convert = lambda st: {"k": {"kernel": st["w"].T}, "emb": st["v"], "x": st["e"].T, "b": st["s"], "o": st["one"],
+                        "c": np.transpose(st["conv"].T, (1, 0, 2, 3)), "p": st["pos"]}
+  sources = torch_port.state_dict_sources(convert, shapes)
+  assert sources == {"b": ("s", None), "emb": ("v", None), "k/kernel": ("w", (1, 0)), "o": ("one", None),
+                     "x": ("e", (1, 0)), "c": ("conv", (2, 3, 1, 0)), "p": ("pos", None)}
+  weight = np.random.default_rng(0).normal(size=shapes["conv"])
+  kernel = convert({**{k: np.zeros(v) for k, v in shapes.items()}, "conv": weight})["c"]
+  np.testing.assert_array_equal(torch_port.from_state(weight, sources["c"][1]), kernel)
+  np.testing.assert_array_equal(torch_port.to_state(kernel, sources["c"][1]), weight)
 
 
 def torch_inputs(batch):
@@ -416,3 +423,92 @@ def test_bad_folders_are_clear_errors_naming_the_file(tiny_export, damage, messa
   with pytest.raises(ValueError, match=message) as error:
     peft_format.load_peft(copy, params, hf_config, head="classification")
   assert str(copy) in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+  """A random ViT image classifier saved as a folder; our params and model of it, and a jitted forward."""
+  folder = tmp_path_factory.mktemp("vit")
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(transformers.ViTConfig(
+      image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+      num_labels=3))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  module, params, _, hf_config = hub.load_pretrained(folder, head="image_classification", num_labels=3)
+  pixels = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+  forward = jax.jit(lambda p: module.apply({"params": p}, pixels)["logits"])
+  return dict(folder=folder, params=params, hf_config=hf_config, pixels=pixels, forward=forward)
+
+
+def image_logits(model, pixels):
+  with torch.no_grad():
+    return model.eval()(pixel_values=torch.from_numpy(pixels)).logits.numpy()
+
+
+def test_vit_merged_and_peft_exports_give_our_logits_in_pytorch(tiny_vit, tmp_path):
+  params, hf_config, forward = tiny_vit["params"], tiny_vit["hf_config"], tiny_vit["forward"]
+  spec = rl.LoraSpec(rank=2, alpha=4.0, targets=hub.default_lora_targets(hf_config))
+  adapters = lora_adapters(params, spec, scale=0.2)
+  assert len(adapters) == 2 * 6
+  head = randomize(jax.random.key(2), {p: v for p, v in paths.flatten_with_paths(params).items()
+                                       if p.startswith("classifier/")}, 0.3)
+  expected = np.asarray(forward(rl.merge(base.with_head(params, head), adapters, spec)))
+  assert np.abs(expected - np.asarray(forward(params))).max() > 0.05
+
+  peft_format.save_merged(tmp_path / "merged", params=params, hf_config=hf_config, head="image_classification",
+                          adapters=adapters, spec=spec, trained=head)
+  model, info = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "merged",
+                                                                             output_loading_info=True)
+  assert type(model).__name__ == "ViTForImageClassification" and not any(info.values()), info
+  np.testing.assert_allclose(image_logits(model, tiny_vit["pixels"]), expected, atol=TOL, rtol=0)
+
+  peft_format.save_peft(tmp_path / "peft", params=params, adapters=adapters, spec=spec, trained=head,
+                        hf_config=hf_config, head="image_classification", base_model_name_or_path=tiny_vit["folder"])
+  config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert config["task_type"] is None and config["modules_to_save"] == ["classifier"]
+  # PEFT wraps the modules transformers builds, named as in memory (transformers 5: q_proj, fc1, ...).
+  assert config["target_modules"] == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+  # The merged file holds the checkpoint's names, as save_pretrained writes them.
+  assert "vit.encoder.layer.1.attention.attention.query.weight" in load_file(tmp_path / "merged" / "model.safetensors")
+  wrapped = pixel_peft_model(transformers.AutoModelForImageClassification.from_pretrained(tiny_vit["folder"]),
+                             tmp_path / "peft")
+  np.testing.assert_allclose(image_logits(wrapped, tiny_vit["pixels"]), expected, atol=TOL, rtol=0)
+  loaded = peft_format.load_peft(tmp_path / "peft", params, hf_config, head="image_classification")
+  np.testing.assert_allclose(np.asarray(forward(rl.merge(base.with_head(params, loaded.trained), loaded.adapters,
+                                                         loaded.spec))), expected, atol=TOL, rtol=0)
+
+
+def test_vit_classifier_lora_merges_into_the_classifier(tiny_vit, tmp_path):
+  """LoRA on the classification layer itself (the paper's last-layer experiment): W0 + dW in the merged folder."""
+  params, hf_config, forward = tiny_vit["params"], tiny_vit["hf_config"], tiny_vit["forward"]
+  spec = rl.LoraSpec(rank=2, alpha=4.0, targets=(r"classifier/kernel",))
+  adapters = lora_adapters(params, spec, scale=0.5)
+  expected = np.asarray(forward(rl.merge(params, adapters, spec)))
+  assert np.abs(expected - np.asarray(forward(params))).max() > 0.05
+  peft_format.save_merged(tmp_path, params=params, hf_config=hf_config, head="image_classification",
+                          adapters=adapters, spec=spec)
+  model, info = transformers.AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+  assert not any(info.values()), info
+  np.testing.assert_allclose(image_logits(model, tiny_vit["pixels"]), expected, atol=TOL, rtol=0)
+
+
+def pixel_peft_model(model, folder):
+  """``PeftModel.from_pretrained(model, folder)``, after checking PEFT's load report has no missing or unexpected keys."""
+  reports = []
+  load_adapter = peft.PeftModel.load_adapter
+
+  def recording(self, *args, **kwargs):
+    reports.append(load_adapter(self, *args, **kwargs))
+    return reports[-1]
+
+  with mock.patch.object(peft.PeftModel, "load_adapter", recording):
+    wrapped = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+  (report,) = reports
+  assert not report.unexpected_keys and not report.missing_keys, report
+  saved = set(peft.utils.load_peft_weights(str(folder), device="cpu"))
+  made = {k for k in wrapped.state_dict() if ".lora_" in k or ".modules_to_save." in k}
+  assert len(made) == len(saved), (sorted(made - saved)[:4], sorted(saved)[:4])
+  return wrapped

@@ -239,52 +239,90 @@ def drop_missing(tree: Mapping[str, Any]) -> dict:
 
 def state_dict_sources(
     convert: Callable[[Mapping[str, np.ndarray]], Any], shapes: Mapping[str, Sequence[int]]
-) -> dict[str, tuple[str, bool]]:
+) -> dict[str, tuple[str, tuple[int, ...] | None]]:
   """Which state dict entry each Flax leaf of a converter comes from: its inverse.
 
   Runs ``convert`` (a port's ``params_from_state_dict``) on a state of
-  zero-copy tagged arrays of the given shapes, one tag per key, and reads the
-  tags back from the leaves. So writing weights in transformers' names
-  (PEFT adapters, merged exports) follows the same mapping as reading them,
-  rather than a second table.
+  tagged arrays of the given shapes, one tag per key, and reads the tags back
+  from the leaves. So writing weights in transformers' names (PEFT adapters,
+  merged exports) follows the same mapping as reading them, rather than a
+  second table.
 
   Args:
-    convert: ``state -> nested params``; it may only select and transpose
-      (``.T``) entries, as `StateReader` does.
+    convert: ``state -> nested params``; it may only select entries and
+      permute their axes (``.T``, ``np.transpose``), as `StateReader` does.
     shapes: every entry of the PyTorch state dict and its shape.
 
   Returns:
-    ``{flax path: (state dict key, transposed)}``; ``transposed``: the leaf is
-    the entry with its axes reversed (``Linear`` weight -> ``Dense`` kernel).
+    ``{flax path: (state dict key, axes)}``: the leaf is
+    ``np.transpose(entry, axes)`` (`from_state`), or the entry as is when
+    ``axes`` is None. A ``Linear`` weight's ``Dense`` kernel has ``(1, 0)``, a
+    ``Conv2d`` weight (out, in, kh, kw)'s Flax kernel (kh, kw, in, out) has
+    ``(2, 3, 1, 0)``.
 
   Raises:
-    AssertionError: a leaf is not one entry, as is or transposed.
+    AssertionError: a leaf is not one entry with its axes permuted.
   """
   keys = list(shapes)
   state = {}
   for i, key in enumerate(keys):
     shape = tuple(int(n) for n in shapes[key])
-    # Value i everywhere, i + 0.5 past the first row: a transpose is seen even
-    # on square matrices. Broadcast views: no memory however large the entry.
-    marker = np.full(shape[:1] + (1,) * max(len(shape) - 1, 0), float(i))
-    if shape and shape[0] > 1:
-      marker[1:] += 0.5
-    state[key] = np.broadcast_to(marker, shape)
+    if len(shape) <= 2:
+      # Value i everywhere, i + 0.5 past the first row: a transpose is seen even
+      # on square matrices. Broadcast views: no memory however large the entry.
+      marker = np.full(shape[:1] + (1,) * max(len(shape) - 1, 0), float(i))
+      if shape and shape[0] > 1:
+        marker[1:] += 0.5
+      state[key] = np.broadcast_to(marker, shape)
+    else:
+      # Convolution kernels (small): i plus 2^-(k + 2) past the first slice of each axis k.
+      marker = np.full(shape, float(i))
+      for k, n in enumerate(shape):
+        if n > 1:
+          marker[(slice(None),) * k + (slice(1, None),)] += 2.0 ** -(k + 2)
+      state[key] = marker
   out = {}
   for path, leaf in paths_lib.flatten_with_paths(convert(state)).items():
     leaf = np.asarray(leaf)
     index = int(np.floor(leaf.flat[0])) if leaf.size else -1
     assert leaf.dtype == np.float64 and 0 <= index < len(keys), f"{path!r} is not read from one state entry"
     shape = tuple(int(n) for n in shapes[keys[index]])
-    if leaf.ndim < 2 or leaf.shape != shape[::-1]:
-      transposed = False
-    elif leaf.shape != shape:
-      transposed = True
-    else:  # square: the first row of the entry must still be first
-      transposed = shape[0] > 1 and leaf[(1,) + (0,) * (leaf.ndim - 1)] == index
-    assert leaf.shape == (shape[::-1] if transposed else shape), f"{path!r} reshapes {keys[index]!r}"
-    out[path] = (keys[index], transposed)
+    if leaf.ndim <= 2:
+      if leaf.ndim < 2 or leaf.shape != shape[::-1]:
+        transposed = False
+      elif leaf.shape != shape:
+        transposed = True
+      else:  # square: the first row of the entry must still be first
+        transposed = shape[0] > 1 and leaf[(1,) + (0,) * (leaf.ndim - 1)] == index
+      assert leaf.shape == (shape[::-1] if transposed else shape), f"{path!r} reshapes {keys[index]!r}"
+      out[path] = (keys[index], (1, 0) if transposed else None)
+      continue
+    # Leaf axis j comes from the entry axis whose tag its second slice carries.
+    axes = []
+    for j in range(leaf.ndim):
+      if leaf.shape[j] == 1:
+        axes.append(None)
+        continue
+      tag = leaf[(0,) * j + (1,) + (0,) * (leaf.ndim - j - 1)] - index
+      axes.append(int(round(-np.log2(tag))) - 2)
+    ones = iter(k for k, n in enumerate(shape) if n == 1 and k not in axes)
+    axes = tuple(next(ones) if a is None else a for a in axes)
+    assert sorted(axes) == list(range(len(shape))) and np.array_equal(
+        leaf, np.transpose(state[keys[index]], axes)), f"{path!r} is not a permutation of {keys[index]!r}"
+    out[path] = (keys[index], None if axes == tuple(range(len(shape))) else axes)
   return out
+
+
+def from_state(entry: Any, axes: tuple[int, ...] | None) -> np.ndarray:
+  """A state dict entry as the Flax leaf of `state_dict_sources`' ``axes``."""
+  entry = np.asarray(entry)
+  return entry if axes is None else np.transpose(entry, axes)
+
+
+def to_state(leaf: Any, axes: tuple[int, ...] | None) -> np.ndarray:
+  """A Flax leaf as its state dict entry (the inverse of `from_state`)."""
+  leaf = np.asarray(leaf)
+  return leaf if axes is None else np.transpose(leaf, np.argsort(axes))
 
 
 def check_shapes(params: Any, expected: Any, *, model: str) -> None:

@@ -63,6 +63,14 @@ def test_pretraining_trains_every_weight_and_saves_a_folder_transformers_loads(p
   with torch.no_grad():
     theirs = model.eval()(pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  # And the folder is the trained model: the run's checkpoint gives transformers' features (the patch
+  # kernel once came back with its height and width swapped, which a read-back alone cannot see).
+  from rmlora_jax import experiment
+  from rmlora_jax.models import vit
+  trainable, _ = experiment.trained_state(config.workdir)
+  trained = vit.module_from_hf_config(hf_config, head="image_classification", num_labels=3)
+  ours = np.asarray(trained.apply({"params": trainable["params"]}, x)["last_hidden_state"])
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["lora", "rm_lora"])
