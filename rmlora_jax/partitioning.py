@@ -84,12 +84,32 @@ VIT_RULES = ENCODER_RULES + (
     (r"embeddings/patch_embeddings/bias", P()),
 )
 
+# Llama-family decoders (rmlora_jax/models/llama.py: Llama, SmolLM2, Qwen2).
+# The same Megatron layout: q/k/v and gate/up column-parallel, o and down
+# row-parallel. With grouped-query attention, "model" must divide the key/value
+# width for k/v to be split (else they are replicated along it, see fit_spec).
+DECODER_RULES: tuple[tuple[str, P], ...] = (
+    (r"model/layers_\d+/self_attn/(q|k|v)_proj/kernel", P("fsdp", "model")),
+    (r"model/layers_\d+/self_attn/(q|k|v)_proj/bias", P("model")),
+    (r"model/layers_\d+/mlp/(gate|up)_proj/kernel", P("fsdp", "model")),
+    (r"model/layers_\d+/mlp/(gate|up)_proj/bias", P("model")),
+    (r"model/layers_\d+/(self_attn/o_proj|mlp/down_proj)/kernel", P("model", "fsdp")),
+    (r"model/layers_\d+/(self_attn/o_proj|mlp/down_proj)/bias", P()),
+    # RMSNorm scales: small, replicated.
+    (r"model/(layers_\d+/\w+layernorm|norm)/scale", P()),
+    # The embedding (vocab, H) and the untied head (H, vocab): vocabulary over "model".
+    (r"model/embed_tokens/embedding", P("model", "fsdp")),
+    (r"lm_head/kernel", P("fsdp", "model")),
+)
+
 # By Hugging Face ``model_type``.
 PARTITION_RULES: dict[str, tuple[tuple[str, P], ...]] = {
     "bert": ENCODER_RULES,
     "roberta": ENCODER_RULES,
     "deberta-v2": DEBERTA_V2_RULES,
     "vit": VIT_RULES,
+    "llama": DECODER_RULES,
+    "qwen2": DECODER_RULES,
 }
 
 # Adapter factors by name: which dimension of the base kernel (d_in, d_out)

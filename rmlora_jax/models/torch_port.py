@@ -126,7 +126,8 @@ def attention_sizes(hf_config: Any, *, where: str, head_size_field: str | None =
 
 
 # Every task head the ports build; each architecture takes a subset (its ``HEADS``).
-HEADS = ("base", "classification", "regression", "qa", "image_classification")
+# "causal_lm": a decoder's next-token logits (`rmlora_jax.models.llama`).
+HEADS = ("base", "classification", "regression", "qa", "image_classification", "causal_lm")
 # The heads of the text encoders (BERT/RoBERTa, DeBERTa-v2).
 TEXT_HEADS = ("base", "classification", "regression", "qa")
 
@@ -137,7 +138,7 @@ def validate_head(head: str, num_labels: int | None = None, *, where: str,
 
   "classification" needs num_labels >= 2 and "regression" exactly 1; the other
   heads take any num_labels >= 1 and ignore it ("qa" always has two outputs,
-  start and end; "base" has none).
+  start and end; "causal_lm" one per vocabulary entry; "base" has none).
 
   Args:
     head: the requested head, e.g. ``"classification"``.

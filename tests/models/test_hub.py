@@ -108,7 +108,7 @@ def test_resolve_alias_and_folder(bert_folder):
 
 
 def test_unknown_name_offline_raises():
-  with pytest.raises(ValueError, match=r"'no-such-org/no-such-model' is not a known alias \(\['minilm-l6'\]\).*local folder"):
+  with pytest.raises(ValueError, match=r"'no-such-org/no-such-model' is not a known alias \(\['minilm-l6', 'smollm2'\]\).*local folder"):
     resolve_model_path("no-such-org/no-such-model")
 
 
@@ -127,7 +127,7 @@ def test_folder_without_weights_raises(tmp_path, tiny_config):
 
 def test_unsupported_model_type_raises(tmp_path):
   transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['bert', 'deberta-v2', 'roberta', 'vit'\]"):
+  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['bert', 'deberta-v2', 'llama', 'qwen2', 'roberta', 'vit'\]"):
     load_pretrained(tmp_path)
 
 
