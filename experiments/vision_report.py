@@ -1,7 +1,7 @@
 r"""The Table 4 and Figure 1 analogues of the vision runs, written into docs/VISION.md.
 
   python -m experiments.vision_report --runs=runs/vision --pretrain=runs/vit_pretrain \
-      --doc=docs/VISION.md --plot=docs/vision_figure1.png
+      --doc=docs/VISION.md --figure=docs/vision_figure1.png
 
 Reads ``<pretrain>/results.json`` and every
 ``<runs>/transfer_<method>_r<R>_s<seed>/results.json`` (scripts/vision_runs.sh
@@ -32,7 +32,7 @@ from rmlora_jax import cli
 _RUNS = flags.DEFINE_string("runs", "runs/vision", "Folder of the pre-training and transfer run folders.")
 _PRETRAIN = flags.DEFINE_string("pretrain", "runs/vit_pretrain", "The pre-training run's folder.")
 _DOC = flags.DEFINE_string("doc", "docs/VISION.md", "Markdown file whose results section is replaced.")
-_PLOT = flags.DEFINE_string("plot", "docs/vision_figure1.png", "Where the 4-panel figure goes.")
+_FIGURE = flags.DEFINE_string("figure", "docs/vision_figure1.png", "Where the 4-panel figure goes.")
 
 METHODS = ("lora", "gm_lora", "r_lora", "rm_lora")
 NAMES = {"lora": "LoRA", "gm_lora": "GM-LoRA", "r_lora": "R-LoRA", "rm_lora": "RM-LoRA"}
@@ -141,8 +141,8 @@ def main(argv):
   runs = load_runs(_RUNS.value)
   if not runs:
     raise ValueError(f"--runs={_RUNS.value!r} holds no transfer_<method>_r<R>_s<seed>/results.json")
-  figure(runs, _PLOT.value)
-  rel = os.path.relpath(_PLOT.value, os.path.dirname(os.path.abspath(_DOC.value)))
+  figure(runs, _FIGURE.value)
+  rel = os.path.relpath(_FIGURE.value, os.path.dirname(os.path.abspath(_DOC.value)))
   body = "\n\n".join([pretrain_line(_PRETRAIN.value), baselines(_RUNS.value, runs), table(runs),
                        f"![Figure 1 analogue]({rel})"])
   doc = pathlib.Path(_DOC.value)

@@ -48,4 +48,4 @@ for seed in $SEEDS; do
   for rank in $RANKS; do for method in $METHODS; do echo "$method $rank $seed"; done; done
 done | xargs -P "$JOBS" -L 1 bash -c 'transfer "$0" "$1" "$2"'
 .venv/bin/python -m experiments.vision_report --runs="$ROOT" --pretrain="$PRETRAIN" --doc=docs/VISION.md \
-  --plot=docs/vision_figure1.png
+  --figure=docs/vision_figure1.png

@@ -166,7 +166,7 @@ def test_report_writes_the_table4_and_figure1_analogues_between_the_markers(tmp_
   doc = tmp_path / "VISION.md"
   doc.write_text(f"intro\n{vision_report.BEGIN}\nold\n{vision_report.END}\ntail\n")
   from absl import flags
-  flags.FLAGS(["report", f"--runs={tmp_path / 'runs'}", f"--doc={doc}", f"--plot={tmp_path / 'fig.png'}",
+  flags.FLAGS(["report", f"--runs={tmp_path / 'runs'}", f"--doc={doc}", f"--figure={tmp_path / 'fig.png'}",
                f"--pretrain={tmp_path / 'none'}"])
   vision_report.main([])
   text = doc.read_text()
