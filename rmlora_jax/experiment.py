@@ -37,6 +37,7 @@ from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import peft_format
 from rmlora_jax import trainer as trainer_lib
+from rmlora_jax import training
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.adapters import base as base_lib
 from rmlora_jax.adapters import lora as lora_lib
@@ -394,8 +395,8 @@ def saved_config(workdir: str | os.PathLike, defaults: ml_collections.ConfigDict
   if (workdir / "results.json").is_file():
     saved = json.loads((workdir / "results.json").read_text()).get("config")
   if saved is None:
-    with _checkpoints(workdir) as (manager, step):
-      flat = manager.restore(step, args=_ocp().args.Composite(record=_ocp().args.JsonRestore())).record["run_config"]
+    with _checkpoints(workdir) as (ckpt, step):
+      flat = ckpt.record(step)["run_config"]
     saved = {}
     for dotted, value in flat.items():
       *parents, last = dotted.split(".")
@@ -413,31 +414,26 @@ def saved_config(workdir: str | os.PathLike, defaults: ml_collections.ConfigDict
   return ml_collections.ConfigDict(deep_merge(defaults.to_dict() if defaults is not None else {}, saved))
 
 
-def _ocp():
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp
-
-
 @contextlib.contextmanager
 def _checkpoints(workdir: pathlib.Path):
-  """``(manager, latest step)`` of a workdir's checkpoints, read-only."""
-  folder = (workdir / "checkpoints").absolute()
+  """``(training.Checkpointer, latest step)`` of a workdir's checkpoints, read-only."""
+  folder = workdir / "checkpoints"
   if not folder.is_dir():
     raise ValueError(f"{str(workdir)!r} has no checkpoints folder: is it the workdir of a run?")
-  manager = _ocp().CheckpointManager(folder, options=_ocp().CheckpointManagerOptions(create=False))
+  ckpt = training.Checkpointer(str(folder), create=False)
   try:
-    step = manager.latest_step()
+    step = ckpt.latest_step()
     if step is None:
-      raise ValueError(f"{str(folder)!r} holds no complete checkpoint yet")
-    yield manager, step
+      raise ValueError(f"{str(folder.absolute())!r} holds no complete checkpoint yet")
+    yield ckpt, step
   finally:
-    manager.close()
+    ckpt.close()
 
 
 def trained_state(workdir: str | os.PathLike) -> tuple[Any, int]:
   """The trainable tree (numpy) of a run's latest checkpoint, and its step; no optimizer is rebuilt."""
-  with _checkpoints(pathlib.Path(workdir)) as (manager, step):
-    state = manager.restore(step, args=_ocp().args.Composite(state=_ocp().args.StandardRestore())).state
+  with _checkpoints(pathlib.Path(workdir)) as (ckpt, step):
+    state = ckpt.state_tree(step)
   return jax.tree.map(np.asarray, state["trainable"]), step
 
 

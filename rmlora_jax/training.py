@@ -221,13 +221,14 @@ class Checkpointer:
   `latest_step` sees committed steps only.
   """
 
-  def __init__(self, directory: str, *, keep: int = 2):
+  def __init__(self, directory: str, *, keep: int = 2, create: bool = True):
+    """``create=False``: read an existing folder (e.g. to export a run) without making one."""
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self.directory = os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
     )
 
   def latest_step(self) -> int | None:
@@ -276,6 +277,10 @@ class Checkpointer:
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
     )
     return TrainState(*out.state), dict(out.record)
+
+  def state_tree(self, step: int) -> dict[str, Any]:
+    """The train state of ``step`` as saved (a dict of arrays), without an abstract state to restore into."""
+    return self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
 
   def record(self, step: int) -> dict[str, Any]:
     """The JSON side record of ``step`` alone (cheap; no arrays are read)."""
