@@ -1,15 +1,19 @@
-r"""PEFT's LoRA on PyTorch, on the same model, data and settings as experiments.glue.
+r"""PEFT's LoRA or AdaLoRA on PyTorch, on the same model, data and settings as experiments.glue.
 
-The sanity anchor for the results table: our ``lora`` should match it within
-seed noise. Needs torch and peft (both in requirements.txt).
+The sanity anchors for the results table: our ``lora`` and ``adalora``
+should match them within seed noise. Needs torch and peft (both in
+requirements.txt).
 
   python -m experiments.peft_glue --config=configs/rte.py:model=minilm,method=lora \
       --config.data.dir=../shared/data/glue --config.workdir=runs/rte_peft_lora
+  python -m experiments.peft_glue --config=configs/rte.py:model=minilm,method=adalora \
+      --config.data.dir=../shared/data/glue --config.workdir=runs/rte_peft_adalora
 
 It reads the same config (task, rank, alpha, learning rate, batch size,
 epochs, warm-up, weight decay, clipping, max_seq_len, seed) and writes
-``results.json`` in the same layout with method ``peft_lora``
-(`rmlora_jax.peft_anchor`).
+``results.json`` in the same layout with method ``peft_lora`` or
+``peft_adalora`` (`rmlora_jax.peft_anchor`); AdaLoRA gets our AdaLoRA's budget
+(2R -> R unless ``adalora.*`` says otherwise) and schedule.
 """
 
 from absl import flags
@@ -26,13 +30,13 @@ flags.mark_flags_as_required(["config"])
 
 
 def run(config, workdir: str) -> dict:
-  """Trains PEFT LoRA and returns the results dict (also written to workdir)."""
+  """Trains PEFT's LoRA or AdaLoRA (``config.method``) and returns the results dict (also written to workdir)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   spec = glue_task.validate(config)
-  workdir = experiment.resolve_workdir(config, workdir, task=config.task, method="peft_lora")
+  workdir = experiment.resolve_workdir(config, workdir, task=config.task, method=experiment.peft_anchor_method(config))
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   train, evals = glue_task.load_data(config, spec, tokenizer)

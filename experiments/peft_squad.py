@@ -25,7 +25,7 @@ def run(config, workdir: str) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
 
   train_file, dev_file = squad.validate(config)
-  workdir = experiment.resolve_workdir(config, workdir, task="squad", method="peft_lora")
+  workdir = experiment.resolve_workdir(config, workdir, task="squad", method=experiment.peft_anchor_method(config))
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   task = squad.build_task(config, tokenizer, train_file, dev_file)

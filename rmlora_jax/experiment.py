@@ -336,13 +336,39 @@ def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "config": config.to_dict()}
 
 
+PEFT_ANCHORS = {"lora": "peft_lora", "adalora": "peft_adalora"}
+
+
+def peft_anchor_method(config: ml_collections.ConfigDict) -> str:
+  """The anchor's method name for ``config.method`` (PEFT's LoRA or AdaLoRA); errors for others."""
+  if config.method not in PEFT_ANCHORS:
+    raise ValueError(f"config.method={config.method!r}: the PEFT anchor runs {' or '.join(PEFT_ANCHORS)} "
+                     "(PEFT's LoraConfig or AdaLoraConfig)")
+  return PEFT_ANCHORS[config.method]
+
+
 def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, workdir: Any) -> dict[str, Any]:
-  """`rmlora_jax.peft_anchor.train_peft_lora` with the config's rank, alpha, optimizer and steps."""
+  """`rmlora_jax.peft_anchor.train_peft_lora` with the config's method, rank, alpha, optimizer and steps.
+
+  ``config.method="adalora"`` trains PEFT's AdaLoRA with the budget and
+  schedule our AdaLoRA gets from the same config (2R -> R unless set).
+  """
   from rmlora_jax import peft_anchor  # pylint: disable=g-import-not-at-top  (torch is imported lazily there)
 
+  peft_anchor_method(config)
+  settings = trainer_settings(config)
+  adalora = None
+  if config.method == "adalora":
+    init_r, _ = adalora_lib.budget_ranks(config.lora.rank, config.adalora.init_rank, config.adalora.target_rank)
+    opts = method_options(config)
+    total = settings.total_steps(task.num_train_batches(settings.batch_size))
+    schedule = opts.schedule(init_r, total)
+    adalora = peft_anchor.PeftAdaLora(
+        init_r=init_r, target_r=schedule.target_rank, tinit=schedule.t_init, tfinal=schedule.t_final,
+        delta_t=opts.delta_t, beta1=opts.beta1, beta2=opts.beta2, orth_reg_weight=opts.ortho_weight)
   return peft_anchor.train_peft_lora(
-      task, model, trainer_settings(config), workdir, rank=config.lora.rank, alpha=config.lora.alpha,
-      weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm,
+      task, model, settings, workdir, rank=config.lora.rank, alpha=config.lora.alpha,
+      weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm, adalora=adalora,
       extra_results={"model": config.model.name_or_path,
                      "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}})
 

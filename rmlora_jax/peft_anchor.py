@@ -1,4 +1,4 @@
-"""PEFT's LoRA on PyTorch, trained on one of our tasks: the anchor our results are compared with.
+"""PEFT's LoRA or AdaLoRA on PyTorch, trained on one of our tasks: the anchors our results are compared with.
 
 `train_peft_lora` takes a task (`rmlora_jax.tasks`), the transformers model
 for it, and the run's `rmlora_jax.trainer.TrainerSettings`; it wraps the
@@ -6,7 +6,15 @@ model with PEFT's LoRA on the same matrices our default targets select,
 trains it on the task's own batches (cut to their longest row, as PEFT's
 usual collator pads) with AdamW, gradient clipping and a linear warm-up and
 decay, evaluates with the task's own metric, and writes results.json in
-the trainer's layout with method ``peft_lora``. Needs torch and peft.
+the trainer's layout with method ``peft_lora``.
+
+Given `PeftAdaLora` settings it trains PEFT's AdaLoRA instead (method
+``peft_adalora``), the way PEFT's documentation drives it: the
+orthogonality term PEFT adds to a model's own loss is added to the task's
+loss here (PEFT's formula: the mean over factors of ``||P^T P - I||_F``
+and ``||Q Q^T - I||_F``, not squared), and
+``update_and_allocate(step)`` runs after each optimizer step, on the
+clipped gradients. Needs torch and peft.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +39,31 @@ PEFT_TARGETS = {
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
 }
 _TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class PeftAdaLora(NamedTuple):
+  """PEFT ``AdaLoraConfig`` fields (steps, not ratios); ``total_step`` is the run's."""
+
+  init_r: int
+  target_r: int
+  tinit: int
+  tfinal: int
+  delta_t: int
+  beta1: float
+  beta2: float
+  orth_reg_weight: float
+
+
+def _adalora_orthogonality(model: Any) -> Any:
+  """PEFT's AdaLoRA regulariser (`AdaLoraModel.forward`): mean of ``||A A^T - I||_F``, ``||B^T B - I||_F``."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  terms = []
+  for name, p in model.named_parameters():
+    if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+      gram = p @ p.T if "lora_A" in name else p.T @ p
+      terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
+  return torch.stack(terms).mean()
 
 
 def _task_functions(task: Any) -> tuple[str, list[str], Callable, Callable]:
@@ -80,11 +113,14 @@ def train_peft_lora(
     weight_decay: float,
     max_grad_norm: float,
     extra_results: Mapping[str, Any] | None = None,
+    adalora: PeftAdaLora | None = None,
 ) -> dict[str, Any]:
   """Trains PEFT LoRA of ``rank`` and ``alpha`` on ``model`` (a transformers model for ``task``).
 
   Seed torch (``torch.manual_seed``) before building ``model``; the adapters'
-  initialisation continues that stream.
+  initialisation continues that stream. With ``adalora`` it trains PEFT's
+  AdaLoRA with those settings (``rank`` is then unused; scaling is
+  ``alpha / init_r``, as PEFT's).
 
   Returns the results dict, also written to ``workdir/results.json``.
   """
@@ -99,9 +135,18 @@ def train_peft_lora(
   # The LoRA factors are drawn from torch's global generator: the caller seeds
   # it (torch.manual_seed) before building the model, so head and adapters
   # come from one seeded stream.
-  model = peft.get_peft_model(model, peft.LoraConfig(
-      r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[model_type],
-      modules_to_save=head, task_type=task_type))
+  steps_per_epoch = task.num_train_batches(settings.batch_size)
+  total = settings.total_steps(steps_per_epoch)
+  common = dict(lora_alpha=alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[model_type],
+                modules_to_save=head, task_type=task_type)
+  if adalora is None:
+    peft_config = peft.LoraConfig(r=rank, **common)
+  else:
+    peft_config = peft.AdaLoraConfig(
+        init_r=adalora.init_r, target_r=adalora.target_r, tinit=adalora.tinit, tfinal=adalora.tfinal,
+        deltaT=adalora.delta_t, beta1=adalora.beta1, beta2=adalora.beta2,
+        orth_reg_weight=adalora.orth_reg_weight, total_step=total, **common)
+  model = peft.get_peft_model(model, peft_config)
   trainable = [p for p in model.parameters() if p.requires_grad]
   # PEFT 0.21's PeftModelForQuestionAnswering.forward takes token_type_ids but
   # does not hand them to the model, which then sees segment 0 everywhere
@@ -109,8 +154,6 @@ def train_peft_lora(
   # Calling the wrapped transformers model, LoRA layers in place, gives PEFT's
   # LoRA the inputs our side gets.
   forward = model.base_model.model if task_type == "QUESTION_ANS" else model
-  steps_per_epoch = task.num_train_batches(settings.batch_size)
-  total = settings.total_steps(steps_per_epoch)
   opt = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=weight_decay)
   sched = transformers.get_linear_schedule_with_warmup(opt, int(round(settings.warmup_ratio * total)), total)
   eval_every = settings.eval_every_steps if settings.eval_every_steps > 0 else steps_per_epoch
@@ -139,36 +182,49 @@ def train_peft_lora(
     if index == 0:
       batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=0)
     batch = next(batches)
-    loss = loss_fn(forward(**inputs(batch)), batch)
+    task_loss = loss_fn(forward(**inputs(batch)), batch)
+    penalty = adalora.orth_reg_weight * _adalora_orthogonality(model) if adalora else torch.zeros(())
+    loss = task_loss + penalty
     loss.backward()
     if max_grad_norm > 0:
       torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     opt.step()
+    if adalora is not None:
+      model.base_model.update_and_allocate(step)
     sched.step()
     opt.zero_grad()
     done = step + 1
     if done % settings.log_every_steps == 0 or done == total:
-      value = float(loss.detach())
-      history["train"].append({"step": done, "loss": value, "task_loss": value, "penalty": 0.0})
+      history["train"].append({"step": done, "loss": float(loss.detach()), "task_loss": float(task_loss.detach()),
+                               "penalty": float(penalty.detach())})
     if done % eval_every == 0 or done == total:
       history["eval"].append({"step": done, **evaluate()})
       print(f"step {done}/{total} eval " + " ".join(f"{k} {v:.4f}" for k, v in history["eval"][-1].items()
                                                   if k != "step"), flush=True)
   train_time = time.perf_counter() - start
 
-  deltas = {}
+  deltas, ranks = {}, {}
+  n_inference = 0
   for name, module in model.named_modules():
     if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-      a = module.lora_A["default"].weight.detach().numpy()
-      b = module.lora_B["default"].weight.detach().numpy()
-      deltas[name] = (alpha / rank) * b @ a
+      with torch.no_grad():
+        deltas[name] = module.get_delta_weight("default").numpy()
+      if adalora is not None:  # a pruned triplet is a zero in lora_E
+        ranks[name] = int(torch.count_nonzero(module.lora_E["default"]))
+        n_inference += ranks[name] * (module.in_features + module.out_features + 1)
   n_trainable = int(sum(p.numel() for p in trainable))
+  n_head = sum(p.numel() for n, p in model.named_parameters()
+               if p.requires_grad and "lora_" not in n)
+  n_inference = n_trainable if adalora is None else int(n_inference + n_head)
+  initial = rank if adalora is None else adalora.init_r
   evals = history["eval"]
   results = {
-      "task": task.name, "method": "peft_lora", "seed": settings.seed,
+      "task": task.name, "method": "peft_lora" if adalora is None else "peft_adalora", "seed": settings.seed,
       "metrics": {k: v for k, v in evals[-1].items() if k != "step"}, "main_metric": task.main_metric,
       "final": dict(evals[-1]), "best": dict(max(evals, key=lambda h: h[task.main_metric])),
-      "trainable_params": n_trainable, "inference_params": n_trainable,
+      "trainable_params": n_trainable, "inference_params": n_inference,
+      "total_rank": {"initial": initial * len(deltas),
+                     "final": sum(ranks.values()) if adalora is not None else rank * len(deltas)},
       "steps": total, "train_time_s": round(train_time, 2), "learning_rate": settings.learning_rate,
       "adapters": analysis.delta_report(deltas), "history": history, **(extra_results or {}),
   }

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# Runs the docs/RESULTS.md sweep on the embedded MiniLM: PEFT's LoRA (the
-# anchor), LoRA, R-LoRA, GM-LoRA and RM-LoRA (rank 8, r_hat 4), over seeds,
-# on the tasks given. SST-2 trains on a fixed 2,000-example subset ($SUBSET);
-# every other task on its full training set.
+# Runs the docs/RESULTS.md sweep on the embedded MiniLM (rank 8, r_hat 4),
+# over seeds, on the tasks given. $METHODS names the methods: any of
+# rmlora_jax.methods (full_ft lora r_lora gm_lora rm_lora adalora sora lora2),
+# sora_released (SoRA with its released code's gates and threshold), and the
+# PEFT anchors peft_lora and peft_adalora (PEFT's AdaLoRA at our AdaLoRA's
+# budget and schedule). Default: the anchor and the four RM-LoRA variants.
+# SST-2 trains on a fixed 2,000-example subset ($SUBSET); every other task on
+# its full training set.
 # Finished runs (with a results.json) are skipped and an interrupted one
 # resumes from its checkpoint, so the script can simply be started again; a
 # run that another sweep is running (its lock is held) is skipped too.
 #
 #   bash scripts/results_table.sh "sst2 cola" "0 1 2"
 #   JOBS=2 bash scripts/results_table.sh "cola rte" "0 1 2"   # two runs at a time
+#   METHODS="full_ft adalora peft_adalora sora sora_released lora2" bash scripts/results_table.sh sst2
 #
 # With JOBS > 1 each run is limited to one CPU thread: on a small CPU machine
 # two single-threaded runs side by side finish sooner than two in a row
 # (about 1.2x on 2 cores with MiniLM), since XLA spreads these small matrices
-# poorly over cores. Logs go to runs/table/<run>.log; the table is printed
-# and runs/table/scores.png drawn at the end.
+# poorly over cores. Logs go to runs/table/<run>.log; the tables (final and
+# best evaluations) are printed and runs/table/scores.png drawn at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tasks=${1:-sst2}
 seeds=${2:-"0 1 2"}
 export SUBSET=${SUBSET:-2000}
 jobs=${JOBS:-1}
+methods=${METHODS:-"peft_lora lora r_lora gm_lora rm_lora"}
 mkdir -p runs/table
 
 run_one() {
@@ -33,11 +39,12 @@ run_one() {
               --config.seed=$seed --config.workdir=$workdir --config.progress=False)
   [ "$task" = sst2 ] && args+=(--config.data.train_subset=$SUBSET)
   echo "$(date +%T) start $workdir" >&2
-  if [ "$method" = peft_lora ]; then
-    .venv/bin/python -m experiments.peft_glue "${args[@]}" --config.method=lora
-  else
-    .venv/bin/python -m experiments.glue "${args[@]}" --config.method=$method
-  fi > "$workdir.log" 2>&1 || { echo "$(date +%T) FAILED $workdir (see $workdir.log)" >&2; return 1; }
+  case "$method" in
+    peft_*) .venv/bin/python -m experiments.peft_glue "${args[@]}" --config.method=${method#peft_} ;;
+    sora_released) .venv/bin/python -m experiments.glue "${args[@]}" --config.method=sora \
+                     --config.sora.variant=released ;;
+    *) .venv/bin/python -m experiments.glue "${args[@]}" --config.method=$method ;;
+  esac > "$workdir.log" 2>&1 || { echo "$(date +%T) FAILED $workdir (see $workdir.log)" >&2; return 1; }
   echo "$(date +%T) done  $workdir" >&2
 }
 export -f run_one
@@ -49,7 +56,7 @@ fi
 queue=$(mktemp)
 for task in $tasks; do
   for seed in $seeds; do
-    for method in peft_lora lora r_lora gm_lora rm_lora; do
+    for method in $methods; do
       echo "$task $method $seed"
     done
   done
@@ -63,4 +70,6 @@ status=0
 wait "$workers" || status=$?
 rm -f "$queue"
 .venv/bin/python -m experiments.collect_results 'runs/table/*/results.json' --plot=runs/table/scores.png
+echo
+.venv/bin/python -m experiments.collect_results 'runs/table/*/results.json' --score=best
 exit "$status"

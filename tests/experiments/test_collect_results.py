@@ -14,13 +14,19 @@ from experiments import collect_results
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def result(task, method, seed, score, *, metric="accuracy", rank=8.0, ortho=500.0, params=1000):
+def result(task, method, seed, score, *, metric="accuracy", rank=8.0, ortho=500.0, params=1000, best=None,
+           final_rank=None, variant=None, time=10.0):
   pruned = method == "adalora"  # pruned to half its rank: fewer inference parameters
-  return {"task": task, "method": method, "seed": seed, "main_metric": metric,
-          "metrics": {metric: score, "other": -1.0}, "trainable_params": params,
-          "inference_params": params // 2 if pruned else params,
-          "total_rank": {"initial": 96, "final": 48 if pruned else 96},
-          "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho}}}
+  final_rank = final_rank if final_rank is not None else (48 if pruned else 96)
+  out = {"task": task, "method": method, "seed": seed, "main_metric": metric,
+         "metrics": {metric: score, "other": -1.0}, "trainable_params": params,
+         "inference_params": params * final_rank // 96,
+         "total_rank": {"initial": 96, "final": final_rank}, "train_time_s": time,
+         "best": {"step": 5, metric: score if best is None else best},
+         "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho}}}
+  if variant:
+    out["config"] = {"sora": {"variant": variant}}
+  return out
 
 
 SCORES = {  # (task, method) -> score per seed
@@ -54,22 +60,44 @@ def test_table_cells_are_mean_and_sample_std_over_seeds():
   got = cells(md)
   for (task, method), scores in SCORES.items():
     std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    assert got[(method, task)] == f"{statistics.fmean(scores):.3f} ± {std:.3f} ({len(scores)})"
-  assert got[("r_lora", "cola")] == "" and got[("peft_lora", "sst2")] == ""
+    assert got[(method, f"{task} (final)")] == f"{statistics.fmean(scores):.3f} ± {std:.3f} ({len(scores)})"
+  assert got[("r_lora", "cola (final)")] == "" and got[("peft_lora", "sst2 (final)")] == ""
   assert got[("lora", "# T / I-params")] == "1,000 / 1,000"
   assert got[("lora", "# rank start / end")] == "96 / 96"
   # Methods in the paper's order with the anchor last; tasks as first seen.
   rows = re.findall(r"^\| (\w+) \| [\d,]+ / [\d,]+ \|", md, flags=re.M)
   assert rows == ["lora", "r_lora", "rm_lora", "peft_lora"]
-  assert md.splitlines()[0] == "| method | # T / I-params | # rank start / end | cola | sst2 |"
+  assert md.splitlines()[0] == "| method | # T / I-params | # rank start / end | cola (final) | sst2 (final) |"
 
 
 def test_second_table_averages_rank_and_orthogonality():
   md = collect_results.table(all_results())
   second = md.split("\n\n")[1]
   row = next(l for l in second.splitlines() if l.startswith("| rm_lora "))
-  # rm_lora on cola: seeds 0, 1, 2 -> ranks 7, 8, 9 and ortho 0, 100, 200.
-  assert [c.strip() for c in row.split("|")[1:6]] == ["rm_lora", "8.00", "100.00", "", ""]
+  # rm_lora on cola: seeds 0, 1, 2 -> ranks 7, 8, 9 and ortho 0, 100, 200; nothing
+  # pruned, 10 s each; no sst2 runs.
+  assert [c.strip() for c in row.split("|")[1:10]] == ["rm_lora", "8.00", "100.00", "0.0%", "10", "", "", "", ""]
+
+
+def test_best_scores_pruning_and_the_released_sora_row():
+  runs = [result("cola", "sora", s, 0.1 * s, best=0.5 + 0.1 * s, final_rank=f, time=t)
+          for s, (f, t) in enumerate([(24, 10.0), (48, 20.0)])]
+  runs += [result("cola", "sora", 0, 0.3, variant="released", final_rank=96)]
+  final, best = cells(collect_results.table(runs)), cells(collect_results.table(runs, score="best"))
+  assert final[("sora", "cola (final)")] == "0.050 ± 0.071 (2)"
+  assert best[("sora", "cola (best)")] == "0.550 ± 0.071 (2)"
+  assert final[("sora_released", "cola (final)")] == "0.300 ± 0.000 (1)"
+  # Inference parameters and final ranks differ between the two runs: their mean, marked.
+  assert final[("sora", "# T / I-params")] == "1,000 / ~375"
+  assert final[("sora", "# rank start / end")] == "96 / ~36"
+  second = collect_results.table(runs).split("\n\n")[1]
+  row = next(l for l in second.splitlines() if l.startswith("| sora "))
+  # Pruned shares 1 - 24/96 = 75% and 1 - 48/96 = 50%: mean 62.5%; times 10 and 20 s.
+  assert [c.strip() for c in row.split("|")[4:6]] == ["62.5%", "15"]
+  old = result("cola", "lora", 0, 0.3)
+  del old["best"]
+  with pytest.raises(ValueError, match=r"result 0: no best evaluation recorded"):
+    collect_results.table([old], score="best")
 
 
 def test_duplicate_seed_names_both_files():

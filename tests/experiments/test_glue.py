@@ -252,3 +252,28 @@ def test_results_report_best_and_final_evaluations(tiny_bert, tiny_glue, tmp_pat
   assert results["final"] == evals[-1] and results["metrics"]["accuracy"] == evals[-1]["accuracy"]
   assert results["best"]["accuracy"] == max(e["accuracy"] for e in evals)
   assert results["best"] in evals
+
+
+def test_peft_adalora_anchor_prunes_to_the_budget_ours_does(tiny_bert, tiny_glue, tmp_path):
+  """PEFT's AdaLoRA and ours, one config: the same parameter budget, both pruned from 2R to R."""
+  from experiments import peft_glue  # pylint: disable=g-import-not-at-top
+
+  overrides = {"method": "adalora", "max_steps": 30, "lora.rank": 2, "adalora.delta_t": 2,
+               "checkpoint_every_steps": 30}
+  peft_config = tiny_config(tiny_bert, tiny_glue, tmp_path / "peft", **overrides)
+  peft = peft_glue.run(peft_config, peft_config.workdir)
+  ours_config = tiny_config(tiny_bert, tiny_glue, tmp_path / "ours", **overrides)
+  ours = glue_task.train_and_evaluate(ours_config, ours_config.workdir)
+  assert peft["method"] == "peft_adalora" and ours["method"] == "adalora"
+  head = 32 * 2 + 2
+  # r (d_in + d_out + 1) per triplet adapter at the initial rank 2R = 4.
+  per_rank = 4 * (32 + 32 + 1) + (32 + 48 + 1) + (48 + 32 + 1)
+  assert peft["trainable_params"] == ours["trainable_params"] == 2 * 4 * per_rank + head
+  # 12 adapters start at 4 and end at the budget R = 2 on average: 24 triplets.
+  for r in (peft, ours):
+    assert r["total_rank"] == {"initial": 48, "final": 24}
+    assert head < r["inference_params"] < r["trainable_params"]
+  assert min(h["penalty"] for h in peft["history"]["train"]) > 0
+  # The anchor's own check of PEFT's regulariser: its recorded penalty is 0.5 x the
+  # mean plain Frobenius deviation, which starts near 0.5 x sqrt(r) for small factors.
+  assert 0.5 * np.sqrt(4) * 0.8 < peft["history"]["train"][0]["penalty"] < 0.5 * np.sqrt(4) * 1.01
