@@ -102,6 +102,13 @@ DECODER_RULES: tuple[tuple[str, P], ...] = (
     (r"lm_head/kernel", P("fsdp", "model")),
 )
 
+# Gemma 2 and Gemma 3 (rmlora_jax/models/gemma.py): the decoder layout, whose
+# layernorm rule already takes Gemma's pre/post_feedforward_layernorm, plus
+# Gemma 3's per-head query and key norms (D,): replicated.
+GEMMA_RULES = DECODER_RULES + (
+    (r"model/layers_\d+/self_attn/(q|k)_norm/scale", P()),
+)
+
 # By Hugging Face ``model_type``.
 PARTITION_RULES: dict[str, tuple[tuple[str, P], ...]] = {
     "bert": ENCODER_RULES,
@@ -110,6 +117,8 @@ PARTITION_RULES: dict[str, tuple[tuple[str, P], ...]] = {
     "vit": VIT_RULES,
     "llama": DECODER_RULES,
     "qwen2": DECODER_RULES,
+    "gemma2": GEMMA_RULES,
+    "gemma3_text": GEMMA_RULES,
 }
 
 # Adapter factors by name: which dimension of the base kernel (d_in, d_out)

@@ -123,11 +123,16 @@ def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
                    trainable_sharding: Any = None, frozen_sharding: Any = None):
   """The jitted ``(trainable, frozen, batch) -> task.predict(...)`` step.
 
-  The predictions come back replicated, so every process can read them whole.
+  A task scored on generated tokens defines ``generate(module, params,
+  batch)``, which the step runs instead of ``forward`` and ``predict``. The
+  predictions come back replicated, so every process can read them whole.
   """
 
   def eval_fn(trainable, frozen, batch):
-    out = task.forward(module, method.assemble(trainable, frozen), batch, deterministic=True, rngs=None)
+    params = method.assemble(trainable, frozen)
+    if hasattr(task, "generate"):
+      return task.generate(module, params, batch)
+    out = task.forward(module, params, batch, deterministic=True, rngs=None)
     return task.predict(out, batch)
 
   rep, data = replicated(mesh), data_sharded(mesh)

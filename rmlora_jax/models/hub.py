@@ -42,11 +42,11 @@ from absl import logging
 from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
-from rmlora_jax.models import bert, deberta_v2, llama, torch_port, vit
+from rmlora_jax.models import bert, deberta_v2, gemma, llama, torch_port, vit
 
 # config.model_type -> the module implementing it.
 ARCHITECTURES: dict[str, ModuleType] = {
-    model_type: module for module in (bert, deberta_v2, vit, llama) for model_type in module.MODEL_TYPES
+    model_type: module for module in (bert, deberta_v2, vit, llama, gemma) for model_type in module.MODEL_TYPES
 }
 
 # Top-level param names that belong to a task head; a checkpoint lacking them is normal.

@@ -63,7 +63,12 @@ class Task(Protocol):
     """Per-example predictions (traced), a pytree of arrays with a leading batch axis."""
 
   def evaluate(self, predict: Callable[[Batch], Any], batch_size: int) -> dict[str, float]:
-    """Metrics of every evaluation split; ``predict(batch)`` runs the jitted eval step."""
+    """Metrics of every evaluation split; ``predict(batch)`` runs the jitted eval step.
+
+    A task scored on generated text may also define ``generate(module,
+    params, batch)`` (traced): the eval step then returns its output instead
+    of ``predict``'s (`rmlora_jax.tasks.causal_lm.InstructionTuning`).
+    """
 
 
 def run_predictions(predict: Callable[[Batch], Any], batches: Iterable[Batch]) -> tuple[list[Any], list[Batch]]:

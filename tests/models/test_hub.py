@@ -127,7 +127,7 @@ def test_folder_without_weights_raises(tmp_path, tiny_config):
 
 def test_unsupported_model_type_raises(tmp_path):
   transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['bert', 'deberta-v2', 'llama', 'qwen2', 'roberta', 'vit'\]"):
+  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \['bert', 'deberta-v2', 'gemma2', 'gemma3_text', 'llama', 'qwen2', 'roberta', 'vit'\]"):
     load_pretrained(tmp_path)
 
 

@@ -1,0 +1,172 @@
+"""The SFT experiment: response-only loss, chat-template data and generated-answer scores."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import sft as sft_config
+from rmlora_jax import metrics as metrics_lib
+from rmlora_jax.data import sft
+from rmlora_jax.models import load_pretrained
+from rmlora_jax.tasks import causal_lm
+from rmlora_jax.tasks import sft as sft_task
+from tests.experiments.conftest import WORDS, set_overrides
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tiny_chat_llama(folder):
+  """A 2-layer random Llama with a word-level tokenizer and a chat template, saved in ``folder``."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  vocab = {t: i for i, t in enumerate(SPECIAL + ["user", "assistant", "say", "answer"] + list(WORDS))}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+      additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+  fast.chat_template = TEMPLATE
+  fast.save_pretrained(folder)
+  config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=40,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                    tie_word_embeddings=True, initializer_range=0.5)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(folder)
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_llama(tmp_path_factory):
+  return make_tiny_chat_llama(tmp_path_factory.mktemp("tiny_chat_llama"))
+
+
+def write_records(path, n, seed=0):
+  """JSONL "say <words>" -> "<the last word>" records."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for i in range(n):
+    words = list(rng.choice(WORDS, size=rng.integers(3, 9)))
+    lines.append(json.dumps({"id": f"q{i}", "prompt": "say " + " ".join(words), "response": words[-1]}))
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tiny_chat_llama, tmp_path):
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_chat_llama)
+  examples = sft.load_file(write_records(tmp_path / "d.jsonl", 5))
+  long = sft.SftExample(id="long", prompt="say " + " ".join(["cat"] * 40), response="dog")
+  f = sft.tokenize(examples + [long], tok, max_seq_len=24)
+  assert f.dropped == 1 and len(f) == 5 and [e.id for e in f.examples] == [e.id for e in examples]
+  im_end = tok.convert_tokens_to_ids("<|im_end|>")
+  for i, e in enumerate(examples):
+    # The rendered conversation's tokens, tokenized independently of render().
+    text = f"<|im_start|>user\n{e.prompt}<|im_end|>\n<|im_start|>assistant\n{e.response}<|im_end|>\n"
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert list(f.input_ids[i, :f.lengths[i]]) == want
+    assert list(f.input_ids[i][f.loss_mask[i] > 0]) == tok(e.response, add_special_tokens=False)["input_ids"] + [im_end]
+    assert f.prompt_lengths[i] == f.lengths[i] - int(f.loss_mask[i].sum())
+  plain = sft.tokenize(examples, tok, max_seq_len=24, chat_template=False)
+  assert list(plain.input_ids[0][plain.loss_mask[0] > 0]) == (
+      tok(examples[0].response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+
+
+def test_response_loss_is_the_numpy_cross_entropy_of_response_tokens():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+  ids = rng.integers(0, 11, size=(3, 6))
+  mask = np.array([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0]])
+  weights = np.array([1.0, 1.0, 0.0], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  terms = [-log_p[b, t - 1, ids[b, t]] for b in range(3) for t in range(1, 6) if mask[b, t] and weights[b]]
+  got = causal_lm.response_loss(logits, ids, mask, weights)
+  np.testing.assert_allclose(float(got), np.mean(terms), rtol=1e-5)
+
+
+def tiny_sft_config(model, train_file, workdir, **overrides):
+  config = sft_config.get_config(f"model={model},method=lora")
+  config.data.train_file = train_file
+  config.data.dev_examples = 6
+  config.data.eval_subset = -1
+  config.data.buckets = (32,)
+  config.workdir = str(workdir)
+  config.max_seq_len = 32
+  config.batch_size = 4
+  config.max_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.max_new_tokens = 5
+  config.progress = False
+  config.lora.rank = 2
+  return set_overrides(config, overrides)
+
+
+def reference_answers(folder, examples, max_new_tokens):
+  """transformers' greedy generate on each prompt alone (no padding), decoded and cut as the task does."""
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+  stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+  out = {}
+  for e in examples:
+    text = tok.apply_chat_template([{"role": "user", "content": e.prompt}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+      new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                           pad_token_id=0)[0, ids.shape[1]:].tolist()
+    new = new[:next((k for k, t in enumerate(new) if t in stop), len(new))]
+    lines = [l.strip() for l in tok.decode(new, skip_special_tokens=True).splitlines() if l.strip()]
+    out[e.id] = lines[0] if lines else ""
+  return out
+
+
+def test_sft_runs_end_to_end_and_scores_the_untuned_model_as_transformers_generates(tiny_chat_llama, tmp_path):
+  config = tiny_sft_config(tiny_chat_llama, write_records(tmp_path / "d.jsonl", 30), tmp_path / "run")
+  results = sft_task.train_and_evaluate(config, config.workdir)
+  saved = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert saved["task"] == "sft" and saved["method"] == "lora" and saved["steps"] == 4
+  assert saved["train_examples"] == 24 and saved["eval_examples"] == 6
+  assert set(saved["metrics"]) == {"exact_match", "f1"} and saved["metrics"] == results["metrics"]
+  # 7 matrices per layer adapted, the LM head and everything else frozen: r (d_in + d_out) each.
+  h, ff, kv = 32, 40, 2 * 8
+  per_layer = 2 * ((h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
+  assert saved["trainable_params"] == 2 * per_layer
+  # The untuned model's answers (left-padded batches, KV cache, jitted) equal
+  # those of transformers' generate on each prompt alone, and so do its scores.
+  dev = sft.load_file(config.data.train_file)[-6:]
+  want = reference_answers(tiny_chat_llama, dev, config.max_new_tokens)
+  assert len(set(want.values())) > 2  # answers that differ, so a mix-up of rows cannot pass
+  module, params, tok, _ = load_pretrained(tiny_chat_llama, head="causal_lm")
+  task = sft_task.build_task(config, tok, [], dev)
+  generate = jax.jit(lambda batch: task.generate(module, params, batch))
+  assert task.answers(generate, 4) == want
+  em = 100 * np.mean([metrics_lib.exact_match(want[e.id], e.references) for e in dev])
+  f1 = 100 * np.mean([metrics_lib.token_f1(want[e.id], e.references) for e in dev])
+  assert saved["base"]["exact_match"] == pytest.approx(em) and saved["base"]["f1"] == pytest.approx(f1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.train_file": "/nonexistent.jsonl"}, r"config.data.train_file='/nonexistent.jsonl' is not a file"),
+    ({"data.dev_examples": 30}, r"config.data.dev_examples=30 must be in 1..29"),
+    ({"temperature": -1.0}, r"config.temperature must be >= 0"),
+    ({"top_p": 0.0}, r"config.top_p must be in \(0, 1\]"),
+])
+def test_bad_sft_config_fails_with_the_setting_named(overrides, message, tmp_path):
+  config = tiny_sft_config("/nonexistent/model", write_records(tmp_path / "d.jsonl", 30), tmp_path / "w", **overrides)
+  with pytest.raises(ValueError, match=message):
+    sft_task.validate(config)
+    sft_task.load_examples(config)
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+  (tmp_path / "a.jsonl").write_text('{"prompt": "x", "response": "y"}\n{"prompt": "x"}\n')
+  with pytest.raises(ValueError, match=r"a.jsonl:2: no string field 'response'"):
+    sft.load_file(tmp_path / "a.jsonl")
+  (tmp_path / "b.jsonl").write_text('{"prompt": "x", "response": "y"}\nnot json\n')
+  with pytest.raises(ValueError, match=r"b.jsonl:2: not valid JSON"):
+    sft.load_file(tmp_path / "b.jsonl")
