@@ -170,3 +170,32 @@ def test_bad_records_name_file_and_line(tmp_path):
   (tmp_path / "b.jsonl").write_text('{"prompt": "x", "response": "y"}\nnot json\n')
   with pytest.raises(ValueError, match=r"b.jsonl:2: not valid JSON"):
     sft.load_file(tmp_path / "b.jsonl")
+
+
+def test_datasets_loader_reads_a_local_folder_in_hub_layout(tmp_path):
+  folder = tmp_path / "hub_copy"
+  folder.mkdir()
+  write_records(folder / "train.jsonl", 7, seed=1)
+  write_records(folder / "validation.jsonl", 3, seed=2)
+  train, dev = sft.load_hub(str(folder), "train"), sft.load_hub(str(folder), "validation")
+  assert train == sft.load_file(folder / "train.jsonl") and dev == sft.load_file(folder / "validation.jsonl")
+  with pytest.raises(ValueError, match=r"no string field 'question'"):
+    sft.load_hub(str(folder), "train", prompt_field="question")
+
+
+def test_squad_questions_become_prompt_response_pairs_held_out_by_article(tmp_path):
+  from tests.experiments.test_squad import write_squad  # pylint: disable=g-import-not-at-top
+
+  config = sft_config.get_config("model=unused")
+  config.data.dir = str(tmp_path)
+  write_squad(tmp_path / "train-v1.1.json")
+  config.data.dev_articles, config.data.eval_subset = 1, -1
+  train, dev, source = sft_task.load_examples(config)
+  raw = json.loads((tmp_path / "train-v1.1.json").read_text())["data"]
+  last = [(p["context"], q) for p in raw[-1]["paragraphs"] for q in p["qas"]]
+  assert source == str(tmp_path / "train-v1.1.json") and len(dev) == len(last)
+  for e, (context, q) in zip(dev, last):
+    assert e.id == q["id"] and e.response == q["answers"][0]["text"]
+    assert e.references == tuple(a["text"] for a in q["answers"])
+    assert context.strip() in e.prompt and q["question"].strip() in e.prompt
+  assert not {e.id for e in train} & {e.id for e in dev}
