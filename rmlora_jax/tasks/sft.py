@@ -70,8 +70,7 @@ def load_examples(config: ml_collections.ConfigDict) -> tuple[list[sft.SftExampl
       train, dev = train[:-d.dev_examples], train[-d.dev_examples:]
     source = d.train_file
   elif d.dir:
-    train_file, _ = squad_task.data_files(ml_collections.ConfigDict(
-        {"data": {"train_file": None, "dev_file": None, "dir": d.dir}}))
+    train_file, _ = squad_task.folder_files(d.dir)
     qa_train, qa_dev = squad.split_by_article(squad.load_file(train_file, training=True), d.dev_articles)
     train, dev = sft.from_squad(qa_train), sft.from_squad(qa_dev)
     source = train_file
@@ -94,8 +93,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.temperature must be >= 0 (0: greedy), got {config.temperature!r}")
   if not 0 < config.top_p <= 1:
     raise ValueError(f"config.top_p must be in (0, 1], got {config.top_p!r}")
-  if config.data.dir and not os.path.isdir(config.data.dir):
-    raise ValueError(f"config.data.dir={config.data.dir!r} is not a directory (expected a SQuAD v1.1 folder)")
+  if config.data.dir and not config.data.train_file:
+    squad_task.folder_files(config.data.dir)
 
 
 def build_task(config: ml_collections.ConfigDict, tokenizer: Any, train: list[sft.SftExample],

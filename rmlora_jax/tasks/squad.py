@@ -54,12 +54,21 @@ def data_files(config: ml_collections.ConfigDict) -> tuple[str | None, str | Non
     raise ValueError(f"config.data.dev_file={dev!r} needs config.data.train_file too")
   if train or not d.dir:
     return train, dev
-  folder = pathlib.Path(d.dir)
+  return folder_files(d.dir)
+
+
+def folder_files(data_dir: str) -> tuple[str, str | None]:
+  """``(train file, dev file or None)`` of a SQuAD folder (``config.data.dir``).
+
+  Raises:
+    ValueError: not a folder, or one holding none of `TRAIN_FILES`.
+  """
+  folder = pathlib.Path(data_dir)
   if not folder.is_dir():
-    raise ValueError(f"config.data.dir={d.dir!r} is not a directory (expected {' or '.join(TRAIN_FILES)} in it)")
+    raise ValueError(f"config.data.dir={data_dir!r} is not a directory (expected {' or '.join(TRAIN_FILES)} in it)")
   found = [folder / f for f in TRAIN_FILES if (folder / f).is_file()]
   if not found:
-    raise ValueError(f"config.data.dir={d.dir!r} holds none of {TRAIN_FILES}; or give config.data.train_file")
+    raise ValueError(f"config.data.dir={data_dir!r} holds none of {TRAIN_FILES}; or give config.data.train_file")
   return str(found[0]), str(folder / DEV_FILE) if (folder / DEV_FILE).is_file() else None
 
 
