@@ -6,9 +6,14 @@ The argument after the colon picks the shape (default ``minilm``)::
   python -m experiments.bench --config=configs/bench.py:bert-base
   python -m experiments.bench --config=configs/bench.py:minilm \
       --config.targets=all --config.repeats=9 --config.output=runs/bench_minilm.json
+  python -m experiments.bench --config=configs/bench.py:smollm2 \
+      --config.methods='("lora","rm_lora")' --config.warmup=1 --config.repeats=3
 
 Shapes are random-weight BERT encoders: ``minilm`` (all-MiniLM-L6-v2's shape),
-``bert-base``, and ``tiny`` (for the test).
+``bert-base``, and ``tiny`` (for the test); and random-weight Llama decoders
+timed on the SFT task's response-only next-token loss: ``smollm2``
+(SmolLM2-135M's shape, at the SFT experiment's batch 8 and 320 tokens) and
+``tiny-llama`` (for the test).
 """
 
 from ml_collections import config_dict
@@ -34,27 +39,51 @@ PEFT_TARGETS = {
     "qv": ("query", "value"),
     "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
 }
+# Decoders (transformers' LlamaConfig fields): hidden, layers, heads, kv heads,
+# intermediate, vocab, rope_theta, rms_norm_eps. All tie the LM head to the
+# embedding table, as SmolLM2 does.
+DECODER_SHAPES = {
+    "tiny-llama": (32, 2, 4, 2, 64, 1000, 10000.0, 1e-5),
+    "smollm2": (576, 30, 9, 3, 1536, 49152, 100000.0, 1e-5),
+}
+# PEFT's target_modules for the decoders (transformers' LlamaForCausalLM). The
+# experiment adapts the same matrices of our model; "all" is
+# `rmlora_jax.models.llama.DEFAULT_LORA_TARGETS`.
+DECODER_PEFT_TARGETS = {
+    "qv": ("q_proj", "v_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 METHODS = ("full_ft", "lora", "rm_lora", "adalora")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  """The benchmark config for shape ``arg`` (one of SHAPES; default minilm)."""
+  """The benchmark config for shape ``arg`` (one of SHAPES or DECODER_SHAPES; default minilm)."""
   shape = arg or "minilm"
-  if shape not in SHAPES:
-    raise ValueError(f"configs/bench.py: shape {shape!r} is unknown; choose one of {tuple(SHAPES)}")
-  hidden, layers, heads, inter, vocab = SHAPES[shape]
+  if shape not in SHAPES and shape not in DECODER_SHAPES:
+    raise ValueError(f"configs/bench.py: shape {shape!r} is unknown; choose one of "
+                     f"{tuple(SHAPES) + tuple(DECODER_SHAPES)}")
   glue = base.get_config()
   c = config_dict.ConfigDict()
   c.shape = shape
-  c.model = config_dict.ConfigDict(dict(
-      hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
-      vocab_size=vocab))
+  if shape in SHAPES:
+    hidden, layers, heads, inter, vocab = SHAPES[shape]
+    c.model = config_dict.ConfigDict(dict(
+        family="bert", hidden_size=hidden, num_layers=layers, num_heads=heads,
+        intermediate_size=inter, vocab_size=vocab))
+  else:
+    hidden, layers, heads, kv_heads, inter, vocab, rope_theta, eps = DECODER_SHAPES[shape]
+    c.model = config_dict.ConfigDict(dict(
+        family="llama", hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, intermediate_size=inter, vocab_size=vocab, rope_theta=rope_theta,
+        rms_norm_eps=eps, tie_word_embeddings=True))
   c.dtype = "float32"  # computation dtype of our model: float32 or bfloat16
   c.batch_size = 32
   c.seq_len = 128
   c.rank = 8
   c.alpha = 16.0
-  c.targets = "qv"  # "qv" (query and value, as PEFT's default) or "all" (all six matrices)
+  # "qv" (query and value, as PEFT's default) or "all" (all six matrices of a
+  # BERT layer; all seven of a decoder layer)
+  c.targets = "qv"
   # rmlora_jax methods timed, besides the floor and PEFT; "name@merge" or
   # "name@low_rank" overrides adapter_apply for that runner.
   c.methods = METHODS
@@ -72,6 +101,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.gpu_peak_tflops = 494.0
   c.seed = 0
   c.output = ""  # a path: also write the results JSON there
-  if shape == "tiny":
+  if shape in ("tiny", "tiny-llama"):
     c.batch_size, c.seq_len, c.warmup, c.repeats = 4, 16, 1, 2
+  if shape == "smollm2":
+    # The SFT experiment's defaults (configs/sft.py): batch 8, 320 tokens, every matrix adapted.
+    c.batch_size, c.seq_len, c.targets = 8, 320, "all"
+  if shape == "tiny-llama":
+    c.targets = "all"
   return c

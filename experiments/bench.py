@@ -12,6 +12,15 @@ every runner: ours are converted from the PyTorch model), it times
 * PEFT's LoRA step (AdamW, clipping, dropout on) on transformers' PyTorch
   ``BertForSequenceClassification``, when torch and peft are installed.
 
+The decoder shapes (``smollm2``, ``tiny-llama``) time the same runners on a
+random-weight Llama (`rmlora_jax.models.llama`, the LM head tied to the
+embeddings and never trained) with the SFT task's loss
+(`rmlora_jax.tasks.causal_lm.InstructionTuning`: next-token cross-entropy on
+the response tokens, here the last third of each row), against PEFT's LoRA
+on transformers' ``LlamaForCausalLM`` with that loss written out in torch.
+Their floor trains the final norm's scale and the first layer's input norm's
+scale (see `floor_method`).
+
 Runners alternate step by step, so load on a shared machine hits all alike.
 Reports median seconds per step, examples/s, the ratios to PEFT and to the
 floor, RM-LoRA over LoRA, compile seconds, XLA's memory estimate of the step,
@@ -39,19 +48,53 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchma
 NUM_LABELS = 2
 HEAD = (r"classifier/.*",)
 FLOOR_TRAINED = (r"classifier/.*", r"embeddings/layer_norm/bias")
+# The decoder's floor: the final norm stands where the classifier does (its
+# gradient needs only the LM head's input gradient); the first layer's input
+# norm is the earliest parameter after the embedding lookup, so its gradient
+# needs every layer's input gradient, down to the first layer's attention
+# input, which is as far as any adapter's gradient reaches. Training the
+# embedding table itself would add a (vocab, H) weight gradient (tied: the LM
+# head's too) that no adapter method computes.
+DECODER_FLOOR_TRAINED = (r"model/norm/scale", r"model/layers_0/input_layernorm/scale")
+# Our decoder's "qv" targets; "all" is `llama.DEFAULT_LORA_TARGETS`.
+DECODER_QV = (r"model/layers_\d+/self_attn/(q|v)_proj/kernel",)
+
+
+def _decoder(config) -> bool:
+  return config.model.family == "llama"
+
+
+def _targets(config) -> tuple[str, ...]:
+  """Regexes of the kernels adapted by ``config.targets`` in our model."""
+  from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
+
+  if not _decoder(config):
+    return bench_config.TARGETS[config.targets]
+  from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  choices = {"qv": DECODER_QV, "all": llama.DEFAULT_LORA_TARGETS}
+  if config.targets not in choices:
+    raise ValueError(f"config.targets: {config.targets!r} is not one of {tuple(choices)} for a decoder")
+  return choices[config.targets]
 
 
 def _hf_config(config):
   import transformers  # pylint: disable=g-import-not-at-top
 
   m = config.model
+  if _decoder(config):
+    return transformers.LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        intermediate_size=m.intermediate_size, rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings, max_position_embeddings=max(2048, config.seq_len))
   return transformers.BertConfig(
       vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
       num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
       max_position_embeddings=max(512, config.seq_len), num_labels=NUM_LABELS)
 
 
-def _torch_state(hf_config, seed: int):
+def _torch_state(hf_config, seed: int, *, decoder: bool = False):
   """A random PyTorch model (when torch is installed) and its weights as NumPy."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -59,7 +102,7 @@ def _torch_state(hf_config, seed: int):
   except ImportError:
     return None, None
   torch.manual_seed(seed)
-  model = transformers.BertForSequenceClassification(hf_config)
+  model = (transformers.LlamaForCausalLM if decoder else transformers.BertForSequenceClassification)(hf_config)
   return model, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
@@ -79,9 +122,29 @@ def _batch(config, rng) -> dict[str, Any]:
   }
 
 
+def _decoder_batch(config, rng) -> dict[str, Any]:
+  """Random ids, right-padded as SFT batches are; the loss counts the last third of each row's tokens.
+
+  The second half of the batch is padded over its last quarter, so those
+  rows' responses are their real tokens' last third.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  b, t = config.batch_size, config.seq_len
+  lengths = np.full((b,), t)
+  lengths[b // 2:] = t - t // 4
+  positions = np.arange(t)[None]
+  return {
+      "input_ids": rng.integers(1, config.model.vocab_size, size=(b, t)).astype(np.int32),
+      "attention_mask": (positions < lengths[:, None]).astype(np.int32),
+      "loss_mask": ((positions >= lengths[:, None] - lengths[:, None] // 3)
+                    & (positions < lengths[:, None])).astype(np.int32),
+      "weights": np.ones((b,), np.float32),
+  }
+
+
 def _settings(config, entry: str):
   """MethodSettings for ``entry``: a method name, or ``name@merge`` / ``name@low_rank``."""
-  from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax.adapters import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
@@ -91,7 +154,7 @@ def _settings(config, entry: str):
                                                     config.adalora.target_rank)
   rank = init_rank if name == "adalora" else config.rank
   spec = None if name == "full_ft" else lora_lib.LoraSpec(
-      rank=rank, alpha=config.alpha, targets=bench_config.TARGETS[config.targets])
+      rank=rank, alpha=config.alpha, targets=_targets(config))
   ada = {k: v for k, v in config.adalora.to_dict().items() if k != "init_rank"}
   options = {
       "adalora": lambda: methods_lib.AdaLoraOptions(**{**ada, "target_rank": target_rank}),
@@ -101,16 +164,20 @@ def _settings(config, entry: str):
       ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
       mask_mode=config.rm.mask_mode))()
   return methods_lib.MethodSettings(
-      name=name, spec=spec, train_patterns=HEAD, seed=config.seed, total_steps=1000, options=options,
+      # A decoder trains no head: its LM head is the (frozen) embedding table.
+      name=name, spec=spec, train_patterns=() if _decoder(config) else HEAD, seed=config.seed, total_steps=1000, options=options,
       adapter_apply="merge" if spec is None else (apply or config.adapter_apply))
 
 
-def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
-  """A `Method` training only the head and the embeddings' LayerNorm bias.
+def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+                 trained: tuple[str, ...] = FLOOR_TRAINED):
+  """A `Method` training only the parameters ``trained`` names (regexes over paths).
 
-  Its gradient must flow back through every layer to the embeddings, so the
-  backward pass computes every input gradient and no matrix's weight gradient:
-  the least work any adapter method's step can do.
+  The default, BERT's head and the embeddings' LayerNorm bias, and the
+  decoder's `DECODER_FLOOR_TRAINED` both need a gradient that flows back
+  through every layer to the embeddings, so the backward pass computes every
+  input gradient and no matrix's weight gradient: the least work any adapter
+  method's step can do.
   """
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax import paths as paths_lib  # pylint: disable=g-import-not-at-top
@@ -118,7 +185,7 @@ def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
   def init(key, params):
     del key
     flat = paths_lib.flatten_with_paths(params)
-    return {"head": {p: flat[p] for p in methods_lib.head_paths(params, FLOOR_TRAINED)}}
+    return {"head": {p: flat[p] for p in methods_lib.head_paths(params, trained)}}
 
   return methods_lib.Method(
       settings=methods_lib.MethodSettings(name="full_ft"), init=init,
@@ -130,12 +197,31 @@ def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0):
 
 
 def _task(config):
-  """The SST-2-shaped classification task whose forward pass and loss the steps run."""
+  """The task whose forward pass and loss the steps run: SST-2-shaped classification, or SFT."""
+  if _decoder(config):
+    return _sft_task(config)
   from rmlora_jax.data import glue  # pylint: disable=g-import-not-at-top
   from rmlora_jax.tasks import classification  # pylint: disable=g-import-not-at-top
 
   # The benchmark feeds its own batches: the task supplies only forward, loss and predict.
   return classification.TextClassification(spec=glue.get_task("sst2"), buckets=(config.seq_len,))
+
+
+def _sft_task(config):
+  """`InstructionTuning` around one placeholder row: the steps use only its forward and loss."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax.data import sft  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
+
+  t = config.seq_len
+  # The task wants held-out rows to exist; the benchmark never evaluates them.
+  placeholder = sft.SftFeatures(
+      input_ids=np.zeros((1, t), np.int32), loss_mask=np.zeros((1, t), np.int32),
+      lengths=np.array([t]), prompt_lengths=np.array([1]),
+      examples=(sft.SftExample(id="bench", prompt="", response=""),), dropped=0)
+  return causal_lm.InstructionTuning(train=None, eval=placeholder, buckets=(t,), decode=lambda ids: "",
+                                     eos_token_ids=(0,), pad_token_id=0)
 
 
 def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], None], dict]:
@@ -180,8 +266,24 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
   return run, facts
 
 
+def _torch_response_loss(logits, input_ids, loss_mask, weights):
+  """`causal_lm.response_loss` in torch: mean next-token cross-entropy over the counted response tokens."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  ce = torch.nn.functional.cross_entropy(
+      logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
+      reduction="none").view(input_ids.shape[0], -1)
+  counted = loss_mask[:, 1:] * weights[:, None]
+  return (ce * counted).sum() / counted.sum().clamp(min=1.0)
+
+
 def _peft_runner(config, torch_model, batch) -> tuple[Callable[[], None], dict] | None:
-  """PEFT's LoRA step on the PyTorch model, or None when peft is not installed."""
+  """PEFT's LoRA step on the PyTorch model, or None when peft is not installed.
+
+  BERT: PEFT trains the classifier too and the model computes its loss. A
+  decoder: the adapters alone (the LM head is tied, frozen), with the
+  response-only loss computed from the logits as our task computes it.
+  """
   try:
     import peft  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
@@ -190,20 +292,33 @@ def _peft_runner(config, torch_model, batch) -> tuple[Callable[[], None], dict] 
   from configs import bench as bench_config  # pylint: disable=g-import-not-at-top
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  lora_config = peft.LoraConfig(
-      r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-      target_modules=list(bench_config.PEFT_TARGETS[config.targets]),
-      modules_to_save=["classifier"], task_type="SEQ_CLS")
+  decoder = _decoder(config)
+  if decoder:
+    lora_config = peft.LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+        target_modules=list(bench_config.DECODER_PEFT_TARGETS[config.targets]), task_type="CAUSAL_LM")
+  else:
+    lora_config = peft.LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+        target_modules=list(bench_config.PEFT_TARGETS[config.targets]),
+        modules_to_save=["classifier"], task_type="SEQ_CLS")
   model = peft.get_peft_model(torch_model, lora_config).to(device)
   model.train()
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
-  inputs = {k: torch.tensor(batch[k], dtype=torch.long, device=device)
-            for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+  if decoder:
+    inputs = {k: torch.tensor(batch[k], dtype=torch.long, device=device) for k in ("input_ids", "attention_mask")}
+    counted = {k: torch.tensor(batch[k], dtype=torch.float32, device=device) for k in ("loss_mask", "weights")}
+    compute_loss = lambda: _torch_response_loss(model(**inputs).logits, inputs["input_ids"],
+                                                counted["loss_mask"], counted["weights"])
+  else:
+    inputs = {k: torch.tensor(batch[k], dtype=torch.long, device=device)
+              for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    compute_loss = lambda: model(**inputs).loss
 
   def run():
     opt.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
+    loss = compute_loss()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     opt.step()
@@ -222,9 +337,14 @@ def _peft_runner(config, torch_model, batch) -> tuple[Callable[[], None], dict] 
 
 
 def forward_flops(config) -> float:
-  """Matmul FLOPs of one forward pass of the encoder on one batch."""
+  """Matmul FLOPs of one forward pass of the model on one batch (a decoder's LM head included)."""
   m, t = config.model, config.seq_len
   h, i = m.hidden_size, m.intermediate_size
+  if _decoder(config):
+    q, kv = h, h // m.num_heads * m.num_kv_heads
+    # q, k, v, o and the three MLP matrices, then scores and values over all t keys (as computed).
+    per_token_layer = 2 * (2 * h * q + 2 * h * kv + 3 * h * i) + 2 * 2 * t * q
+    return float(config.batch_size * t * (m.num_layers * per_token_layer + 2 * h * m.vocab_size))
   per_token_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * t * h  # dense + attention
   return float(config.batch_size * t * m.num_layers * per_token_layer)
 
@@ -241,25 +361,34 @@ def benchmark(config) -> dict[str, Any]:
 
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import bert  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
 
   threads = config.threads or os.cpu_count()
+  decoder = _decoder(config)
   hf_config = _hf_config(config)
-  torch_model, state = _torch_state(hf_config, config.seed)
-  module = bert.Bert(arch=bert.arch_from_hf_config(hf_config), head="classification",
-                     num_labels=NUM_LABELS, dtype=jax.numpy.dtype(config.dtype))
-  if state is None:
-    params = module.init(jax.random.key(config.seed), **bert.dummy_inputs(hf_config))["params"]
+  torch_model, state = _torch_state(hf_config, config.seed, decoder=decoder)
+  dtype = jax.numpy.dtype(config.dtype)
+  if decoder:
+    module = llama.LlamaForCausalLM(arch=llama.arch_from_hf_config(hf_config), dtype=dtype)
+    model_lib, head, floor_trained = llama, "causal_lm", DECODER_FLOOR_TRAINED
   else:
-    params, _ = bert.params_from_state_dict(state, hf_config, head="classification")
+    module = bert.Bert(arch=bert.arch_from_hf_config(hf_config), head="classification",
+                       num_labels=NUM_LABELS, dtype=dtype)
+    model_lib, head, floor_trained = bert, "classification", FLOOR_TRAINED
+  if state is None:
+    params = module.init(jax.random.key(config.seed), **model_lib.dummy_inputs(hf_config))["params"]
+  else:
+    params, _ = model_lib.params_from_state_dict(state, hf_config, head=head)
     params = jax.tree.map(jax.numpy.asarray, params)
-  batch = _batch(config, np.random.default_rng(config.seed))
+  batch = (_decoder_batch if decoder else _batch)(config, np.random.default_rng(config.seed))
 
   runners: dict[str, Callable[[], None]] = {}
   facts: dict[str, dict] = {}
   for name in config.methods:  # "lora" or "lora@merge" (see _settings)
     method = methods_lib.make_method(_settings(config, name))
     runners[name], facts[name] = _jax_runner(config, module, params, method, batch)
-  runners["floor"], facts["floor"] = _jax_runner(config, module, params, floor_method(), batch)
+  runners["floor"], facts["floor"] = _jax_runner(config, module, params,
+                                                 floor_method(trained=floor_trained), batch)
   if config.peft and torch_model is not None:
     import torch  # pylint: disable=g-import-not-at-top
 
