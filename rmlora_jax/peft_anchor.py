@@ -29,6 +29,7 @@ import numpy as np
 
 from rmlora_jax import analysis
 from rmlora_jax import trainer as trainer_lib
+from rmlora_jax.tasks import causal_lm
 from rmlora_jax.tasks import classification
 from rmlora_jax.tasks import qa
 
@@ -37,6 +38,8 @@ from rmlora_jax.tasks import qa
 PEFT_TARGETS = {
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 _TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -99,7 +102,40 @@ def _task_functions(task: Any) -> tuple[str, list[str], Callable, Callable]:
       return {"start_logits": out.start_logits.float().numpy(), "end_logits": out.end_logits.float().numpy()}
 
     return "QUESTION_ANS", ["qa_outputs"], loss, predict
-  raise ValueError(f"the PEFT anchor knows TextClassification and ExtractiveQA tasks, not {type(task).__name__}")
+  if isinstance(task, causal_lm.InstructionTuning):
+
+    def loss(out, batch):
+      # The mean cross-entropy over the batch's response tokens (causal_lm.response_loss).
+      ids = torch.tensor(batch["input_ids"][:, :out.logits.shape[1]]).long()
+      counted = torch.tensor(batch["loss_mask"][:, 1:out.logits.shape[1]]).float() * torch.tensor(batch["weights"])[:, None]
+      ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+      return (ce * counted).sum() / counted.sum().clamp(min=1.0)
+
+    return "CAUSAL_LM", None, loss, None  # evaluation generates (_generator)
+  raise ValueError("the PEFT anchor knows TextClassification, ExtractiveQA and InstructionTuning tasks, not "
+                   f"{type(task).__name__}")
+
+
+def _generator(task: causal_lm.InstructionTuning, model: Any) -> Callable[[Any], np.ndarray]:
+  """``batch -> (B, max_new_tokens)`` new tokens of transformers' ``generate`` on the task's left-padded prompts."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def predict(batch):
+    longest = int(batch["attention_mask"].sum(1).max())
+    ids = torch.tensor(np.asarray(batch["input_ids"][:, -longest:]), dtype=torch.long)
+    mask = torch.tensor(np.asarray(batch["attention_mask"][:, -longest:]), dtype=torch.long)
+    sample = task.temperature > 0
+    with torch.no_grad():
+      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=task.max_new_tokens,
+                           do_sample=sample, temperature=task.temperature if sample else None,
+                           top_p=task.top_p if sample else None, top_k=None,
+                           eos_token_id=list(task.eos_token_ids), pad_token_id=task.pad_token_id)
+    new = np.full((ids.shape[0], task.max_new_tokens), task.pad_token_id, np.int32)
+    produced = out[:, longest:].numpy()
+    new[:, :produced.shape[1]] = produced
+    return new
+
+  return predict
 
 
 def train_peft_lora(
@@ -148,6 +184,7 @@ def train_peft_lora(
         orth_reg_weight=adalora.orth_reg_weight, total_step=total, **common)
   model = peft.get_peft_model(model, peft_config)
   trainable = [p for p in model.parameters() if p.requires_grad]
+  fields = [k for k in _TOKEN_FIELDS if k != "token_type_ids" or task_type != "CAUSAL_LM"]
   # PEFT 0.21's PeftModelForQuestionAnswering.forward takes token_type_ids but
   # does not hand them to the model, which then sees segment 0 everywhere
   # (measured: its logits equal transformers' with token_type_ids left out).
@@ -160,12 +197,16 @@ def train_peft_lora(
 
   def inputs(batch):
     longest = int(batch["attention_mask"].sum(1).max())
-    return {k: torch.tensor(np.asarray(batch[k][:, :longest]), dtype=torch.long) for k in _TOKEN_FIELDS}
+    return {k: torch.tensor(np.asarray(batch[k][:, :longest]), dtype=torch.long) for k in fields}
 
-  def predict(batch):
-    with torch.no_grad():
-      out = predict_out(forward(**inputs(batch)))
-    return out
+  if task_type == "CAUSAL_LM":
+    predict = _generator(task, model)
+  else:
+
+    def predict(batch):
+      with torch.no_grad():
+        out = predict_out(forward(**inputs(batch)))
+      return out
 
   def evaluate():
     model.eval()

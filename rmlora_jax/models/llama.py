@@ -180,6 +180,8 @@ def _dense(features: int, arch: LlamaArch, name: str, use_bias: bool, dtype: Any
                           param_dtype=param_dtype, use_bias=use_bias, name=name)
 
 
+# A pytree, so that it can cross `nn.remat` (jax.checkpoint) into a layer.
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Slots:
   """Where a call's tokens sit among the keys it attends to (a chunk of a cache, or all)."""
@@ -284,12 +286,30 @@ class DecoderLayer(nn.Module):
     return x + Mlp(a, dt, pdt, name="mlp")(y)
 
 
+class _PositionalLayer(DecoderLayer):
+  """`DecoderLayer` taking ``decode`` and ``deterministic`` positionally, so `nn.remat` can hold them static."""
+
+  def __call__(self, x: Array, position_ids: Array, slots: _Slots, decode: bool,  # pytype: disable=signature-mismatch
+               deterministic: bool) -> Array:
+    return super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic)
+
+
+# Counting ``self`` as 0: decode (4) and deterministic (5) are Python bools.
+_RematLayer = nn.remat(_PositionalLayer, static_argnums=(4, 5))
+
+
 class LlamaModel(nn.Module):
   """Embedding, the layers (``layers_0`` ...), the final norm: (B, T) ids -> (B, T, H)."""
 
   arch: LlamaArch
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Rematerialise each decoder layer: keep only its input for the backward
+  # pass and recompute the rest. Same parameters and paths.
+  remat: bool = False
+  # A sharding (or PartitionSpec, under a mesh context) the hidden states
+  # (B, T, H) are constrained to between layers; None: left to XLA.
+  activation_sharding: Any = None
 
   def setup(self):
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -298,16 +318,25 @@ class LlamaModel(nn.Module):
                                  embedding_init=torch_port.weight_init(a.initializer_range),
                                  dtype=dt, param_dtype=pdt)
     # A list attribute: flax names its entries layers_0, layers_1, ...
-    self.layers = [DecoderLayer(a, i, dt, pdt) for i in range(a.num_layers)]
+    self.layers = [(_RematLayer if self.remat else DecoderLayer)(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = RMSNorm(a.rms_norm_eps, dt, pdt)
 
   def __call__(self, input_ids: Array, position_ids: Array, slots: _Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """Returns the final-normed hidden states (B, T, H)."""
-    x = self.embed_tokens(input_ids)
+    x = self._constrain(self.embed_tokens(input_ids))
     for layer in self.layers:
-      x = layer(x, position_ids, slots, decode=decode, deterministic=deterministic)
-    return self.norm(x)
+      if self.remat:
+        x = layer(x, position_ids, slots, decode, deterministic)
+      else:
+        x = layer(x, position_ids, slots, decode=decode, deterministic=deterministic)
+      x = self._constrain(x)
+    return self._constrain(self.norm(x))
+
+  def _constrain(self, x: Array) -> Array:
+    if self.activation_sharding is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.activation_sharding)
 
   def attend(self, x: Array) -> Array:
     """``x @ embedding.T``: the tied LM head."""
@@ -322,11 +351,21 @@ class LlamaForCausalLM(nn.Module):
     dtype: the computation dtype (e.g. ``jnp.bfloat16``); norms and softmax
       statistics stay float32, and the logits are returned in float32.
     param_dtype: the dtype parameters are created in.
+    remat: rematerialise each decoder layer in the backward pass (`nn.remat`):
+      activation memory of one layer plus each layer's input, for a second
+      forward pass of the layers; the same parameters and results.
+    activation_sharding: None, or the sharding of the hidden states (B, T, H)
+      between layers (e.g. batch over the data axes,
+      ``NamedSharding(mesh, P(("data", "fsdp")))``), so that XLA's sharding
+      propagation cannot trade the batch split for the kernels' fsdp split of
+      H; a `PartitionSpec` needs a mesh context. The same results.
   """
 
   arch: LlamaArch
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
+  activation_sharding: Any = None
 
   @nn.compact
   def __call__(
@@ -381,7 +420,7 @@ class LlamaForCausalLM(nn.Module):
         key_real=key_mask > 0,
         start=start,
     )
-    model = LlamaModel(a, dt, pdt, name="model")
+    model = LlamaModel(a, dt, pdt, remat=self.remat, activation_sharding=self.activation_sharding, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)

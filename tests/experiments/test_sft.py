@@ -199,3 +199,25 @@ def test_squad_questions_become_prompt_response_pairs_held_out_by_article(tmp_pa
     assert e.references == tuple(a["text"] for a in q["answers"])
     assert context.strip() in e.prompt and q["question"].strip() in e.prompt
   assert not {e.id for e in train} & {e.id for e in dev}
+
+
+def test_peft_anchor_trains_on_the_same_batches_and_generates_the_same_way(tiny_chat_llama, tmp_path):
+  """PEFT's LoRA through experiments.peft_sft: our parameter count, and its untrained answers equal ours."""
+  from experiments import peft_sft  # pylint: disable=g-import-not-at-top
+
+  config = tiny_sft_config(tiny_chat_llama, write_records(tmp_path / "d.jsonl", 30), tmp_path / "peft",
+                           learning_rate=1e-12)
+  results = peft_sft.run(config, config.workdir)
+  assert results["method"] == "peft_lora" and results["task"] == "sft" and results["steps"] == 4
+  h, ff, kv = 32, 40, 2 * 8
+  per_layer = 2 * ((h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
+  assert results["trainable_params"] == 2 * per_layer
+  # At a learning rate of 1e-12 the adapters stay at B = 0: PEFT's generated
+  # answers are the untuned model's, which transformers gives on each prompt alone.
+  dev = sft.load_file(config.data.train_file)[-6:]
+  want = reference_answers(tiny_chat_llama, dev, config.max_new_tokens)
+  em = 100 * np.mean([metrics_lib.exact_match(want[e.id], e.references) for e in dev])
+  f1 = 100 * np.mean([metrics_lib.token_f1(want[e.id], e.references) for e in dev])
+  assert results["metrics"]["exact_match"] == pytest.approx(em) and results["metrics"]["f1"] == pytest.approx(f1)
+  losses = [h["task_loss"] for h in results["history"]["train"]]
+  assert all(np.isfinite(losses)) and len(losses) == 4

@@ -1,0 +1,502 @@
+"""An ahead-of-time pod plan: per-chip memory and FLOPs of the sharded RM-LoRA step of a decoder LLM.
+
+For each model, device count, ``data x fsdp x model`` mesh and sequence
+length of the config, it builds the library's train step exactly as training
+does (`rmlora_jax.training.make_train_step` over `rmlora_jax.methods`'
+``rm_lora``: rank-r adapters attached to the frozen bf16 kernels of every
+attention and MLP projection, the orthogonality penalty inside the jitted
+loss, the clipped and direction-masked AdamW on the adapters only, each
+decoder layer rematerialised), with the shardings of
+`rmlora_jax.partitioning` (``DECODER_RULES``; adapters and Adam moments
+follow their kernels; with ``config.activation_sharding="batch"`` the hidden
+states between layers are constrained to the batch split, without which
+XLA's propagation gives up the batch split for the kernels' fsdp split of
+the hidden dimension and every device computes on the whole global batch). It lowers the step from `jax.ShapeDtypeStruct`s
+carrying those shardings and compiles it, allocating nothing, on fake CPU
+devices; then reads XLA's per-device memory (``compiled.memory_analysis()``)
+and FLOPs (``compiled.cost_analysis()``) and tabulates them against TPU v5e
+(16 GiB, 197 bf16 TFLOP/s) and v5p (95 GiB, 459 TFLOP/s) chips, with the
+step time the FLOPs imply at peak and at ``config.mfu``.
+
+Full-depth compiles of 32 or 80 unrolled layers are slow on a CPU; with
+``config.compile_layers = (l1, l2)`` each case is compiled at l1 and l2
+layers (same widths) and every quantity is extrapolated linearly to the full
+depth, and the cases of ``config.verify`` are compiled at full depth as
+well, reporting the extrapolation's error. Rows say which they are.
+
+The numbers are the CPU compiler's view of the partitioned program: the
+same SPMD partitioning, but XLA:CPU computes bf16 matmuls in float32 (it
+gathers and keeps float32 copies of the frozen kernels) and schedules
+differently from TPU's compiler, so the temporaries are an upper estimate
+for a TPU; the step times count compute only (no communication).
+
+Usage::
+
+  python -m experiments.plan --config=configs/plan.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+from ml_collections import config_flags
+
+from rmlora_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py", "Plan config.")
+GIB = 2**30
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+# XLA:CPU's default scheduler orders for concurrency, not memory; off, the
+# schedule (and so the buffer assignment) minimises memory as TPU's does.
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# The memory_analysis fields tabulated, by the names the JSON uses.
+MEMORY_FIELDS = {
+    "argument": "argument_size_in_bytes",
+    "output": "output_size_in_bytes",
+    "alias": "alias_size_in_bytes",
+    "temp": "temp_size_in_bytes",
+    "generated_code": "generated_code_size_in_bytes",
+}
+# How the hidden states between layers are sharded: "batch" over the data
+# axes (a constraint), or "none" (left to XLA's sharding propagation).
+ACTIVATION_SHARDINGS = ("batch", "none")
+# Quantities extrapolated per layer (bytes, and FLOPs per device).
+LINEAR_FIELDS = (*MEMORY_FIELDS, "total", "flops", "bytes_accessed")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def xla_flags(num_devices: int, fast_compile: bool, current: str = "") -> str:
+  """``current`` XLA flags with the fake device count, the memory scheduler (and fast compile) set."""
+  ours = (DEVICE_FLAG, FAST_COMPILE_FLAG.split("=")[0], MEMORY_SCHEDULER_FLAG.split("=")[0])
+  kept = [f for f in current.split() if not f.startswith(ours)]
+  return " ".join([*kept, f"{DEVICE_FLAG}={num_devices}", MEMORY_SCHEDULER_FLAG,
+                   *([FAST_COMPILE_FLAG] if fast_compile else [])])
+
+
+def ensure_devices(num_devices: int, fast_compile: bool) -> None:
+  """Re-executes this program with ``num_devices`` fake CPU devices unless it already has them.
+
+  The device count of a process is fixed when JAX's backend starts, so it is
+  set in ``XLA_FLAGS`` of a fresh process (before any JAX backend exists);
+  the persistent compilation cache is turned off there, so compile times are
+  real and no executables are written.
+  """
+  want = xla_flags(num_devices, fast_compile, os.environ.get("XLA_FLAGS", ""))
+  if os.environ.get("XLA_FLAGS", "") == want and os.environ.get("JAX_PLATFORMS") == "cpu":
+    return
+  env = dict(os.environ, XLA_FLAGS=want, JAX_PLATFORMS="cpu", **{cli.CACHE_ENV: ""})
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, "-m", "experiments.plan", *sys.argv[1:]], env)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def arch_of(config, name: str, num_layers: int | None = None):
+  """The `LlamaArch` of ``config.archs[name]``, at ``num_layers`` layers if given."""
+  from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  if name not in config.archs:
+    raise ValueError(f"config.models names {name!r}, which config.archs does not define; "
+                     f"defined: {sorted(config.archs)}")
+  fields = dict(config.archs[name].to_dict())
+  if num_layers is not None:
+    fields["num_layers"] = num_layers
+  return llama.LlamaArch(**fields)
+
+
+def make_method(config):
+  """RM-LoRA as the trainer builds it: low-rank adapters, penalty in the loss, masked AdamW."""
+  from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  spec = lora_lib.LoraSpec(rank=config.rank, alpha=config.alpha,
+                           targets=tuple(config.targets) or llama.DEFAULT_LORA_TARGETS)
+  options = methods_lib.RmOptions(**config.rm.to_dict())
+  return methods_lib.make_method(methods_lib.MethodSettings(
+      name="rm_lora", spec=spec, seed=config.seed, total_steps=1000, options=options,
+      adapter_apply="low_rank"))
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenTask:
+  """The forward pass and loss of causal-LM fine-tuning on full sequences (what the step needs of a task)."""
+
+  def forward(self, module, params, batch, *, deterministic, rngs):
+    return module.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                        deterministic=deterministic, rngs=rngs)
+
+  def loss(self, outputs, batch):
+    from rmlora_jax.tasks import causal_lm  # pylint: disable=g-import-not-at-top
+
+    return causal_lm.response_loss(outputs, batch["input_ids"], batch["loss_mask"], batch["weights"])
+
+
+def parse_mesh(devices: int, model_axis: int, data_axis: int, *, where: str) -> dict[str, int] | None:
+  """``{"data", "fsdp", "model"}`` sizes for ``devices``, or None when the axes do not divide it."""
+  for name, value in (("model_axis", model_axis), ("data_axis", data_axis), ("devices", devices)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{where}: config.{name} entries must be positive integers, got {value!r}")
+  if devices % (model_axis * data_axis):
+    return None
+  return {"data": data_axis, "fsdp": devices // (model_axis * data_axis), "model": model_axis}
+
+
+def abstract_step(config, arch, mesh, seq_len: int):
+  """The jitted step and its abstract, sharded arguments ``(state, frozen, batch)``.
+
+  Returns:
+    ``(step, args, info)``: ``info`` holds the global batch, the parameter
+    counts and the bytes each device holds of every argument, counted from
+    the shardings' shard shapes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax import partitioning, training  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  dtype = jnp.dtype(config.dtype)
+  if config.activation_sharding not in ACTIVATION_SHARDINGS:
+    raise ValueError(f"config.activation_sharding must be one of {ACTIVATION_SHARDINGS}, "
+                     f"got {config.activation_sharding!r}")
+  hidden = None if config.activation_sharding == "none" else partitioning.batch_sharding(mesh)
+  module = llama.LlamaForCausalLM(arch=arch, dtype=dtype, param_dtype=dtype, remat=config.remat,
+                                  activation_sharding=hidden)
+  key = jax.random.key(config.seed)
+  params = jax.eval_shape(module.init, key, jnp.ones((1, 8), jnp.int32))["params"]
+  specs = partitioning.match_partition_rules(params, partitioning.DECODER_RULES, where="DECODER_RULES")
+  param_sh = partitioning.named_shardings(params, specs, mesh)
+  method = make_method(config)
+  tx = method.optimizer(config.learning_rate)
+
+  def init(key, params):
+    trainable = method.init(key, params)
+    return training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+  # The shardings training.init_state gives, derived here from shapes alone.
+  abstract = jax.eval_shape(init, key, params)
+  trainable_sh = partitioning.named_shardings(
+      abstract.trainable,
+      partitioning.follow_specs(abstract.trainable, params, specs, where="trainable tree"), mesh)
+  state_sh = training.TrainState(partitioning.replicated(mesh), trainable_sh,
+                                 partitioning.optimizer_shardings(tx, abstract.trainable, trainable_sh, mesh))
+  frozen = method.frozen(params)
+  batch_size = config.sequences_per_shard * partitioning.batch_shards(mesh)
+  data = partitioning.batch_sharding(mesh)
+  batch = {
+      "input_ids": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data),
+      "attention_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data),
+      "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data),
+      "weights": jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=data),
+  }
+  place = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  args = (place(abstract, state_sh), place(frozen, param_sh), batch)
+  step = training.make_train_step(module, method, tx, NextTokenTask(), seed=config.seed, mesh=mesh,
+                                  state_sharding=state_sh, frozen_sharding=param_sh)
+  info = {
+      "global_batch": batch_size,
+      "tokens": batch_size * seq_len,
+      "frozen_params": sum(math.prod(x.shape) for x in jax.tree.leaves(frozen)),
+      "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.trainable)),
+      "counted_bytes": {name: shard_bytes(tree) for name, tree in zip(("state", "frozen", "batch"), args)},
+  }
+  return step, args, info
+
+
+def shard_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_case(config, model: str, mesh_sizes: dict[str, int], seq_len: int, num_layers: int) -> dict[str, Any]:
+  """Lowers and compiles one case; returns XLA's per-device memory and FLOPs and the timings."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax import partitioning  # pylint: disable=g-import-not-at-top
+
+  n = math.prod(mesh_sizes.values())
+  mesh = partitioning.make_mesh(mesh_sizes, devices=jax.devices()[:n])
+  start = time.perf_counter()
+  step, args, info = abstract_step(config, arch_of(config, model, num_layers), mesh, seq_len)
+  lowered = step.lower(*args)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  out = {name: int(getattr(mem, attr)) for name, attr in MEMORY_FIELDS.items()}
+  # What the device must hold at once: arguments and outputs (the donated
+  # state's outputs reuse its arguments' buffers), temporaries and the code.
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+  out["flops"] = float(cost.get("flops", 0.0))
+  out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+  out.update(layers=num_layers, lower_s=lower_s, compile_s=compile_s, **info)
+  logging.info("compiled %s %s seq %d at %d layers: lower %.1f s, compile %.1f s, total %.2f GiB",
+               model, mesh_sizes, seq_len, num_layers, lower_s, compile_s, out["total"] / GIB)
+  return out
+
+
+def extrapolate(low: dict[str, Any], high: dict[str, Any], num_layers: int) -> dict[str, float]:
+  """Each of `LINEAR_FIELDS` at ``num_layers``, on the line through the two compiled depths."""
+  l1, l2 = low["layers"], high["layers"]
+  return {k: low[k] + (num_layers - l1) * (high[k] - low[k]) / (l2 - l1) for k in LINEAR_FIELDS}
+
+
+def model_flops(arch, tokens: int, seq_len: int, remat: bool) -> float:
+  """Matmul FLOPs of one step from the architecture (no weight gradient of a frozen kernel).
+
+  Per token and layer the projections cost ``2 * P_layer`` forward and the
+  same again for their input gradient; attention scores and mixing
+  ``4 * T * heads * D`` forward and twice that backward; the LM head
+  ``2 * H * vocab`` forward and again backward. Remat runs the layers'
+  forward a second time. Adapter matmuls (rank 8) are left out.
+  """
+  a = arch
+  p_layer = (a.hidden_size * a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+             + 3 * a.hidden_size * a.intermediate_size)
+  dense = 2.0 * tokens * a.num_layers * p_layer
+  attention = 4.0 * tokens * seq_len * a.num_heads * a.head_dim * a.num_layers
+  head = 2.0 * tokens * a.hidden_size * a.vocab_size
+  return 2 * (dense + head) + 3 * attention + (dense + attention if remat else 0.0)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _verify_keys(config) -> set[tuple[str, int, int, int]]:
+  keys = set()
+  for entry in config.verify:
+    parts = entry.split(":")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+      raise ValueError(f"config.verify entry {entry!r} must be 'model:devices:model_axis:seq_len'")
+    keys.add((parts[0], int(parts[1]), int(parts[2]), int(parts[3])))
+  return keys
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the first bad setting."""
+  if not config.models or not config.devices or not config.model_axis or not config.seq_lens:
+    raise ValueError("config.models, config.devices, config.model_axis and config.seq_lens must be non-empty")
+  for name in config.models:
+    if name not in config.archs:
+      raise ValueError(f"config.models names {name!r}, which config.archs does not define")
+  layers = tuple(config.compile_layers)
+  if layers and (len(layers) != 2 or not 0 < layers[0] < layers[1]):
+    raise ValueError(f"config.compile_layers must be () or two increasing depths (l1, l2), got {layers}")
+  if not 0 < config.mfu <= 1:
+    raise ValueError(f"config.mfu must be in (0, 1], got {config.mfu!r}")
+  for entry in _verify_keys(config):
+    if entry[0] not in config.models or entry[1] not in config.devices or entry[2] not in config.model_axis \
+        or entry[3] not in config.seq_lens:
+      raise ValueError(f"config.verify case {':'.join(map(str, entry))} is not in the grid")
+
+
+def _chip_columns(config, row: dict[str, Any]) -> dict[str, Any]:
+  out = {}
+  for chip, c in config.chips.items():
+    peak = c.peak_tflops * 1e12
+    out[chip] = {
+        "fits": row["total"] <= config.hbm_fraction * c.hbm_gib * GIB,
+        "step_s_peak": row["flops"] / peak,
+        "step_s_mfu": row["flops"] / (config.mfu * peak),
+        "tokens_per_s_per_chip_mfu": row["tokens"] / (row["flops"] / (config.mfu * peak)) / row["devices"],
+    }
+  return out
+
+
+def plan(config, on_row=None) -> dict[str, Any]:
+  """Compiles (or extrapolates) every case of the grid; returns the results dict.
+
+  Args:
+    config: a `configs/plan.py` config.
+    on_row: called with the results so far after each case (to write them out).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  check_config(config)
+  verify = _verify_keys(config)
+  depths = tuple(config.compile_layers)
+  rows, checks = [], []
+  for model in config.models:
+    full = arch_of(config, model)
+    for n in config.devices:
+      if n > len(jax.devices()):
+        raise ValueError(f"config.devices asks for {n} devices; this process has {len(jax.devices())}")
+      for m in config.model_axis:
+        sizes = parse_mesh(n, m, config.data_axis, where="plan")
+        if sizes is None:
+          logging.warning("skipping %d devices with model=%d, data=%d: they do not divide", n, m, config.data_axis)
+          continue
+        for t in config.seq_lens:
+          key = (model, n, m, t)
+          if not depths or key in verify:
+            row = dict(compile_case(config, model, sizes, t, full.num_layers), source="compiled")
+            if depths:
+              low, high = (compile_case(config, model, sizes, t, d) for d in depths)
+              guess = extrapolate(low, high, full.num_layers)
+              checks.append({"model": model, "devices": n, "mesh": sizes, "seq_len": t, "from_layers": depths,
+                             "compiled": {k: row[k] for k in LINEAR_FIELDS}, "extrapolated": guess,
+                             "relative_error": {k: (guess[k] - row[k]) / row[k] if row[k] else 0.0
+                                                for k in LINEAR_FIELDS},
+                             "compile_s": {"full": row["compile_s"], "low": low["compile_s"],
+                                           "high": high["compile_s"]}})
+          else:
+            low, high = (compile_case(config, model, sizes, t, d) for d in depths)
+            row = dict(high, **extrapolate(low, high, full.num_layers), layers=full.num_layers,
+                       source=f"extrapolated from {depths[0]} and {depths[1]} layers",
+                       lower_s=low["lower_s"] + high["lower_s"], compile_s=low["compile_s"] + high["compile_s"],
+                       compiled_depths={d: {k: x[k] for k in (*LINEAR_FIELDS, "compile_s")}
+                                        for d, x in zip(depths, (low, high))})
+            # Everything the shardings fix is exact at full depth, not extrapolated.
+            _, _, info = abstract_step(config, full, partitioning_mesh(sizes), t)
+            row.update(info)
+          row.update(model=model, devices=n, mesh=sizes, seq_len=t,
+                     model_flops_per_device=model_flops(full, row["tokens"], t, config.remat) / n)
+          row["chips"] = _chip_columns(config, row)
+          rows.append(row)
+          if on_row is not None:
+            on_row(_results(config, rows, checks))
+  return _results(config, rows, checks)
+
+
+def partitioning_mesh(sizes: dict[str, int]):
+  """The mesh of ``sizes`` over the first devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from rmlora_jax import partitioning  # pylint: disable=g-import-not-at-top
+
+  return partitioning.make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
+
+
+def recommend(config, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per model, sequence length, device count and chip: the mesh to use, or None when none fits.
+
+  FLOPs do not see communication and every mesh does about the same FLOPs
+  per token, so among the meshes that fit the plan takes the smallest model
+  axis (tensor parallelism all-reduces activations in every layer; FSDP's
+  weight gathers overlap with compute).
+  """
+  out = []
+  groups: dict[tuple, list] = {}
+  for r in rows:
+    groups.setdefault((r["model"], r["seq_len"], r["devices"]), []).append(r)
+  for (model, t, n), group in groups.items():
+    for chip in config.chips:
+      fitting = sorted((r for r in group if r["chips"][chip]["fits"]), key=lambda r: r["mesh"]["model"])
+      best = fitting[0] if fitting else None
+      out.append({"model": model, "seq_len": t, "devices": n, "chip": chip,
+                  "mesh": None if best is None else best["mesh"],
+                  "global_batch": None if best is None else best["global_batch"],
+                  "total_gib": None if best is None else best["total"] / GIB,
+                  "source": None if best is None else best["source"],
+                  **({} if best is None else {k: best["chips"][chip][k] for k in
+                                              ("step_s_peak", "step_s_mfu", "tokens_per_s_per_chip_mfu")})})
+  return out
+
+
+def _results(config, rows, checks) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return {"config": config.to_dict(), "rows": rows, "extrapolation_checks": checks,
+          "recommended": recommend(config, rows),
+          "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                          "devices": len(jax.devices()), "cpu_count": os.cpu_count(),
+                          "load_average": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _mesh_str(sizes: dict[str, int] | None) -> str:
+  return "—" if sizes is None else f"{sizes['data']}×{sizes['fsdp']}×{sizes['model']}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """The rows, the recommended meshes and the extrapolation checks as Markdown tables."""
+  c = results["config"]
+  chips = list(c["chips"])
+  head = ("| model | seq | devices | mesh d×f×m | batch | source | arg GiB | out GiB | temp GiB | code MiB "
+          "| total GiB | TFLOP/dev (XLA) | TFLOP/dev (model) |"
+          + "".join(f" {ch} fits | {ch} s @peak | {ch} s @{c['mfu']:.0%} |" for ch in chips))
+  budgets = ", ".join(f"{k} {v['hbm_gib']:g} GiB" for k, v in c["chips"].items())
+  lines = [f"Per-device memory and FLOPs of one RM-LoRA step (rank {c['rank']}, r_hat "
+           f"{c['rm']['num_directions']}, {c['dtype']} weights, remat {c['remat']}, "
+           f"{c['sequences_per_shard']} sequence(s) per data×fsdp shard). \"fits\": total ≤ "
+           f"{c['hbm_fraction']:.0%} of {budgets}.",
+           "", head, "|" + "---|" * (head.count("|") - 1)]
+  for r in results["rows"]:
+    src = "compiled" if r["source"] == "compiled" else "extrapolated"
+    line = (f"| {r['model']} | {r['seq_len']} | {r['devices']} | {_mesh_str(r['mesh'])} | {r['global_batch']} | "
+            f"{src} | {r['argument'] / GIB:.2f} | {r['output'] / GIB:.2f} | {r['temp'] / GIB:.2f} | "
+            f"{r['generated_code'] / 2**20:.1f} | {r['total'] / GIB:.2f} | {r['flops'] / 1e12:.1f} | "
+            f"{r['model_flops_per_device'] / 1e12:.1f} |")
+    for ch in chips:
+      col = r["chips"][ch]
+      line += f" {'yes' if col['fits'] else 'no'} | {col['step_s_peak']:.2f} | {col['step_s_mfu']:.2f} |"
+    lines.append(line)
+  lines += ["", f"Recommended mesh (the smallest model axis that fits), step time at {c['mfu']:.0%} MFU:", "",
+            "| model | seq | devices | chip | mesh d×f×m | batch | total GiB | step s @peak | step s @MFU "
+            "| tokens/s/chip @MFU | source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results["recommended"]:
+    if r["mesh"] is None:
+      lines.append(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['chip']} | none fits | | | | | | |")
+      continue
+    src = "compiled" if r["source"] == "compiled" else "extrapolated"
+    lines.append(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['chip']} | {_mesh_str(r['mesh'])} | "
+                 f"{r['global_batch']} | {r['total_gib']:.2f} | {r['step_s_peak']:.2f} | {r['step_s_mfu']:.2f} | "
+                 f"{r['tokens_per_s_per_chip_mfu']:.0f} | {src} |")
+  if results["extrapolation_checks"]:
+    fields = [k for k in LINEAR_FIELDS if k in results["extrapolation_checks"][0]["relative_error"]]
+    lines += ["", "Extrapolation against a deeper compile (relative error of the extrapolated value):", "",
+              "| model | devices | mesh | seq | from layers | at layers | " + " | ".join(fields) + " |",
+              "|" + "---|" * (6 + len(fields))]
+    for ch in results["extrapolation_checks"]:
+      errs = " | ".join(f"{ch['relative_error'][k]:+.2%}" for k in fields)
+      lines.append(f"| {ch['model']} | {ch['devices']} | {_mesh_str(ch['mesh'])} | {ch['seq_len']} | "
+                   f"{ch['from_layers'][0]}, {ch['from_layers'][1]} | {ch.get('at_layers', 'full')} | {errs} |")
+  return "\n".join(lines)
+
+
+def write(results: dict[str, Any], output: str) -> None:
+  """Writes the results JSON to ``output`` and the Markdown next to it (``.md``)."""
+  if not output:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w") as f:
+    f.write(json.dumps(results, indent=1, default=str))
+  with open(os.path.splitext(output)[0] + ".md", "w") as f:
+    f.write(markdown(results) + "\n")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  check_config(config)
+  ensure_devices(max(config.devices), config.fast_compile)
+  start = time.perf_counter()
+  results = plan(config, on_row=lambda partial: write(partial, config.output))
+  results["environment"]["wall_s"] = time.perf_counter() - start
+  write(results, config.output)
+  print(markdown(results))
+
+
+if __name__ == "__main__":
+  cli.run(main)
