@@ -47,6 +47,18 @@ def tiny_chat_llama(tmp_path_factory):
   return make_tiny_chat_llama(tmp_path_factory.mktemp("tiny_chat_llama"))
 
 
+@pytest.fixture(scope="module")
+def records_and_reference(tiny_chat_llama, tmp_path_factory):
+  """A 30-record JSONL file and transformers' answers to its last 6 prompts (max_new_tokens=5)."""
+  path = write_records(tmp_path_factory.mktemp("records") / "d.jsonl", 30)
+  dev = sft.load_file(path)[-6:]
+  want = reference_answers(tiny_chat_llama, dev, 5)
+  assert len(set(want.values())) > 2  # answers that differ, so a mix-up of rows cannot pass
+  em = 100 * np.mean([metrics_lib.exact_match(want[e.id], e.references) for e in dev])
+  f1 = 100 * np.mean([metrics_lib.token_f1(want[e.id], e.references) for e in dev])
+  return path, dev, want, {"exact_match": em, "f1": f1}
+
+
 def write_records(path, n, seed=0):
   """JSONL "say <words>" -> "<the last word>" records."""
   rng = np.random.default_rng(seed)
@@ -125,8 +137,10 @@ def reference_answers(folder, examples, max_new_tokens):
   return out
 
 
-def test_sft_runs_end_to_end_and_scores_the_untuned_model_as_transformers_generates(tiny_chat_llama, tmp_path):
-  config = tiny_sft_config(tiny_chat_llama, write_records(tmp_path / "d.jsonl", 30), tmp_path / "run")
+def test_sft_runs_end_to_end_and_scores_the_untuned_model_as_transformers_generates(
+    tiny_chat_llama, records_and_reference, tmp_path):
+  path, dev, want, scores = records_and_reference
+  config = tiny_sft_config(tiny_chat_llama, path, tmp_path / "run")
   results = sft_task.train_and_evaluate(config, config.workdir)
   saved = json.loads((tmp_path / "run" / "results.json").read_text())
   assert saved["task"] == "sft" and saved["method"] == "lora" and saved["steps"] == 4
@@ -138,16 +152,12 @@ def test_sft_runs_end_to_end_and_scores_the_untuned_model_as_transformers_genera
   assert saved["trainable_params"] == 2 * per_layer
   # The untuned model's answers (left-padded batches, KV cache, jitted) equal
   # those of transformers' generate on each prompt alone, and so do its scores.
-  dev = sft.load_file(config.data.train_file)[-6:]
-  want = reference_answers(tiny_chat_llama, dev, config.max_new_tokens)
-  assert len(set(want.values())) > 2  # answers that differ, so a mix-up of rows cannot pass
   module, params, tok, _ = load_pretrained(tiny_chat_llama, head="causal_lm")
   task = sft_task.build_task(config, tok, [], dev)
   generate = jax.jit(lambda batch: task.generate(module, params, batch))
   assert task.answers(generate, 4) == want
-  em = 100 * np.mean([metrics_lib.exact_match(want[e.id], e.references) for e in dev])
-  f1 = 100 * np.mean([metrics_lib.token_f1(want[e.id], e.references) for e in dev])
-  assert saved["base"]["exact_match"] == pytest.approx(em) and saved["base"]["f1"] == pytest.approx(f1)
+  assert saved["base"]["exact_match"] == pytest.approx(scores["exact_match"])
+  assert saved["base"]["f1"] == pytest.approx(scores["f1"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -201,12 +211,13 @@ def test_squad_questions_become_prompt_response_pairs_held_out_by_article(tmp_pa
   assert not {e.id for e in train} & {e.id for e in dev}
 
 
-def test_peft_anchor_trains_on_the_same_batches_and_generates_the_same_way(tiny_chat_llama, tmp_path):
+def test_peft_anchor_trains_on_the_same_batches_and_generates_the_same_way(
+    tiny_chat_llama, records_and_reference, tmp_path):
   """PEFT's LoRA through experiments.peft_sft: our parameter count, and its untrained answers equal ours."""
   from experiments import peft_sft  # pylint: disable=g-import-not-at-top
 
-  config = tiny_sft_config(tiny_chat_llama, write_records(tmp_path / "d.jsonl", 30), tmp_path / "peft",
-                           learning_rate=1e-12)
+  path, _, _, scores = records_and_reference
+  config = tiny_sft_config(tiny_chat_llama, path, tmp_path / "peft", learning_rate=1e-12)
   results = peft_sft.run(config, config.workdir)
   assert results["method"] == "peft_lora" and results["task"] == "sft" and results["steps"] == 4
   h, ff, kv = 32, 40, 2 * 8
@@ -214,10 +225,7 @@ def test_peft_anchor_trains_on_the_same_batches_and_generates_the_same_way(tiny_
   assert results["trainable_params"] == 2 * per_layer
   # At a learning rate of 1e-12 the adapters stay at B = 0: PEFT's generated
   # answers are the untuned model's, which transformers gives on each prompt alone.
-  dev = sft.load_file(config.data.train_file)[-6:]
-  want = reference_answers(tiny_chat_llama, dev, config.max_new_tokens)
-  em = 100 * np.mean([metrics_lib.exact_match(want[e.id], e.references) for e in dev])
-  f1 = 100 * np.mean([metrics_lib.token_f1(want[e.id], e.references) for e in dev])
-  assert results["metrics"]["exact_match"] == pytest.approx(em) and results["metrics"]["f1"] == pytest.approx(f1)
+  assert results["metrics"]["exact_match"] == pytest.approx(scores["exact_match"])
+  assert results["metrics"]["f1"] == pytest.approx(scores["f1"])
   losses = [h["task_loss"] for h in results["history"]["train"]]
   assert all(np.isfinite(losses)) and len(losses) == 4
