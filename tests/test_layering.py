@@ -44,5 +44,5 @@ def test_only_the_edge_reads_config_keys():
   """ml_collections is imported by the edge (experiment.py, the tasks' config functions) and cli alone."""
   readers = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rmlora_jax").rglob("*.py")
              if "ml_collections" in p.read_text()}
-  assert readers <= {"rmlora_jax/experiment.py", "rmlora_jax/tasks/glue.py", "rmlora_jax/tasks/squad.py",
+  assert readers <= {"rmlora_jax/experiment.py", "rmlora_jax/tasks/glue.py", "rmlora_jax/tasks/squad.py", "rmlora_jax/tasks/sft.py",
                      "rmlora_jax/tasks/cifar.py", "rmlora_jax/cli.py"}, readers

@@ -106,7 +106,8 @@ def test_peft_anchor_trains_on_the_same_windows(tiny_bert, tmp_path):
                          "--config.data.dev_articles=1", "--config.data.buckets=(32,)",
                          f"--config.data.cache_dir={config.data.cache_dir}", f"--config.workdir={config.workdir}",
                          "--config.max_seq_len=48", "--config.doc_stride=16", "--config.batch_size=8",
-                         "--config.max_steps=4", "--config.log_every_steps=1", "--config.lora.rank=4"],
+                         "--config.max_steps=4", "--config.log_every_steps=1", "--config.lora.rank=4",
+                         "--config.method=lora"],
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.loads((tmp_path / "peft" / "results.json").read_text())
