@@ -50,7 +50,9 @@ from ml_collections import config_flags
 
 from rmlora_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py", "Plan config.")
+# Defined when run as a program (below), not on import: the tests import this
+# module beside experiments.bench, whose own --config flag would clash.
+_CONFIG = None
 GIB = 2**30
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
@@ -499,4 +501,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py", "Plan config.")
   cli.run(main)
