@@ -44,7 +44,9 @@ from ml_collections import config_flags
 
 from rmlora_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.")
+# Defined when run as a program (below), not on import: tests import several
+# entry points in one process, and their --config flags would clash.
+_CONFIG = None
 NUM_LABELS = 2
 HEAD = (r"classifier/.*",)
 FLOOR_TRAINED = (r"classifier/.*", r"embeddings/layer_norm/bias")
@@ -485,4 +487,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.")
   cli.run(main)

@@ -22,8 +22,9 @@ from rmlora_jax import experiment
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import sft
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-flags.mark_flags_as_required(["config"])
+# Defined when run as a program (below), not on import: tests import several
+# entry points in one process, and their --config flags would clash.
+_CONFIG = None
 
 
 def run(config, workdir: str) -> dict:
@@ -43,4 +44,6 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  flags.mark_flags_as_required(["config"])
   cli.run(cli.config_main(run, _CONFIG, quiet=False))
