@@ -175,25 +175,6 @@ class RMSNorm(nn.Module):
     return (normed * (1.0 + jnp.asarray(scale, jnp.float32))).astype(self.dtype)
 
 
-def _softcap(x: Array, cap: float | None) -> Array:
-  """``cap * tanh(x / cap)``, or ``x`` when cap is None."""
-  if cap is None:
-    return x
-  return jnp.tanh(x / cap) * cap
-
-
-def _dense_params(features: int, arch: GemmaArch, name: str, use_bias: bool,
-                  param_dtype: Any) -> torch_port.DenseParams:
-  return torch_port.DenseParams(features, use_bias=use_bias, param_dtype=param_dtype,
-                                kernel_init=torch_port.weight_init(arch.initializer_range), name=name)
-
-
-def _dense(features: int, arch: GemmaArch, name: str, use_bias: bool, dtype: Any,
-           param_dtype: Any) -> torch_port.Dense:
-  return torch_port.dense(features, init=torch_port.weight_init(arch.initializer_range), dtype=dtype,
-                          param_dtype=param_dtype, use_bias=use_bias, name=name)
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention with Gemma's scale, soft-cap, q/k norms and a KV cache."""
 
@@ -203,16 +184,16 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: llama._Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); position_ids: (B, T); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     b, t, _ = x.shape
     n, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
     q, k, v = torch_port.dense_group(x, [
-        _dense_params(n * d, a, "q_proj", a.attention_bias, pdt),
-        _dense_params(kv * d, a, "k_proj", a.attention_bias, pdt),
-        _dense_params(kv * d, a, "v_proj", a.attention_bias, pdt),
+        llama.dense_params(n * d, a, "q_proj", a.attention_bias, pdt),
+        llama.dense_params(kv * d, a, "k_proj", a.attention_bias, pdt),
+        llama.dense_params(kv * d, a, "v_proj", a.attention_bias, pdt),
     ], dt)
     q, k, v = q.reshape(b, t, n, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
     if a.qk_norm:
@@ -221,32 +202,12 @@ class Attention(nn.Module):
     inv_freq = llama.rope_inv_freq(a.rope(self.layer))
     q = llama.apply_rope(q, position_ids, inv_freq)
     k = llama.apply_rope(k, position_ids, inv_freq)
-    if decode:
-      # As llama.Attention: the init pass creates the cache, later passes
-      # write this call's keys and values at `start`.
-      cached = self.has_variable("cache", "key")
-      cache_k = self.variable("cache", "key", jnp.zeros, (b, t, kv, d), k.dtype)
-      cache_v = self.variable("cache", "value", jnp.zeros, (b, t, kv, d), v.dtype)
-      if cached:
-        at = (0, slots.start, 0, 0)
-        cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k.astype(cache_k.value.dtype), at)
-        cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v.astype(cache_v.value.dtype), at)
-        k, v = cache_k.value.astype(dt), cache_v.value.astype(dt)
-
-    keep = (slots.distance >= 0)[None] & slots.key_real[:, None, :]
-    window = a.window(self.layer)
-    if window is not None:
-      # transformers' sliding window: key slot > query slot - window.
-      keep = keep & (slots.distance < window)[None]
-    q = q.reshape(b, t, kv, n // kv, d) * jnp.asarray(a.query_pre_attn_scalar**-0.5, dt)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-    # Capped before masking, as transformers: the mask's minimum stays the minimum.
-    logits = _softcap(logits, a.attn_logit_softcap)
-    logits = torch_port.mask_logits(logits, keep[:, None, None])
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    probs = torch_port.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n * d)
-    return _dense(a.hidden_size, a, "o_proj", a.attention_bias, dt, pdt)(ctx)
+    # llama.Attention's cache, masks and grouped heads, with Gemma's scale and soft-cap.
+    ctx = llama.grouped_attention(self, q, k, v, slots, scale=a.query_pre_attn_scalar**-0.5,
+                                  window=a.window(self.layer), dropout_rate=a.attention_dropout,
+                                  decode=decode, deterministic=deterministic, dtype=dt,
+                                  logit_softcap=a.attn_logit_softcap)
+    return llama.dense_layer(a.hidden_size, a, "o_proj", a.attention_bias, dt, pdt)(ctx)
 
 
 class Mlp(nn.Module):
@@ -261,11 +222,11 @@ class Mlp(nn.Module):
     """(B, T, H) -> (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     gate, up = torch_port.dense_group(x, [
-        _dense_params(a.intermediate_size, a, "gate_proj", False, pdt),
-        _dense_params(a.intermediate_size, a, "up_proj", False, pdt),
+        llama.dense_params(a.intermediate_size, a, "gate_proj", False, pdt),
+        llama.dense_params(a.intermediate_size, a, "up_proj", False, pdt),
     ], dt)
     y = torch_port.activation(a.hidden_act, where="hidden_activation")(gate) * up
-    return _dense(a.hidden_size, a, "down_proj", False, dt, pdt)(y)
+    return llama.dense_layer(a.hidden_size, a, "down_proj", False, dt, pdt)(y)
 
 
 class DecoderLayer(nn.Module):
@@ -277,7 +238,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: llama._Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -305,7 +266,7 @@ class GemmaModel(nn.Module):
     self.layers = [DecoderLayer(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = RMSNorm(a.rms_norm_eps, dt, pdt)
 
-  def __call__(self, input_ids: Array, position_ids: Array, slots: llama._Slots, *, decode: bool,
+  def __call__(self, input_ids: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """Returns the final-normed hidden states (B, T, H)."""
     # The normaliser is rounded to the compute dtype first, as transformers
@@ -363,39 +324,16 @@ class GemmaForCausalLM(nn.Module):
       (B, T, vocab) float32 logits, soft-capped where the config says so.
     """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    input_ids, attention_mask, _ = torch_port.text_inputs(input_ids, attention_mask, where="GemmaForCausalLM")
-    b, t = input_ids.shape
-    chunk_mask = (attention_mask > 0).astype(jnp.int32)
-    start, prior, key_mask = 0, jnp.zeros((b,), jnp.int32), chunk_mask
-    if decode:
-      # The cache layout of llama.LlamaForCausalLM: the next free slot and
-      # which slots hold real tokens.
-      cached = self.has_variable("cache", "index")
-      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      slot_mask = self.variable("cache", "mask", jnp.zeros, (b, t), jnp.int32)
-      if cached:
-        start = index.value
-        prior = jnp.sum(slot_mask.value, axis=1)
-        slot_mask.value = jax.lax.dynamic_update_slice(slot_mask.value, chunk_mask, (0, start))
-        index.value = start + t
-        key_mask = slot_mask.value
-    if position_ids is None:
-      position_ids = jnp.maximum(prior[:, None] + jnp.cumsum(chunk_mask, axis=1) - 1, 0)
-    elif jnp.shape(position_ids) != (b, t):
-      raise ValueError(f"GemmaForCausalLM: position_ids has shape {jnp.shape(position_ids)}, "
-                       f"but input_ids has shape {(b, t)}")
-    slots = llama._Slots(  # pylint: disable=protected-access
-        distance=(start + jnp.arange(t))[:, None] - jnp.arange(key_mask.shape[1])[None, :],
-        key_real=key_mask > 0,
-        start=start,
-    )
+    # The cache layout of llama.LlamaForCausalLM, so llama.generate serves this module.
+    input_ids, position_ids, slots = llama.decoder_inputs(self, input_ids, attention_mask, position_ids,
+                                                          decode=decode, where="GemmaForCausalLM")
     model = GemmaModel(a, dt, pdt, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)
     else:
-      logits = _dense(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
-    return _softcap(logits.astype(jnp.float32), a.final_logit_softcap)
+      logits = llama.dense_layer(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
+    return llama.softcap(logits.astype(jnp.float32), a.final_logit_softcap)
 
 
 # --------------------------------------------------------------------------- transformers configs and weights
@@ -414,7 +352,7 @@ def _field(hf_config: Any, name: str, default: Any) -> Any:
 
 def _rope(settings: Mapping[str, Any], where: str, head_dim: int, max_positions: Any) -> Rope:
   """A `Rope` from one rope-parameters dict, read and checked by llama's reader."""
-  fields = llama._rope_settings(  # pylint: disable=protected-access
+  fields = llama.rope_settings(
       {"rope_parameters": dict(settings), "max_position_embeddings": max_positions}, where=where)
   return Rope(head_dim=head_dim, **fields)
 
@@ -491,16 +429,7 @@ def arch_from_hf_config(hf_config: Any) -> GemmaArch:
   where = f"{model_type} config"
   if get("use_bidirectional_attention", False):
     raise ValueError(f"{where}: use_bidirectional_attention=True is not supported (causal attention only)")
-  hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-  kv_heads = int(get("num_key_value_heads", heads))
-  if heads % kv_heads:
-    raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-  head_dim = get("head_dim")
-  if head_dim is None:
-    if hidden % heads:
-      raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    head_dim = hidden // heads
-  head_dim = int(head_dim)
+  hidden, heads, kv_heads, head_dim = llama.attention_heads(hf_config, where=where)
   num_layers = int(get("num_hidden_layers"))
   gemma2 = model_type == "gemma2"
   global_rope, local_rope = _ropes(hf_config, model_type, head_dim, where)
@@ -561,25 +490,11 @@ def params_from_state_dict(
   """
   torch_port.validate_head(head, where="gemma.params_from_state_dict", heads=HEADS)
   arch = arch_from_hf_config(hf_config)
-  r = torch_port.StateReader(state, "model.")
-  dense = lambda name: r.dense(name, required=False)
-  norm = lambda name: {"scale": r.get(name + ".weight", required=False)}
-  model: dict = {"embed_tokens": r.embedding("embed_tokens", required=False), "norm": norm("norm")}
-  for i in range(arch.num_layers):
-    p = f"layers.{i}."
-    attn = {name: dense(p + "self_attn." + name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    if arch.qk_norm:
-      attn.update({name: norm(p + "self_attn." + name) for name in ("q_norm", "k_norm")})
-    layer = {name: norm(p + name) for name in ("input_layernorm", "post_attention_layernorm",
-                                               "pre_feedforward_layernorm", "post_feedforward_layernorm")}
-    layer["self_attn"] = attn
-    layer["mlp"] = {name: dense(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")}
-    model[f"layers_{i}"] = layer
-  params = {"model": model}
-  lm_head = r.dense("lm_head", required=False, backbone=False)
-  if not arch.tie_word_embeddings:
-    params["lm_head"] = lm_head
-  return torch_port.drop_missing(params), r.used
+  return llama.decoder_params_from_state_dict(
+      state, arch,
+      layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm"),
+      attention_norms=("q_norm", "k_norm") if arch.qk_norm else ())
 
 
 def dummy_inputs(hf_config: Any, batch: int = 2, seq: int = 8) -> dict:

