@@ -55,6 +55,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.dir = config_dict.placeholder(str)
   c.data.hub_name = "nyu-mll/glue"
   c.data.num_buckets = 4  # distinct padded lengths, so few compilations
+  # "fit": the num_buckets lengths (multiples of bucket_multiple) that pad this
+  # data's batches least; "geometric": halvings up to max_seq_len (16, 32, 64, 128).
+  c.data.bucketing = "fit"
+  c.data.bucket_multiple = 4
+  # Token ids cached between runs; empty: ~/.cache/rmlora_jax/glue_tokens.
+  c.data.cache_dir = ""
   c.data.train_subset = -1  # >0: that many training examples after a seeded shuffle
   c.data.subset_seed = 0
   # >0: hold out that many training examples (drawn by subset_seed) as the dev

@@ -101,6 +101,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.gpu_peak_tflops = 494.0
   c.seed = 0
   c.output = ""  # a path: also write the results JSON there
+  # A folder: after timing, trace profile_steps steps of each JAX runner there
+  # (jax.profiler, TensorBoard's format) and print where each step's time goes,
+  # by XLA op kind (CPU only: the thunk times need --xla_cpu_enable_xprof_traceme).
+  c.profile = ""
+  c.profile_steps = 3
   if shape in ("tiny", "tiny-llama"):
     c.batch_size, c.seq_len, c.warmup, c.repeats = 4, 16, 1, 2
   if shape == "smollm2":

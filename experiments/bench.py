@@ -411,6 +411,12 @@ def benchmark(config) -> dict[str, Any]:
       times[name].append(time.perf_counter() - start)
     logging.info("repeat %d: %s", i, {k: round(v[-1], 3) for k, v in times.items()})
 
+  profiles = {}
+  if config.profile:
+    for name, run in runners.items():
+      if name != "peft_lora":
+        profiles[name] = profile_ops(run, config.profile_steps, os.path.join(config.profile, name.replace("@", "_")))
+
   gpu = jax.default_backend() == "gpu"
   rows = {}
   for name, ts in times.items():
@@ -422,6 +428,8 @@ def benchmark(config) -> dict[str, Any]:
       row["model_tflops_per_s"] = step_flops(config, name) / median / 1e12
       if gpu and config.gpu_peak_tflops > 0:
         row["mfu"] = row["model_tflops_per_s"] / config.gpu_peak_tflops
+    if name in profiles:
+      row["profile"] = profiles[name]
     rows[name] = row
   for name, row in rows.items():
     if "peft_lora" in rows:
@@ -439,6 +447,51 @@ def benchmark(config) -> dict[str, Any]:
           "load_average": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       },
   }
+
+
+# Trace events on XLA's threads that are not ops: thread-pool markers, the executor.
+_NOT_OPS = ("ThreadpoolListener", "end: ", "ThunkExecutor")
+
+
+def profile_ops(run: Callable[[], None], steps: int, folder: str, top: int = 12) -> list[dict[str, Any]]:
+  """Traces ``steps`` calls of ``run`` into ``folder``; the XLA ops that took the most time.
+
+  Reads the trace back with `jax.profiler.ProfileData`: on the CPU backend
+  each executed thunk (a fusion, a matmul, a copy, an RNG) is one event on
+  an XLA thread, named after its HLO instruction; events that hold others
+  (the executor, calls) are left out, their children counted. Events are grouped by kind
+  (the name without its ``.N`` suffix) and averaged per step.
+
+  Returns:
+    Up to ``top`` kinds, most time first: ``{"op", "count", "ms"}`` per step.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.profiler.start_trace(folder)
+  try:
+    for _ in range(steps):
+      run()
+  finally:
+    jax.profiler.stop_trace()
+  newest = max(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  totals: dict[str, list[float]] = {}
+  for plane in jax.profiler.ProfileData.from_file(newest).planes:
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):
+        continue
+      events = sorted((e for e in line.events if not e.name.startswith(_NOT_OPS)), key=lambda e: e.start_ns)
+      for event, after in zip(events, events[1:] + [None]):
+        if after is not None and after.start_ns < event.start_ns + event.duration_ns:
+          continue  # A container (the executor, a call): its children are counted.
+        kind = re.sub(r"\.\d+$", "", event.name)
+        entry = totals.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.duration_ns
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+  return [{"op": kind, "count": count / steps, "ms": ns / steps / 1e6} for kind, (count, ns) in ranked]
 
 
 def _version(module: str) -> str | None:
@@ -467,6 +520,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(line)
   for key, value in results["summary"].items():
     lines.append(f"\n{key}: {value:.3f}")
+  for name, r in rows.items():
+    if r.get("profile"):
+      lines += ["", f"{name}: where a step's {1e3 * r['median_s']:.0f} ms go (traced; XLA op kinds)", "",
+                "| op | count | ms | share |", "|---|---|---|---|"]
+      lines += [f"| {p['op']} | {p['count']:.0f} | {p['ms']:.1f} | {p['ms'] / 1e3 / r['median_s']:.1%} |"
+                for p in r["profile"]]
   return "\n".join(lines)
 
 
@@ -483,6 +542,9 @@ def report(results: dict[str, Any], output: str = "") -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
+  if config.profile:
+    # Before the backend starts: the CPU thunks are traced only with this flag.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   report(benchmark(config), config.output)
 
 

@@ -232,6 +232,14 @@ def train_and_evaluate(
   eval_step = training.make_eval_step(module, method, task, mesh=mesh, trainable_sharding=state_sh.trainable,
                                       frozen_sharding=frozen_sh)
   put = lambda batch: partitioning.put_batch(batch, mesh)
+  # Tasks that know their padded shapes get those steps compiled in the
+  # background while the first steps run (training.AheadOfTime).
+  examples = getattr(task, "example_batches", None)
+  if examples is not None:
+    train_step = training.AheadOfTime(train_step, state, frozen, mesh=mesh)
+    eval_step = training.AheadOfTime(eval_step, state.trainable, frozen, mesh=mesh)
+    train_step.prepare(examples(settings.batch_size, training=True))
+    eval_step.prepare(examples(settings.batch_size, training=False))
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -279,6 +287,9 @@ def train_and_evaluate(
       # asynchronous checkpoint save may be left half-written).
       os.kill(os.getpid(), signal.SIGKILL)
   nonfinite.flush(ckpt)
+  for step_fn in (train_step, eval_step):
+    if isinstance(step_fn, training.AheadOfTime):
+      step_fn.close()
   bar.close()
   if writer is not None:
     writer.close()

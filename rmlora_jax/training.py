@@ -12,9 +12,12 @@ resumed run draws the same dropout masks as one never interrupted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-from collections.abc import Callable, Mapping
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -139,6 +142,96 @@ def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
   return jax.jit(eval_fn, in_shardings=(rep if trainable_sharding is None else trainable_sharding,
                                           rep if frozen_sharding is None else frozen_sharding, data),
                  out_shardings=rep)
+
+
+class AheadOfTime:
+  """A jitted step called through executables compiled per batch shape, some before they are needed.
+
+  Padded batches come in a few shapes (length buckets), and each new shape
+  costs a trace, a lowering and a compile (or a load from the persistent
+  compilation cache) the first time it is met, with the step waiting.
+  `prepare` hands the shapes a run will meet to one background thread,
+  which builds their executables while the first steps run: tracing is
+  Python, and a running step holds no Python lock. A call whose shape is
+  not ready waits for the thread, or, if the thread has not started on it,
+  compiles it on the spot.
+
+  The arguments before the batch (state, frozen weights) keep the shapes,
+  dtypes and shardings they have when this is built; the batch is split
+  over the mesh's data axes, as `partitioning.put_batch` places it.
+
+  Example::
+
+    step = AheadOfTime(make_train_step(...), state, frozen, mesh=mesh)
+    step.prepare(task.example_batches(batch_size, training=True))
+    state, metrics = step(state, frozen, put_batch(batch, mesh))
+  """
+
+  def __init__(self, jitted: Any, *fixed: Any, mesh: Mesh):
+    self._jitted = jitted
+    self._fixed = [jax.tree.map(_abstract, x) for x in fixed]
+    self._sharding = data_sharded(mesh)
+    self._futures: dict[tuple, concurrent.futures.Future] = {}
+    self._lock = threading.Lock()
+    self._queue: queue.SimpleQueue | None = None
+
+  def prepare(self, batches: Iterable[Mapping[str, Any]]) -> None:
+    """Starts compiling, in the background and in order, for the shapes of ``batches`` (numpy or arrays)."""
+    for batch in batches:
+      key = _batch_key(batch)
+      with self._lock:
+        if key in self._futures:
+          continue
+        if self._queue is None:
+          self._queue = queue.SimpleQueue()
+          # A daemon: a run that stops early does not wait for shapes it no longer needs.
+          threading.Thread(target=self._work, name="rmlora-compile", daemon=True).start()
+        self._futures[key] = future = concurrent.futures.Future()
+        self._queue.put((key, future))
+
+  def _work(self) -> None:
+    while (item := self._queue.get()) is not None:
+      key, future = item
+      if future.set_running_or_notify_cancel():
+        try:
+          future.set_result(self._compile(key))
+        except BaseException as err:  # pylint: disable=broad-except  # Raised where the step is called.
+          future.set_exception(err)
+
+  def __call__(self, *args: Any) -> Any:
+    key = _batch_key(args[-1])
+    with self._lock:
+      future = self._futures.get(key)
+      if future is None or future.cancel():  # Not queued, or queued and not begun: build it here.
+        future = concurrent.futures.Future()
+        future.set_result(self._compile(key))
+        self._futures[key] = future
+    return future.result()(*args)
+
+  def close(self) -> None:
+    """Drops the compilations not begun and stops the thread after the one running, if any."""
+    with self._lock:
+      for future in self._futures.values():
+        future.cancel()
+      if self._queue is not None:
+        self._queue.put(None)
+
+  def _compile(self, key: tuple) -> Any:
+    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding) for name, shape, dtype in key}
+    return self._jitted.lower(*self._fixed, batch).compile()
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=getattr(x, "weak_type", False))
+
+
+def _batch_key(batch: Mapping[str, Any]) -> tuple:
+  """(name, shape, dtype) of each entry, as the jitted step will see it (x64 off: int64 -> int32)."""
+  out = []
+  for name, v in sorted(batch.items()):
+    dtype = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
+    out.append((name, tuple(np.shape(v)), jax.dtypes.canonicalize_dtype(dtype)))
+  return tuple(out)
 
 
 def init_state(

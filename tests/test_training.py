@@ -1,7 +1,11 @@
-"""Checkpointer: what a checkpoint records is what was true at its step."""
+"""Checkpointer: what a checkpoint records is what was true at its step; AheadOfTime: steps compiled per shape."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
+from rmlora_jax import partitioning
 from rmlora_jax import training
 
 
@@ -19,3 +23,59 @@ def test_record_is_a_snapshot_at_save_time(tmp_path):
     steps = [h["step"] for h in reopened.record(step)["history"]["train"]]
     assert steps == list(range(1, step + 1)), (step, steps)
   reopened.close()
+
+
+def _counting_step(mesh):
+  """A jitted (state, frozen, batch) step that counts its traces; state is donated as the train step's."""
+  traces = []
+
+  def step(state, frozen, batch):
+    traces.append(batch["x"].shape)
+    return state + frozen * jnp.sum(batch["x"] * batch["w"][:, None]), jnp.mean(batch["x"], axis=1)
+
+  rep, data = training.replicated(mesh), training.data_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=(rep, data), donate_argnums=(0,)), traces
+
+
+def _batch(rows, length, value):
+  return {"x": np.full((rows, length), value, np.float32), "w": np.ones(rows, np.float32)}
+
+
+def test_ahead_of_time_traces_each_shape_once_and_equals_jit():
+  mesh = training.make_mesh(1)
+  jitted, traces = _counting_step(mesh)
+  plain, _ = _counting_step(mesh)
+  frozen = jax.device_put(jnp.float32(2.0), training.replicated(mesh))
+  state = jax.device_put(jnp.float32(0.0), training.replicated(mesh))
+  expected = jax.device_put(jnp.float32(0.0), training.replicated(mesh))
+  step = training.AheadOfTime(jitted, state, frozen, mesh=mesh)
+  step.prepare([_batch(4, 8, 0), _batch(4, 16, 0), _batch(4, 8, 1)])  # The third repeats the first's shape.
+  for length, value in ((16, 1.0), (8, 2.0), (16, 3.0), (24, 0.5)):  # 24 was never prepared.
+    batch = partitioning.put_batch(_batch(4, length, value), mesh)
+    state, out = step(state, frozen, batch)
+    expected, want = plain(expected, frozen, batch)
+    np.testing.assert_array_equal(out, want)
+    assert float(state) == float(expected)
+  assert sorted(traces) == [(4, 8), (4, 16), (4, 24)]
+  step.close()
+
+
+def test_ahead_of_time_after_close_and_with_a_failing_shape():
+  mesh = training.make_mesh(1)
+  rep = training.replicated(mesh)
+
+  def step(state, frozen, batch):
+    if batch["x"].shape[1] == 5:
+      raise ValueError("no step for length 5")
+    return state + jnp.sum(batch["x"]), state
+
+  jitted = jax.jit(step, in_shardings=(rep, rep, training.data_sharded(mesh)), donate_argnums=(0,))
+  state, frozen = jax.device_put(jnp.float32(0.0), rep), jax.device_put(jnp.float32(0.0), rep)
+  aot = training.AheadOfTime(jitted, state, frozen, mesh=mesh)
+  aot.prepare([_batch(2, 5, 0)])
+  with pytest.raises(ValueError, match="no step for length 5"):  # Raised where the step is called.
+    aot(state, frozen, partitioning.put_batch(_batch(2, 5, 1), mesh))
+  aot.prepare([_batch(2, 6, 0), _batch(2, 7, 0)])
+  aot.close()  # Shapes not begun are dropped; calls still compile them on the spot.
+  state, _ = aot(state, frozen, partitioning.put_batch(_batch(2, 7, 1), mesh))
+  assert float(state) == 14.0

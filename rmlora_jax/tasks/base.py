@@ -71,6 +71,18 @@ class Task(Protocol):
     """
 
 
+class CompilesAhead(Protocol):
+  """An optional addition to `Task`: the padded shapes a run will meet, known before it starts.
+
+  The trainer then compiles its steps for them on a background thread while
+  the first steps run (`rmlora_jax.training.AheadOfTime`), instead of
+  stopping at each new shape.
+  """
+
+  def example_batches(self, batch_size: int, *, training: bool) -> list[Batch]:
+    """One batch (any values) of each shape that training (or evaluation) will use, most needed first."""
+
+
 def run_predictions(predict: Callable[[Batch], Any], batches: Iterable[Batch]) -> tuple[list[Any], list[Batch]]:
   """``predict`` over ``batches``, fetched to host numpy: ``(predictions, batches)`` in order."""
   predictions, seen = [], []

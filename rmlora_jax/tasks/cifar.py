@@ -57,6 +57,7 @@ from rmlora_jax import paths as paths_lib
 from rmlora_jax import trainer
 from rmlora_jax.adapters import base as adapters_base
 from rmlora_jax.adapters import lora as lora_lib
+from rmlora_jax.data import cache as cache_lib
 from rmlora_jax.data import images as images_lib
 from rmlora_jax.models import hub
 from rmlora_jax.models import vit
@@ -203,29 +204,17 @@ def _cache_key(config: ml_collections.ConfigDict, model: LoadedModel, split: str
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """``config.data.cache_dir``, or ~/.cache/rmlora_jax/vision_features (``$XDG_CACHE_HOME`` first)."""
-  if config.data.cache_dir:
-    return pathlib.Path(config.data.cache_dir)
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return pathlib.Path(root) / "rmlora_jax" / "vision_features"
-
-
 def cached_features(config, model: LoadedModel, split: str, images: images_lib.ImageSplit,
                     views: int) -> vision.FeatureSplit:
   """`vision.extract_features` of a split, read from or written to the feature cache."""
-  file = cache_dir(config) / f"{_cache_key(config, model, split)}_{views}.npz"
-  if file.is_file():
-    with np.load(file) as z:
-      if np.array_equal(z["labels"], images.labels):
-        return vision.FeatureSplit(z["features"], z["labels"])
+  file = cache_lib.folder(config.data.cache_dir, "vision_features") / f"{_cache_key(config, model, split)}_{views}.npz"
+  cached = cache_lib.load(file, ("features", "labels"))
+  if cached is not None and np.array_equal(cached["labels"], images.labels):
+    return vision.FeatureSplit(cached["features"], cached["labels"])
   features = vision.extract_features(model.module, model.params, images, views=views,
                                      seed=config.data.feature_seed, mean=model.mean, std=model.std,
                                      crop_padding=config.data.crop_padding, flip=config.data.flip)
-  file.parent.mkdir(parents=True, exist_ok=True)
-  tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
-  np.savez(tmp, features=features.features, labels=features.labels)
-  os.replace(tmp, file)
+  cache_lib.save(file, {"features": features.features, "labels": features.labels}, compress=False)
   return features
 
 

@@ -67,6 +67,22 @@ class TextClassification:
     return glue.batches(self.train, batch_size, seed=seed, epoch=epoch, shuffle=True, buckets=self.buckets,
                         pad_id=self.pad_id, start=start)
 
+  def example_batches(self, batch_size: int, *, training: bool) -> list[base.Batch]:
+    """One all-zero batch per padded shape the run will meet, most used first (`base.Task`)."""
+    splits = [self.train] if training and self.train is not None else [] if training else list(self.evals.values())
+    counts: dict[int, int] = {}
+    for split in splits:
+      longest = glue.batch_max_lengths(split.lengths(), batch_size, shuffle=training)
+      for length in longest:
+        bucket = glue.bucket_for(int(length), self.buckets)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    labels = np.zeros(batch_size, (self.train or next(iter(self.evals.values()))).labels.dtype)
+    return [{"input_ids": np.zeros((batch_size, length), np.int32),
+             "attention_mask": np.zeros((batch_size, length), np.int32),
+             "token_type_ids": np.zeros((batch_size, length), np.int32),
+             "labels": labels, "weights": np.zeros(batch_size, np.float32), "index": np.zeros(batch_size, np.int32)}
+            for length in sorted(counts, key=lambda k: -counts[k])]
+
   def forward(self, module, params, batch, *, deterministic, rngs):
     return module.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
                         token_type_ids=batch["token_type_ids"], deterministic=deterministic, rngs=rngs)

@@ -26,6 +26,7 @@ from rmlora_jax import experiment
 from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import trainer
+from rmlora_jax.data import cache as cache_lib
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import classification
@@ -45,7 +46,9 @@ def validate(config: ml_collections.ConfigDict) -> glue.GlueTask:
     raise ValueError(f"{source}={data_dir!r} is not a directory (expected the GLUE layout, e.g. RTE/train.tsv)")
   if config.head_bias not in ("label_mean", "zero"):
     raise ValueError(f"config.head_bias must be 'label_mean' or 'zero', got {config.head_bias!r}")
-  experiment.check_positive_ints(config, ("data.num_buckets",))
+  experiment.check_positive_ints(config, ("data.num_buckets", "data.bucket_multiple"))
+  if config.data.bucketing not in ("fit", "geometric"):
+    raise ValueError(f"config.data.bucketing must be 'fit' or 'geometric', got {config.data.bucketing!r}")
   return task
 
 
@@ -70,8 +73,9 @@ def load_data(config: ml_collections.ConfigDict, task: glue.GlueTask, tokenizer:
   if config.data.train_subset > 0:
     order = np.random.default_rng(config.data.subset_seed).permutation(len(train_text.labels))
     train_text = glue.select(train_text, np.sort(order[: config.data.train_subset]))
-  train = glue.tokenize_split(train_text, tokenizer, config.max_seq_len)
-  evals = {s: glue.tokenize_split(t, tokenizer, config.max_seq_len) for s, t in eval_text.items()}
+  cache_dir = cache_lib.folder(config.data.cache_dir, "glue_tokens")
+  train = glue.tokenize_split(train_text, tokenizer, config.max_seq_len, cache_dir=cache_dir)
+  evals = {s: glue.tokenize_split(t, tokenizer, config.max_seq_len, cache_dir=cache_dir) for s, t in eval_text.items()}
   return train, evals
 
 
@@ -92,6 +96,23 @@ def set_output_bias(params: Any, value: float, new_paths: tuple[str, ...]) -> An
                      f"found {candidates} among the newly initialised {list(new_paths)}; set config.head_bias='zero'")
   return jax.tree_util.tree_map_with_path(
       lambda kp, w: jnp.full_like(w, value) if paths_lib.path_str(kp) == candidates[0] else w, params)
+
+
+def buckets_for(config: ml_collections.ConfigDict, train: glue.TokenizedSplit,
+                evals: dict[str, glue.TokenizedSplit]) -> tuple[int, ...]:
+  """The padded lengths of the run's batches (``config.data.bucketing``).
+
+  "fit": the ``num_buckets`` multiples of ``bucket_multiple`` that pad this
+  data's batches least (`glue.fit_buckets` over the first epoch's training
+  batches and the evaluation batches); "geometric": halvings up to
+  ``max_seq_len`` (`glue.bucket_lengths`), whatever the data.
+  """
+  if config.data.bucketing == "geometric":
+    return glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
+  longest = [glue.batch_max_lengths(train.lengths(), config.batch_size, seed=config.seed, shuffle=True)]
+  longest += [glue.batch_max_lengths(split.lengths(), config.batch_size, shuffle=False) for split in evals.values()]
+  return glue.fit_buckets(np.concatenate(longest), config.data.num_buckets, multiple=config.data.bucket_multiple,
+                          max_len=config.max_seq_len)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -117,8 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   if spec.is_regression and config.head_bias == "label_mean":
     params = set_output_bias(params, float(np.mean(train.labels)), report.missing)
   task = classification.TextClassification(
-      spec=spec, train=train, evals=evals, pad_id=pad_id(tokenizer),
-      buckets=glue.bucket_lengths(config.max_seq_len, config.data.num_buckets))
+      spec=spec, train=train, evals=evals, pad_id=pad_id(tokenizer), buckets=buckets_for(config, train, evals))
   head_patterns = HEAD_PATTERNS + tuple(re.escape(p) for p in report.missing)
   method = experiment.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
                                       head_patterns=head_patterns)

@@ -29,6 +29,7 @@ import numpy as np
 from rmlora_jax import experiment
 from rmlora_jax import partitioning
 from rmlora_jax import trainer
+from rmlora_jax.data import cache as cache_lib
 from rmlora_jax.data import squad
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import qa
@@ -97,21 +98,13 @@ def load_examples(config: ml_collections.ConfigDict, train_file: str | None, dev
   return train, dev
 
 
-def cache_dir(config: ml_collections.ConfigDict) -> str:
-  """``config.data.cache_dir``, or the user's cache folder (``$XDG_CACHE_HOME``, ~/.cache)."""
-  if config.data.cache_dir:
-    return config.data.cache_dir
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "rmlora_jax", "squad_features")
-
-
 def build_task(config: ml_collections.ConfigDict, tokenizer: Any, train_file: str | None,
                dev_file: str | None) -> qa.ExtractiveQA:
   """The `qa.ExtractiveQA` task: examples, windows (cached between runs), buckets."""
   train, dev = load_examples(config, train_file, dev_file)
   def features(examples):
     f = squad.build_features(examples, tokenizer, max_seq_len=config.max_seq_len, doc_stride=config.doc_stride,
-                             cache_dir=cache_dir(config))
+                             cache_dir=cache_lib.folder(config.data.cache_dir, "squad_features"))
     # Without segment ids every token is segment 0, as for a model never
     # trained on sentence pairs (the embedded sentence-transformers MiniLM).
     return f if config.data.segment_ids else dataclasses.replace(f, token_type_ids=np.zeros_like(f.token_type_ids))

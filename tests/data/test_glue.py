@@ -1,5 +1,6 @@
 """GLUE loading, tokenising and batching against hand-written rows and direct calls."""
 
+import itertools
 import os
 import pathlib
 
@@ -395,6 +396,42 @@ def test_tokenize_without_token_type_ids():
   assert all(x.dtype == np.int32 for x in tokens.token_type_ids)
 
 
+@needs_shared
+@needs_tokenizer
+def test_tokenize_cache_loads_without_tokenising(tokenizer, tmp_path):
+  data = glue.load_split("rte", "validation", str(SHARED_GLUE))
+  calls = []
+  def counting(*args, **kwargs):
+    calls.append(len(args[0]))
+    return tokenizer(*args, **kwargs)
+  counting.backend_tokenizer = tokenizer.backend_tokenizer  # The cache key reads the definition.
+  direct = glue.tokenize_split(data, tokenizer, 64)
+  first = glue.tokenize_split(data, counting, 64, cache_dir=tmp_path)
+  assert sum(calls) == len(data) and len(list(tmp_path.iterdir())) == 1  # No temporary file left.
+  calls.clear()
+  second = glue.tokenize_split(data, counting, 64, cache_dir=tmp_path)
+  assert not calls
+  for got in (first, second):
+    assert len(got) == len(direct)
+    for a, b, c, d in zip(got.input_ids, direct.input_ids, got.token_type_ids, direct.token_type_ids):
+      assert a.dtype == b.dtype == c.dtype == np.int32
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(c, d)
+    np.testing.assert_array_equal(got.labels, direct.labels)
+  # Another length, other texts or another tokenizer definition: new files.
+  glue.tokenize_split(data, counting, 32, cache_dir=tmp_path)
+  glue.tokenize_split(glue.select(data, np.arange(10)), counting, 64, cache_dir=tmp_path)
+  other = glue.TextSplit(list(data.text_b), list(data.text_a), data.labels)  # Pairs swapped.
+  glue.tokenize_split(other, counting, 64, cache_dir=tmp_path)
+  assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 4
+  # A broken file is rebuilt.
+  for path in tmp_path.iterdir():
+    path.write_bytes(b"not an npz")
+  calls.clear()
+  again = glue.tokenize_split(data, counting, 64, cache_dir=tmp_path)
+  assert calls and [x.tolist() for x in again.input_ids] == [x.tolist() for x in direct.input_ids]
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -420,6 +457,50 @@ def test_bucket_lengths():
   assert glue.bucket_lengths(128, 1) == (128,)
   with pytest.raises(ValueError, match="num_buckets must be a positive integer, got 0"):
     glue.bucket_lengths(128, 0)
+
+
+def _padded(longest, buckets):
+  return sum(min(b for b in buckets if b >= x) for x in longest)
+
+
+def test_fit_buckets_is_the_least_padding_set():
+  # Reference: every subset of the rounded lengths that keeps the largest.
+  rng = np.random.default_rng(0)
+  for _ in range(150):
+    longest = rng.integers(1, 60, size=rng.integers(1, 25))
+    k, multiple = int(rng.integers(1, 5)), int(rng.integers(1, 9))
+    got = glue.fit_buckets(longest, k, multiple=multiple, max_len=64)
+    cands = sorted({min(64, -(-int(x) // multiple) * multiple) for x in longest})
+    best = min(_padded(longest, c) for r in range(1, k + 1)
+               for c in itertools.combinations(cands, r) if c[-1] == cands[-1])
+    assert _padded(longest, got) == best, (longest, k, multiple, got)
+    assert 1 <= len(got) <= k and got == tuple(sorted(set(got)))
+    assert all(b % multiple == 0 or b == 64 for b in got) and got[-1] >= longest.max()
+
+
+def test_fit_buckets_cases_and_errors():
+  # By hand: one bucket must hold the longest; two split 9,10 | 30.
+  assert glue.fit_buckets([9, 10, 30], 1, multiple=4) == (32,)
+  assert glue.fit_buckets([9, 10, 30], 2, multiple=4) == (12, 32)
+  assert glue.fit_buckets([9, 10, 30], 5, multiple=1) == (9, 10, 30)
+  assert glue.fit_buckets([126, 127], 2, multiple=8, max_len=127) == (127,)
+  # Fitted buckets pad less than the geometric ones on short rows.
+  longest = glue.batch_max_lengths(_synthetic(max_len=20).lengths(), 8, shuffle=True)
+  assert _padded(longest, glue.fit_buckets(longest, 4, max_len=128)) < _padded(longest, glue.bucket_lengths(128))
+  with pytest.raises(ValueError, match="more than max_len=16"):
+    glue.fit_buckets([9, 17], 2, max_len=16)
+  with pytest.raises(ValueError, match="num_buckets must be a positive integer, got 0"):
+    glue.fit_buckets([9], 0)
+  with pytest.raises(ValueError, match="must be positive and not empty"):
+    glue.fit_buckets([], 2)
+
+
+def test_batch_max_lengths_follows_the_plan():
+  split = _synthetic()
+  got = glue.batch_max_lengths(split.lengths(), 16, seed=3, epoch=1, shuffle=True)
+  rows = [b["attention_mask"].sum(1).max() for b in
+          glue.batches(split, 16, seed=3, epoch=1, shuffle=True, buckets=(100,))]
+  np.testing.assert_array_equal(got, rows)
 
 
 def test_num_batches():

@@ -1,9 +1,15 @@
 """The train-step benchmark runs end to end on the tiny shape (no timing asserted)."""
 
 import json
+import pathlib
+import re
+import subprocess
+import sys
 
 from configs import bench as bench_config
 from experiments import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_bench_runs_end_to_end(tmp_path):
@@ -76,3 +82,19 @@ def test_decoder_losses_agree_with_torch():
                                         torch.tensor(batch["loss_mask"], dtype=torch.float32),
                                         torch.tensor(batch["weights"]))
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+
+
+def test_profile_names_the_ops_a_step_runs(tmp_path):
+  """--config.profile traces each JAX runner: LoRA's step runs more matmuls than the floor's."""
+  out = tmp_path / "bench.json"
+  subprocess.run(
+      [sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:tiny", "--config.peft=False",
+       "--config.methods=('lora',)", "--config.warmup=0", "--config.repeats=1", "--config.profile_steps=1",
+       f"--config.profile={tmp_path / 'trace'}", f"--config.output={out}"],
+      cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+  rows = json.loads(out.read_text())["rows"]
+  matmuls = {name: sum(p["count"] for p in rows[name]["profile"] if re.match(r"(dot|ynn_fusion)", p["op"]))
+             for name in ("lora", "floor")}
+  assert matmuls["lora"] > matmuls["floor"] > 0, matmuls
+  assert all(p["ms"] > 0 and p["count"] >= 1 for p in rows["lora"]["profile"])
+  assert list((tmp_path / "trace" / "lora").rglob("*.xplane.pb"))  # TensorBoard can open it.

@@ -150,12 +150,35 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"method": "adalora", "adalora.target_rank": 99}, r"target_rank=99 must be in 1..config.adalora.init_rank=8"),
     ({"keep_checkpoints": 0}, r"config.keep_checkpoints must be a positive integer"),
     ({"seed": -1}, r"config.seed must be a non-negative integer"),
+    ({"data.bucketing": "exact"}, r"config.data.bucketing must be 'fit' or 'geometric', got 'exact'"),
+    ({"data.bucket_multiple": 0}, r"config.data.bucket_multiple must be a positive integer"),
 ])
 def test_bad_config_fails_before_loading_anything(overrides, message, tmp_path):
   # The model path does not exist: a config error must be raised before it is looked at.
   config = tiny_config("/nonexistent/model", str(tmp_path), tmp_path / "w", **overrides)
   with pytest.raises(ValueError, match=message):
     glue_task.train_and_evaluate(config, config.workdir)
+
+
+def test_fitted_buckets_hold_every_batch_and_pad_less_than_halvings():
+  rng = np.random.default_rng(0)
+  def split(n):
+    lengths = np.minimum(rng.geometric(0.08, n) + 3, 128)
+    return glue_data.TokenizedSplit([np.ones(k, np.int32) for k in lengths], [np.zeros(k, np.int32) for k in lengths],
+                                    np.zeros(n, np.int32))
+  train, dev = split(700), split(150)
+  config = lambda how: tiny_config("unused", "unused", "unused", batch_size=16, max_seq_len=128,
+                                   **{"data.num_buckets": 4, "data.bucketing": how})
+  halvings = glue_task.buckets_for(config("geometric"), train, {"dev": dev})
+  assert halvings == (16, 32, 64, 128)
+  fitted = glue_task.buckets_for(config("fit"), train, {"dev": dev})
+  assert len(fitted) <= 4 and all(b % 4 == 0 or b == 128 for b in fitted)
+  def padded(buckets, data, **kw):
+    return sum(b["input_ids"].size for b in glue_data.batches(data, 16, buckets=buckets, **kw))
+  for epoch in range(3):  # Later epochs' batches fit too (the longest example is in every epoch).
+    kw = dict(seed=0, epoch=epoch, shuffle=True)
+    assert padded(fitted, train, **kw) < padded(halvings, train, **kw)
+  assert padded(fitted, dev, seed=0, epoch=0, shuffle=False) <= padded(halvings, dev, seed=0, epoch=0, shuffle=False)
 
 
 def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path):
