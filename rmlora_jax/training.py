@@ -222,6 +222,8 @@ class AheadOfTime:
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  # Unlike `abstract_like` (checkpoint targets), this keeps weak types: a
+  # compiled executable refuses arguments whose types differ from its own.
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=getattr(x, "weak_type", False))
 
 

@@ -468,9 +468,8 @@ def tokenize_split(
     return TokenizedSplit(np.split(stored["input_ids"], cuts), np.split(stored["token_type_ids"], cuts),
                           np.asarray(split.labels))
   out = _tokenize(split, tokenizer, max_seq_len, chunk_size)
-  cache_lib.save(path, {"input_ids": np.concatenate(out.input_ids or [np.zeros(0, np.int32)]),
-                        "token_type_ids": np.concatenate(out.token_type_ids or [np.zeros(0, np.int32)]),
-                        "lengths": out.lengths()})
+  cache_lib.save(path, {"input_ids": np.concatenate(out.input_ids),
+                        "token_type_ids": np.concatenate(out.token_type_ids), "lengths": out.lengths()})
   return out
 
 

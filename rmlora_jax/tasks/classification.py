@@ -68,15 +68,19 @@ class TextClassification:
                         pad_id=self.pad_id, start=start)
 
   def example_batches(self, batch_size: int, *, training: bool) -> list[base.Batch]:
-    """One all-zero batch per padded shape the run will meet, most used first (`base.Task`)."""
-    splits = [self.train] if training and self.train is not None else [] if training else list(self.evals.values())
+    """One all-zero batch per padded shape the run will meet, most used first (`base.CompilesAhead`)."""
+    if training:
+      splits = [] if self.train is None else [self.train]
+    else:
+      splits = list(self.evals.values())
     counts: dict[int, int] = {}
     for split in splits:
-      longest = glue.batch_max_lengths(split.lengths(), batch_size, shuffle=training)
-      for length in longest:
+      for length in glue.batch_max_lengths(split.lengths(), batch_size, shuffle=training):
         bucket = glue.bucket_for(int(length), self.buckets)
         counts[bucket] = counts.get(bucket, 0) + 1
-    labels = np.zeros(batch_size, (self.train or next(iter(self.evals.values()))).labels.dtype)
+    if not counts:
+      return []
+    labels = np.zeros(batch_size, splits[0].labels.dtype)
     return [{"input_ids": np.zeros((batch_size, length), np.int32),
              "attention_mask": np.zeros((batch_size, length), np.int32),
              "token_type_ids": np.zeros((batch_size, length), np.int32),
