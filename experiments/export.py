@@ -8,7 +8,8 @@ r"""Writes a finished run as a PEFT adapter folder or as a merged Hugging Face m
 transformers model of the run's base model, or ``--config.init_adapters`` of
 another run. ``--format=merged``: ``config.json``, ``model.safetensors`` and
 the tokenizer, ``dW`` merged in, for ``AutoModelForSequenceClassification``
-(``AutoModelForQuestionAnswering`` for SQuAD) ``.from_pretrained``.
+(``AutoModelForQuestionAnswering`` for SQuAD, ``AutoModelForCausalLM`` for
+SFT) ``.from_pretrained``.
 """
 
 from absl import flags

@@ -392,20 +392,22 @@ IMAGE_HEAD = "image_classification"
 
 
 def model_head(config: ml_collections.ConfigDict) -> tuple[str, int]:
-  """``(head, num_labels)`` of a run's model: "qa" for SQuAD, "image_classification" for the
-  image tasks, else its GLUE task's head.
+  """``(head, num_labels)`` of a run's model: "qa" for SQuAD, "causal_lm" for SFT,
+  "image_classification" for the image tasks, else its GLUE task's head.
 
   An image run over every class of its source (empty ``config.data.classes``)
   gives ``num_labels`` 0: its checkpoint's classifier tells.
   """
   if config.task == "squad":
     return "qa", 2
+  if config.task == "sft":
+    return "causal_lm", 1
   if config.task in VISION_TASKS:
     return IMAGE_HEAD, len(config.data.classes)
   try:
     task = glue_data.get_task(config.task)
   except ValueError as e:
-    raise ValueError(f"config.task={config.task!r}: export handles GLUE, SQuAD and image ({', '.join(VISION_TASKS)}) "
+    raise ValueError(f"config.task={config.task!r}: export handles GLUE, SQuAD, SFT and image ({', '.join(VISION_TASKS)}) "
                      f"runs ({e})") from e
   return ("regression" if task.is_regression else "classification"), task.num_labels
 

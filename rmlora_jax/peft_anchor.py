@@ -158,6 +158,12 @@ def train_peft_lora(
   AdaLoRA with those settings (``rank`` is then unused; scaling is
   ``alpha / init_r``, as PEFT's).
 
+  Plain LoRA's adapters are saved as PEFT folders before and after training,
+  ``workdir/initial_adapter`` and ``workdir/adapter``: with
+  ``config.init_adapters`` set to the first, our trainer starts from PEFT's
+  initialisation (``tests/experiments/test_sft.py`` compares the two step by
+  step), and the second scores PEFT's result through our evaluation.
+
   Returns the results dict, also written to ``workdir/results.json``.
   """
   import peft  # pylint: disable=g-import-not-at-top
@@ -183,6 +189,9 @@ def train_peft_lora(
         deltaT=adalora.delta_t, beta1=adalora.beta1, beta2=adalora.beta2,
         orth_reg_weight=adalora.orth_reg_weight, total_step=total, **common)
   model = peft.get_peft_model(model, peft_config)
+  workdir = pathlib.Path(workdir)
+  if adalora is None:
+    model.save_pretrained(workdir / "initial_adapter")
   trainable = [p for p in model.parameters() if p.requires_grad]
   fields = [k for k in _TOKEN_FIELDS if k != "token_type_ids" or task_type != "CAUSAL_LM"]
   # PEFT 0.21's PeftModelForQuestionAnswering.forward takes token_type_ids but
@@ -269,7 +278,8 @@ def train_peft_lora(
       "steps": total, "train_time_s": round(train_time, 2), "learning_rate": settings.learning_rate,
       "adapters": analysis.delta_report(deltas), "history": history, **(extra_results or {}),
   }
-  workdir = pathlib.Path(workdir)
+  if adalora is None:
+    model.save_pretrained(workdir / "adapter")
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
   return results

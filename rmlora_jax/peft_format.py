@@ -87,15 +87,15 @@ LOADABLE_TYPES = ("LORA", "ADALORA")
 # (a plain PeftModel) and lists the classifier in modules_to_save.
 AUTO_CLASSES = {"base": "AutoModel", "classification": "AutoModelForSequenceClassification",
                 "regression": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering",
-                "image_classification": "AutoModelForImageClassification"}
+                "image_classification": "AutoModelForImageClassification", "causal_lm": "AutoModelForCausalLM"}
 TASK_TYPES = {"base": "FEATURE_EXTRACTION", "classification": "SEQ_CLS", "regression": "SEQ_CLS",
-              "qa": "QUESTION_ANS", "image_classification": None}
+              "qa": "QUESTION_ANS", "image_classification": None, "causal_lm": "CAUSAL_LM"}
 # Heads whose classifier has num_labels outputs.
 _CLASSIFIER_HEADS = ("classification", "regression", "image_classification")
 # The head modules PEFT adds to modules_to_save itself for a task type; saved whole.
 _TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The heads each PEFT task type may be loaded into.
-_TASK_HEADS = {"SEQ_CLS": ("classification", "regression"), "QUESTION_ANS": ("qa",)}
+_TASK_HEADS = {"SEQ_CLS": ("classification", "regression"), "QUESTION_ANS": ("qa",), "CAUSAL_LM": ("causal_lm",)}
 
 _LORA_FACTORS = frozenset({"a", "b"})
 _ADALORA_FACTORS = frozenset({"p", "lam", "q"})
@@ -126,6 +126,10 @@ class TorchLayout:
   # differ (transformers 5 renames some modules in memory, e.g. ViT's q_proj,
   # and writes the checkpoint's names back).
   saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # State dict keys that are another entry's parameter again (a tied LM head,
+  # ``lm_head.weight`` = the embedding): ``save_pretrained`` leaves them out and
+  # ``from_pretrained`` ties them back.
+  tied: frozenset[str] = frozenset()
 
   @property
   def paths(self) -> dict[str, str]:
@@ -146,7 +150,8 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
 
   Args:
     hf_config: the checkpoint's transformers config (as `hub.load_pretrained` returns).
-    head: "base", "classification", "regression", "qa" or "image_classification" (ViT).
+    head: "base", "classification", "regression", "qa", "image_classification" (ViT) or
+      "causal_lm" (the decoders).
     num_labels: outputs of a classification or regression head.
 
   Raises:
@@ -170,11 +175,12 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
   sources = torch_port.state_dict_sources(lambda state: arch.params_from_state_dict(state, cfg, head=head)[0],
                                           shapes)
   linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+  tied = frozenset(dict(model.named_parameters(remove_duplicate=False))) - frozenset(dict(model.named_parameters()))
   linear = {key.removesuffix(".weight"): path for path, (key, _) in sources.items()
             if key.endswith(".weight") and key.removesuffix(".weight") in linear_names}
   return TorchLayout(model_class=type(model).__name__, hf_config=cfg, sources=sources, shapes=shapes,
                      modules=tuple(n for n, _ in model.named_modules() if n), linear=linear,
-                     saved_names=_saved_names(model))
+                     saved_names=_saved_names(model), tied=tied)
 
 
 def _saved_names(model: Any) -> dict[str, str]:
@@ -310,7 +316,7 @@ def save_peft(
       ``"head"``); saved as whole modules in ``modules_to_save``.
     hf_config: the base checkpoint's transformers config.
     head: the head ``params`` were built with ("classification", "regression", "qa", "base",
-      "image_classification"). The base model PEFT wraps must hold every
+      "image_classification", "causal_lm"). The base model PEFT wraps must hold every
       weight the adapters sit on: an adapter on a weight it lacks (a new
       classifier) would be applied to PyTorch's random init of that weight.
     fold: write any family as a PEFT LoRA of its active rank (the default for
@@ -707,7 +713,8 @@ def save_merged(
 
   ``AutoModelForSequenceClassification`` (``AutoModelForQuestionAnswering``
   for head "qa", ``AutoModelForImageClassification`` for a ViT's
-  "image_classification", ``AutoModel`` for "base") ``.from_pretrained(folder)``
+  "image_classification", ``AutoModelForCausalLM`` for a decoder's "causal_lm",
+  ``AutoModel`` for "base") ``.from_pretrained(folder)``
   loads it with no missing or unexpected weights.
 
   Args:
@@ -736,6 +743,8 @@ def save_merged(
   paths = layout.paths
   state = {}
   for key, shape in layout.shapes.items():
+    if key in layout.tied:  # the tied LM head: transformers ties it to the embedding on loading
+      continue
     if key not in paths or paths[key] not in flat:
       raise ValueError(f"save_merged: {layout.model_class} has weight {key!r}, which these params do not provide")
     value = _to_torch(flat[paths[key]], layout.sources[paths[key]][1])

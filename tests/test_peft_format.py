@@ -335,6 +335,75 @@ def test_every_encoder_both_ways_and_merged(model_type, tmp_path):
                                                          loaded.spec))), expected, atol=TOL, rtol=0)
 
 
+TINY_DECODER = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Tied and untied LM heads; Qwen2's q/k/v biases; Gemma2's head_dim * heads != hidden, sliding window and soft-caps.
+DECODER_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY_DECODER, tie_word_embeddings=True),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY_DECODER, tie_word_embeddings=False),
+    "gemma2": lambda: transformers.Gemma2Config(**TINY_DECODER, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                                tie_word_embeddings=True),
+}
+
+
+def tiny_decoder(folder, model_type):
+  """A random tiny causal LM of ``model_type`` (norms and biases off their init values) saved in ``folder``; its batch."""
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(DECODER_CONFIGS[model_type]())
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.2 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  ids = np.random.default_rng(0).integers(3, 99, size=(2, 10)).astype(np.int32)
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
+def test_every_decoder_both_ways_and_merged(model_type, tmp_path):
+  batch = tiny_decoder(tmp_path / "base", model_type)
+  module, params, _, hf_config = hub.load_pretrained(tmp_path / "base", head="causal_lm")
+  forward = jax.jit(lambda p: module.apply({"params": p}, batch["input_ids"], attention_mask=batch["attention_mask"]))
+  load_torch = lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+  spec = rl.LoraSpec(rank=4, alpha=8.0, targets=hub.default_lora_targets(hf_config))
+  adapters = lora_adapters(params, spec, scale=0.2)
+  assert len(adapters) == 7 * hf_config.num_hidden_layers  # q, k, v, o, gate, up, down
+  expected, base_logits = np.asarray(forward(rl.merge(params, adapters, spec))), np.asarray(forward(params))
+  assert np.abs(expected - base_logits).max() > 0.05
+
+  peft_format.save_peft(tmp_path / "ours", params=params, adapters=adapters, spec=spec, hf_config=hf_config,
+                        head="causal_lm")
+  config = json.loads((tmp_path / "ours" / peft_format.ADAPTER_CONFIG).read_text())
+  assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
+  assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
+  np.testing.assert_allclose(peft_logits(load_torch(), tmp_path / "ours", batch), expected, atol=TOL, rtol=0)
+
+  peft_format.save_merged(tmp_path / "merged", params=params, hf_config=hf_config, head="causal_lm",
+                          adapters=adapters, spec=spec)
+  assert ("lm_head.weight" in load_file(tmp_path / "merged" / peft_format.MODEL_WEIGHTS)) != hf_config.tie_word_embeddings
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+  assert not any(info.values()), info
+  with torch.no_grad():
+    np.testing.assert_allclose(model.eval()(**torch_inputs(batch)).logits.numpy(), expected, atol=TOL, rtol=0)
+
+  wrapped = peft.get_peft_model(load_torch(), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=2, lora_alpha=4,
+      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in wrapped.named_parameters():
+      if "lora_B" in name:
+        p.copy_(0.2 * torch.randn_like(p))
+    expected = wrapped.eval()(**torch_inputs(batch)).logits.numpy()
+  assert np.abs(expected - base_logits).max() > 0.05
+  wrapped.save_pretrained(tmp_path / "peft")
+  loaded = peft_format.load_peft(tmp_path / "peft", params, hf_config, head="causal_lm")
+  assert len(loaded.adapters) == 7 * hf_config.num_hidden_layers and not loaded.trained
+  np.testing.assert_allclose(np.asarray(forward(rl.merge(params, loaded.adapters, loaded.spec))), expected,
+                             atol=TOL, rtol=0)
+
+
 def test_question_answering_merged_and_peft(tmp_path):
   batch = tiny_checkpoint(tmp_path / "base", "bert", cls=transformers.AutoModelForQuestionAnswering)
   module, params, _, hf_config = hub.load_pretrained(tmp_path / "base", head="qa")

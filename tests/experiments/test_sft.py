@@ -229,3 +229,39 @@ def test_peft_anchor_trains_on_the_same_batches_and_generates_the_same_way(
   assert results["metrics"]["f1"] == pytest.approx(scores["f1"])
   losses = [h["task_loss"] for h in results["history"]["train"]]
   assert all(np.isfinite(losses)) and len(losses) == 4
+
+
+def test_lora_from_peft_initialisation_trains_step_by_step_as_peft_does(
+    tiny_chat_llama, records_and_reference, tmp_path):
+  """Our LoRA started from the PEFT anchor's saved initialisation: the same loss at every step, to float noise.
+
+  The two trainers share nothing but the task's batches: PEFT's LoRA layers,
+  torch's AdamW, clipping and transformers' warm-up schedule on one side, our
+  decoder, adapters and optax chain on the other.
+  """
+  from experiments import peft_sft  # pylint: disable=g-import-not-at-top
+
+  path, _, _, _ = records_and_reference
+  overrides = dict(learning_rate=3e-2, max_steps=6, checkpoint_every_steps=100)
+  theirs = peft_sft.run(tiny_sft_config(tiny_chat_llama, path, tmp_path / "peft", **overrides),
+                        str(tmp_path / "peft"))
+  config = tiny_sft_config(tiny_chat_llama, path, tmp_path / "ours",
+                           init_adapters=str(tmp_path / "peft" / "initial_adapter"), **overrides)
+  ours = sft_task.train_and_evaluate(config, config.workdir)
+  want = np.array([h["task_loss"] for h in theirs["history"]["train"]])
+  got = np.array([h["task_loss"] for h in ours["history"]["train"]])
+  assert len(want) == 6 and abs(want[-1] - want[0]) > 0.1  # the adapters moved the loss
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+  # The trained adapters too: ours, exported in PEFT's format, against the
+  # file PEFT saved after the same six steps, tensor by tensor (each moved ~0.06).
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
+
+  out = experiment.export_run(config.workdir, fmt="peft")
+  peft_trained = load_file(tmp_path / "peft" / "adapter" / "adapter_model.safetensors")
+  exported = load_file(out / "adapter_model.safetensors")
+  assert set(exported) == set(peft_trained) and len(exported) == 2 * 7 * 2
+  start = load_file(tmp_path / "peft" / "initial_adapter" / "adapter_model.safetensors")
+  for key, value in peft_trained.items():
+    assert np.abs(value - start[key]).max() > 1e-2, key  # trained
+    np.testing.assert_allclose(exported[key], value, atol=5e-4, err_msg=key)  # measured: <= 1e-4
