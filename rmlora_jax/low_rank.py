@@ -11,6 +11,7 @@ import adapter code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,11 +75,14 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   """``[x @ k for k in kernels]`` for projections that read the same input (Q, K, V).
 
   Equal to `dense_apply` on each kernel, computed in fewer, wider matmuls:
-  the frozen kernels are concatenated into one ``x @ [w0_1 | w0_2 | ...]``,
-  and the low-rank branches share one ``u = x @ [right_1; right_2; ...].T``
-  of width ``sum(r')``, so ``x`` is read once rather than once per adapter.
-  Their gradients are written out (a custom VJP) so that no (d_out, N)
-  gradient is transposed on CPU; that, not the fusion, is what brought the
+  the frozen kernels are concatenated into one ``x @ [w0_1 | w0_2 | ...]``;
+  the low-rank branches share one ``u = x @ [right_1; right_2; ...].T`` of
+  width ``sum(r')`` and one ``u @ L`` with ``L`` block-diagonal in the left
+  factors (zero where a kernel has none), added to the frozen product before
+  it is split. So ``x`` is read twice, not once per adapter, and the group's
+  backward pass runs two small matmuls where it ran two per adapter. The
+  gradients are written out (a custom VJP) so that no (d_out, N) gradient is
+  transposed on CPU; that, not the fusion, is what first brought the
   adapters near the frozen model's speed (docs/BENCHMARKS.md).
 
   Args:
@@ -94,43 +98,62 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   frozen = [k.w0 if isinstance(k, LowRankKernel) else k for k in kernels]
   widths = [w.shape[-1] for w in frozen]
   y = x @ jnp.concatenate([jnp.asarray(w, dtype) for w in frozen], axis=-1)
-  outs = jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
-  low = [i for i, k in enumerate(kernels) if isinstance(k, LowRankKernel)]
+  low = [k for k in kernels if isinstance(k, LowRankKernel)]
   if low:
-    x2 = x.reshape(-1, x.shape[-1])
-    ys = _low_rank_group(x2, tuple(kernels[i].left.astype(dtype) for i in low),
-                         tuple(kernels[i].right.astype(dtype) for i in low))
-    for i, y in zip(low, ys):
-      outs[i] = outs[i] + y.reshape(*x.shape[:-1], y.shape[-1])
-  return outs
+    layout = tuple((w, isinstance(k, LowRankKernel)) for w, k in zip(widths, kernels))
+    z = _low_rank_group(layout, x.reshape(-1, x.shape[-1]), tuple(k.left.astype(dtype) for k in low),
+                        tuple(k.right.astype(dtype) for k in low))
+    y = y + z.reshape(y.shape)
+  return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
 
 
-@jax.custom_vjp
-def _low_rank_group(x: Array, lefts: tuple[Array, ...], rights: tuple[Array, ...]) -> tuple[Array, ...]:
-  """``(x @ right_i.T) @ left_i.T`` for each pair, x (N, d_in) read once."""
-  return _low_rank_group_fwd(x, lefts, rights)[0]
+def _block_left(layout: tuple[tuple[int, bool], ...], lefts: tuple[Array, ...]) -> Array:
+  """The (sum r', sum d_out) matrix whose block (i, j) is ``lefts[i].T`` where kernel j is low-rank i, else 0."""
+  ranks = [left.shape[1] for left in lefts]
+  total, offset, it = sum(ranks), 0, iter(lefts)
+  blocks = []
+  for width, is_low in layout:
+    if not is_low:
+      blocks.append(jnp.zeros((total, width), lefts[0].dtype))
+      continue
+    left = next(it)
+    blocks.append(jnp.pad(left.T, ((offset, total - offset - left.shape[1]), (0, 0))))
+    offset += left.shape[1]
+  return jnp.concatenate(blocks, axis=1)
 
 
-def _low_rank_group_fwd(x, lefts, rights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_rank_group(layout, x: Array, lefts: tuple[Array, ...], rights: tuple[Array, ...]) -> Array:
+  """``(x @ [right_1; ...].T) @ L``: each adapter's ``(x @ right_i.T) @ left_i.T`` in its kernel's columns."""
+  return _low_rank_group_fwd(layout, x, lefts, rights)[0]
+
+
+def _low_rank_group_fwd(layout, x, lefts, rights):
+  block = _block_left(layout, lefts)
   u = x @ jnp.concatenate(rights, axis=0).T
-  parts = jnp.split(u, np.cumsum([r.shape[0] for r in rights])[:-1], axis=-1)
-  return tuple(p @ left.T for p, left in zip(parts, lefts)), (x, lefts, rights, parts)
+  return u @ block, (x, rights, u, block)
 
 
-def _low_rank_group_bwd(res, gs):
+def _low_rank_group_bwd(layout, res, g):
   # Written out rather than left to autodiff for one reason: autodiff takes
-  # the left factor's gradient as g.T @ u, whose (d_out, N) operand XLA CPU
+  # the left factors' gradient as g.T @ u, whose (d_out, N) operand XLA CPU
   # materialises transposed (and fuses the activation's backward into that
   # strided copy); u.T @ g contracts g over its leading axis as stored, and
-  # only the rank-sized results are transposed. On MiniLM that copy was most
-  # of what the adapters cost beyond the frozen model (docs/BENCHMARKS.md).
-  x, lefts, rights, parts = res
-  dus = [g @ left for g, left in zip(gs, lefts)]
-  d_lefts = tuple((p.T @ g).T for p, g in zip(parts, gs))
-  du = jnp.concatenate(dus, axis=-1)
+  # only the rank-sized result is transposed. On MiniLM that copy was most of
+  # what the adapters cost beyond the frozen model (docs/BENCHMARKS.md).
+  x, rights, u, block = res
+  du = g @ block.T
+  d_block = u.T @ g
+  d_lefts, row, col = [], 0, 0
+  for width, is_low in layout:
+    if is_low:
+      rank = rights[len(d_lefts)].shape[0]
+      d_lefts.append(d_block[row:row + rank, col:col + width].T)
+      row += rank
+    col += width
   d_right = du.T @ x
   d_rights = tuple(jnp.split(d_right, np.cumsum([r.shape[0] for r in rights])[:-1], axis=0))
-  return du @ jnp.concatenate(rights, axis=0), d_lefts, d_rights
+  return du @ jnp.concatenate(rights, axis=0), tuple(d_lefts), d_rights
 
 
 _low_rank_group.defvjp(_low_rank_group_fwd, _low_rank_group_bwd)

@@ -44,6 +44,36 @@ def gram_deviation(x: Array, *, rank_axis: int, squared: bool = True) -> Array:
   return sq if squared else jnp.sqrt(sq)
 
 
+def gram_deviations(
+    factors: Sequence[tuple[Array, int]], *, squared: bool = True, reduction: str = "sum"
+) -> Array:
+  """`gram_deviation` of each ``(x, rank_axis)`` pair, summed or averaged (`reduce_terms`).
+
+  Factors of one shape and rank axis are stacked into one batched Gram
+  product, so a model with dozens of adapters traces a few ops per shape
+  rather than a few per factor (less to compile, fewer tiny kernels a step).
+  Equal to ``reduce_terms([gram_deviation(x, rank_axis=k, squared=squared)
+  for x, k in factors], reduction)`` up to the order of the float sums.
+  """
+  check_reduction(reduction)
+  if not factors:
+    return jnp.zeros((), jnp.float32)
+  groups: dict[tuple, list[Array]] = {}
+  for x, rank_axis in factors:
+    if rank_axis not in (0, 1) or jnp.ndim(x) != 2:
+      raise ValueError(f"gram_deviations: factors are 2-D with rank_axis 0 or 1, got shape {jnp.shape(x)} "
+                       f"and rank_axis {rank_axis!r}")
+    groups.setdefault((jnp.shape(x), jnp.result_type(x), rank_axis), []).append(x)
+  total = jnp.zeros((), jnp.float32)
+  for (_, dtype, rank_axis), xs in groups.items():
+    stack = jnp.stack(xs).astype(jnp.promote_types(dtype, jnp.float32))
+    gram = jnp.einsum("nrd,nsd->nrs" if rank_axis == 0 else "ndr,nds->nrs", stack, stack)
+    dev = gram - jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    sq = jnp.sum(dev * dev, axis=(1, 2))
+    total = total + jnp.sum(sq if squared else jnp.sqrt(sq))
+  return total / len(factors) if reduction == "mean" else total
+
+
 def reduce_terms(terms: Sequence[Array], reduction: str) -> Array:
   """Sums or averages penalty terms; zero when there are none."""
   check_reduction(reduction)
@@ -79,13 +109,12 @@ def ortho_penalty(
     loss = task_loss + 0.1 * ortho_penalty(adapters)
   """
   check_reduction(reduction)
-  terms = []
+  factors = []
   for path, ad in adapters.items():
     if "a" not in ad or "b" not in ad:
       raise ValueError(
           f"ortho_penalty: adapter at {path!r} has factors {sorted(ad)}; it needs "
           f"'a' and 'b' (use the family's own penalty for AdaLoRA or LoRA²)"
       )
-    terms.append(gram_deviation(ad["a"], rank_axis=0, squared=squared))
-    terms.append(gram_deviation(ad["b"], rank_axis=1, squared=squared))
-  return reduce_terms(terms, reduction)
+    factors += [(ad["a"], 0), (ad["b"], 1)]
+  return gram_deviations(factors, squared=squared, reduction=reduction)

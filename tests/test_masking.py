@@ -90,6 +90,12 @@ def test_directions_are_uniform():
   expected = 800 * 2 / 8
   # Binomial std is about 12; a 5-sigma band keeps this deterministic test meaningful.
   assert np.all(np.abs(counts - expected) < 60), counts
+  # And the set as a whole: each of the 6 pairs of 4 directions about 1/6 of the time.
+  draw = jax.jit(jax.vmap(lambda s: rl.direction_mask(0, s, "w", 4, 2)))
+  sets = np.asarray(draw(jnp.arange(1200)))
+  assert np.all(sets.sum(1) == 2)
+  _, per_pair = np.unique(sets, axis=0, return_counts=True)
+  assert len(per_pair) == 6 and np.all(np.abs(per_pair - 200) < 65), per_pair  # std about 13
 
 
 def _adamw_chain(before_and_after, wd=0.1):

@@ -13,6 +13,8 @@ def _adapters(seed=0):
   return {
       "l1/kernel": {"a": rng.normal(size=(3, 7)), "b": rng.normal(size=(5, 3))},
       "l2/kernel": {"a": rng.normal(size=(2, 4)), "b": rng.normal(size=(6, 2))},
+      # l1's shapes again: factors of one shape share a batched Gram product.
+      "l3/kernel": {"a": rng.normal(size=(3, 7)), "b": rng.normal(size=(5, 3))},
   }
 
 

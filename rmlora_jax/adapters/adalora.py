@@ -96,9 +96,8 @@ def adalora_penalty(
   terms = []
   for path, ad in adapters.items():
     _require(ad, ADALORA_FACTORS, path, "adalora_penalty")
-    terms.append(penalty.gram_deviation(ad["p"], rank_axis=1, squared=squared))
-    terms.append(penalty.gram_deviation(ad["q"], rank_axis=0, squared=squared))
-  return penalty.reduce_terms(terms, reduction)
+    terms += [(ad["p"], 1), (ad["q"], 0)]
+  return penalty.gram_deviations(terms, squared=squared, reduction=reduction)
 
 
 def adalora_pruning(

@@ -165,9 +165,8 @@ def lora2_penalty(
       pairs["PQ"] = (ad["U"] @ ad["u"], ad["v"] @ ad["V"])
     for t in terms:
       x, y = pairs[t]
-      out.append(penalty.gram_deviation(x, rank_axis=1, squared=squared))
-      out.append(penalty.gram_deviation(y, rank_axis=0, squared=squared))
-  return penalty.reduce_terms(out, reduction)
+      out += [(x, 1), (y, 0)]
+  return penalty.gram_deviations(out, squared=squared, reduction=reduction)
 
 
 def lora2_pruning(
