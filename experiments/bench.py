@@ -405,12 +405,13 @@ def benchmark(config) -> dict[str, Any]:
     logging.info("compiled and warmed up %s (compile %.1f s)", name, facts[name]["compile_s"])
   times: dict[str, list[float]] = {name: [] for name in runners}
   names = list(runners)
+  order_rng = np.random.default_rng(config.seed)
   for i in range(config.repeats):
-    # Each round starts one runner further on, so every runner takes every
-    # place in the round equally often: at the SmolLM2 shape the step run
-    # right after PEFT's took 1-3 s longer (OMP_WAIT_POLICY=PASSIVE did not
-    # change that), which a fixed order charged to one method.
-    for name in names[i % len(names):] + names[:i % len(names)]:
+    # A fresh seeded order each round, so no runner is always the one after
+    # PEFT's: at the SmolLM2 shape the step run right after PEFT's took 1-3 s
+    # longer (OMP_WAIT_POLICY=PASSIVE did not change that), which a fixed
+    # order charged to one method (docs/BENCHMARKS.md, "PEFT's shadow").
+    for name in order_rng.permutation(names):
       start = time.perf_counter()
       runners[name]()
       times[name].append(time.perf_counter() - start)

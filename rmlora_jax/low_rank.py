@@ -83,7 +83,10 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   backward pass runs two small matmuls where it ran two per adapter. The
   gradients are written out (a custom VJP) so that no (d_out, N) gradient is
   transposed on CPU; that, not the fusion, is what first brought the
-  adapters near the frozen model's speed (docs/BENCHMARKS.md).
+  adapters near the frozen model's speed (docs/BENCHMARKS.md). One
+  consequence of the shared product: an inf in an adapter's branch (a
+  diverged bf16 run) reaches the group's plain kernels' outputs as NaN
+  through their zero blocks.
 
   Args:
     x: (..., d_in) inputs.
@@ -99,6 +102,10 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   widths = [w.shape[-1] for w in frozen]
   y = x @ jnp.concatenate([jnp.asarray(w, dtype) for w in frozen], axis=-1)
   low = [k for k in kernels if isinstance(k, LowRankKernel)]
+  for k in low:
+    if k.left.shape[-1] != k.right.shape[0]:
+      raise ValueError(f"dense_group_apply: a LowRankKernel's left {k.left.shape} and right {k.right.shape} "
+                       f"factors disagree on the rank")
   if low:
     layout = tuple((w, isinstance(k, LowRankKernel)) for w, k in zip(widths, kernels))
     z = _low_rank_group(layout, x.reshape(-1, x.shape[-1]), tuple(k.left.astype(dtype) for k in low),

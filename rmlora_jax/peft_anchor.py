@@ -162,7 +162,9 @@ def train_peft_lora(
   ``workdir/initial_adapter`` and ``workdir/adapter``: with
   ``config.init_adapters`` set to the first, our trainer starts from PEFT's
   initialisation (``tests/experiments/test_sft.py`` compares the two step by
-  step), and the second scores PEFT's result through our evaluation.
+  step for SFT; for GLUE and SQuAD the folder holds PEFT's new head too,
+  untested as a starting point), and the second scores PEFT's result
+  through our evaluation.
 
   Returns the results dict, also written to ``workdir/results.json``.
   """

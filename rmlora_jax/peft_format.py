@@ -175,12 +175,21 @@ def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
   sources = torch_port.state_dict_sources(lambda state: arch.params_from_state_dict(state, cfg, head=head)[0],
                                           shapes)
   linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-  tied = frozenset(dict(model.named_parameters(remove_duplicate=False))) - frozenset(dict(model.named_parameters()))
+  tied = _tied_output_embedding(model)
   linear = {key.removesuffix(".weight"): path for path, (key, _) in sources.items()
             if key.endswith(".weight") and key.removesuffix(".weight") in linear_names}
   return TorchLayout(model_class=type(model).__name__, hf_config=cfg, sources=sources, shapes=shapes,
                      modules=tuple(n for n, _ in model.named_modules() if n), linear=linear,
                      saved_names=_saved_names(model), tied=tied)
+
+
+def _tied_output_embedding(model: Any) -> frozenset[str]:
+  """``{"lm_head.weight"}`` (the output embedding's name) when it is the input embedding again, else empty."""
+  out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+  inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+  if out is None or inp is None or out.weight is not inp.weight:
+    return frozenset()
+  return frozenset(f"{name}.weight" for name, module in model.named_modules() if module is out)
 
 
 def _saved_names(model: Any) -> dict[str, str]:

@@ -267,7 +267,18 @@ def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
   assert [o.shape for o in outs] == [(2, 5, 4), (2, 5, 3), (2, 5, 4)]
   for got, want in zip(outs, expected):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  # Gradients reach every factor, as through separate dense_apply calls.
+  # Gradients reach every factor as plain autodiff through the merged kernels
+  # sends them (no custom VJP on that side).
   loss = lambda ks: sum(jnp.sum(o ** 2) for o in rl.dense_group_apply(jnp.asarray(x), ks))
-  loss_each = lambda ks: sum(jnp.sum(rl.dense_apply(jnp.asarray(x), k) ** 2) for k in ks)
-  chex.assert_trees_all_close(jax.grad(loss)(kernels), jax.grad(loss_each)(kernels), rtol=1e-4, atol=1e-4)
+  merged = lambda k: k.w0 + (k.left @ k.right).T if isinstance(k, rl.LowRankKernel) else k
+  loss_merged = lambda ks: sum(jnp.sum((jnp.asarray(x) @ merged(k)) ** 2) for k in ks)
+  chex.assert_trees_all_close(jax.grad(loss)(kernels), jax.grad(loss_merged)(kernels), rtol=1e-4, atol=1e-3)
+  # In bfloat16 too, and for a group with no plain kernel.
+  bf16 = [jax.tree.map(lambda a: a.astype(jnp.bfloat16), k) for k in (kernels[0], kernels[2])]
+  outs = rl.dense_group_apply(jnp.asarray(x, jnp.bfloat16), bf16)
+  assert all(o.dtype == jnp.bfloat16 for o in outs)
+  for got, want in zip(outs, (expected[0], expected[2])):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=5e-2, atol=0.3)
+  with pytest.raises(ValueError, match="disagree on the rank"):
+    rl.dense_group_apply(jnp.asarray(x), [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]),
+                                                           jnp.asarray(right[1]))])
