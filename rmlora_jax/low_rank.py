@@ -107,25 +107,24 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
       raise ValueError(f"dense_group_apply: a LowRankKernel's left {k.left.shape} and right {k.right.shape} "
                        f"factors disagree on the rank")
   if low:
-    layout = tuple((w, isinstance(k, LowRankKernel)) for w, k in zip(widths, kernels))
+    # (d_out, rank) per kernel, rank 0 for a plain one: static, read by both passes.
+    layout = tuple((w, k.right.shape[0] if isinstance(k, LowRankKernel) else 0) for w, k in zip(widths, kernels))
     z = _low_rank_group(layout, x.reshape(-1, x.shape[-1]), tuple(k.left.astype(dtype) for k in low),
                         tuple(k.right.astype(dtype) for k in low))
     y = y + z.reshape(y.shape)
   return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
 
 
-def _block_left(layout: tuple[tuple[int, bool], ...], lefts: tuple[Array, ...]) -> Array:
+def _block_left(layout: tuple[tuple[int, int], ...], lefts: tuple[Array, ...]) -> Array:
   """The (sum r', sum d_out) matrix whose block (i, j) is ``lefts[i].T`` where kernel j is low-rank i, else 0."""
-  ranks = [left.shape[1] for left in lefts]
-  total, offset, it = sum(ranks), 0, iter(lefts)
+  total, offset, it = sum(rank for _, rank in layout), 0, iter(lefts)
   blocks = []
-  for width, is_low in layout:
-    if not is_low:
+  for width, rank in layout:
+    if not rank:
       blocks.append(jnp.zeros((total, width), lefts[0].dtype))
       continue
-    left = next(it)
-    blocks.append(jnp.pad(left.T, ((offset, total - offset - left.shape[1]), (0, 0))))
-    offset += left.shape[1]
+    blocks.append(jnp.pad(next(it).T, ((offset, total - offset - rank), (0, 0))))
+    offset += rank
   return jnp.concatenate(blocks, axis=1)
 
 
@@ -152,14 +151,13 @@ def _low_rank_group_bwd(layout, res, g):
   du = g @ block.T
   d_block = u.T @ g
   d_lefts, row, col = [], 0, 0
-  for width, is_low in layout:
-    if is_low:
-      rank = rights[len(d_lefts)].shape[0]
+  for width, rank in layout:
+    if rank:
       d_lefts.append(d_block[row:row + rank, col:col + width].T)
       row += rank
     col += width
-  d_right = du.T @ x
-  d_rights = tuple(jnp.split(d_right, np.cumsum([r.shape[0] for r in rights])[:-1], axis=0))
+  ranks = [rank for _, rank in layout if rank]
+  d_rights = tuple(jnp.split(du.T @ x, np.cumsum(ranks)[:-1], axis=0))
   return du @ jnp.concatenate(rights, axis=0), tuple(d_lefts), d_rights
 
 

@@ -47,13 +47,13 @@ def gram_deviation(x: Array, *, rank_axis: int, squared: bool = True) -> Array:
 def gram_deviations(
     factors: Sequence[tuple[Array, int]], *, squared: bool = True, reduction: str = "sum"
 ) -> Array:
-  """`gram_deviation` of each ``(x, rank_axis)`` pair, summed or averaged (`reduce_terms`).
+  """`gram_deviation` of each ``(x, rank_axis)`` pair, summed (or averaged over the pairs).
 
-  Factors of one shape and rank axis are stacked into one batched Gram
-  product, so a model with dozens of adapters traces a few ops per shape
-  rather than a few per factor (less to compile, fewer tiny kernels a step).
-  Equal to ``reduce_terms([gram_deviation(x, rank_axis=k, squared=squared)
-  for x, k in factors], reduction)`` up to the order of the float sums.
+  Factors of one shape and rank axis are stacked and go through one vmapped
+  `gram_deviation`, so a model with dozens of adapters traces a few ops per
+  shape rather than a few per factor (less to compile, fewer tiny kernels a
+  step). Equal to the sum (mean) of the per-factor values up to the order
+  of the float sums; zero when there are no factors.
   """
   check_reduction(reduction)
   if not factors:
@@ -65,22 +65,10 @@ def gram_deviations(
                        f"and rank_axis {rank_axis!r}")
     groups.setdefault((jnp.shape(x), jnp.result_type(x), rank_axis), []).append(x)
   total = jnp.zeros((), jnp.float32)
-  for (_, dtype, rank_axis), xs in groups.items():
-    stack = jnp.stack(xs).astype(jnp.promote_types(dtype, jnp.float32))
-    gram = jnp.einsum("nrd,nsd->nrs" if rank_axis == 0 else "ndr,nds->nrs", stack, stack)
-    dev = gram - jnp.eye(gram.shape[-1], dtype=gram.dtype)
-    sq = jnp.sum(dev * dev, axis=(1, 2))
-    total = total + jnp.sum(sq if squared else jnp.sqrt(sq))
+  for (_, _, rank_axis), xs in groups.items():
+    each = jax.vmap(lambda x, k=rank_axis: gram_deviation(x, rank_axis=k, squared=squared))(jnp.stack(xs))
+    total = total + jnp.sum(each)
   return total / len(factors) if reduction == "mean" else total
-
-
-def reduce_terms(terms: Sequence[Array], reduction: str) -> Array:
-  """Sums or averages penalty terms; zero when there are none."""
-  check_reduction(reduction)
-  if not terms:
-    return jnp.zeros((), jnp.float32)
-  total = sum(terms[1:], terms[0])
-  return total / len(terms) if reduction == "mean" else total
 
 
 def ortho_penalty(
