@@ -71,7 +71,8 @@ def dense_apply(x: Array, kernel: Array | LowRankKernel, dtype: Any = None) -> A
   return dense_group_apply(x, [kernel], dtype)[0]
 
 
-def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype: Any = None) -> list[Array]:
+def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype: Any = None, *,
+                      shards: int = 1) -> list[Array]:
   """``[x @ k for k in kernels]`` for projections that read the same input (Q, K, V).
 
   Equal to `dense_apply` on each kernel, computed in fewer, wider matmuls:
@@ -88,10 +89,21 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   diverged bf16 run) reaches the group's plain kernels' outputs as NaN
   through their zero blocks.
 
+  With tensor parallelism each kernel's d_out is split over ``shards``
+  devices (the Megatron column-parallel layout). Concatenating such kernels
+  end to end would move them between devices every step (XLA reshards the
+  concatenation with all-to-alls, and the output's split with more), so with
+  ``shards > 1`` the group's columns are laid out shard-major instead:
+  ``[k_1 shard 0 | k_2 shard 0 | ... | k_1 shard 1 | ...]``, which every
+  device assembles from the columns it holds. The result is the same.
+
   Args:
     x: (..., d_in) inputs.
     kernels: (d_in, d_out_i) arrays or `LowRankKernel`s.
     dtype: the computation dtype; None: ``x``'s.
+    shards: how many devices split each kernel's d_out (the mesh's tensor
+      parallel axis, `rmlora_jax.partitioning.column_shards`); a group with a
+      width it does not divide is laid out end to end.
 
   Returns:
     One (..., d_out_i) array per kernel, in ``dtype``.
@@ -100,36 +112,67 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   x = jnp.asarray(x, dtype)
   frozen = [k.w0 if isinstance(k, LowRankKernel) else k for k in kernels]
   widths = [w.shape[-1] for w in frozen]
-  y = x @ jnp.concatenate([jnp.asarray(w, dtype) for w in frozen], axis=-1)
-  low = [k for k in kernels if isinstance(k, LowRankKernel)]
-  for k in low:
-    if k.left.shape[-1] != k.right.shape[0]:
+  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+    raise ValueError(f"dense_group_apply: shards must be a positive integer, got {shards!r}")
+  if len(kernels) == 1 or any(w % shards for w in widths):
+    shards = 1
+  y = x @ _concat_columns([jnp.asarray(w, dtype) for w in frozen], shards)
+  for k in kernels:
+    if isinstance(k, LowRankKernel) and k.left.shape[-1] != k.right.shape[0]:
       raise ValueError(f"dense_group_apply: a LowRankKernel's left {k.left.shape} and right {k.right.shape} "
                        f"factors disagree on the rank")
+  # (d_out, rank) per kernel, rank 0 for a plain one (or a rank-0 update, which
+  # adds nothing): static, read by both passes.
+  ranks = [k.right.shape[0] if isinstance(k, LowRankKernel) else 0 for k in kernels]
+  low = [k for k, rank in zip(kernels, ranks) if rank]
   if low:
-    # (d_out, rank) per kernel, rank 0 for a plain one: static, read by both passes.
-    layout = tuple((w, k.right.shape[0] if isinstance(k, LowRankKernel) else 0) for w, k in zip(widths, kernels))
+    layout = (shards, tuple(zip(widths, ranks)))
     z = _low_rank_group(layout, x.reshape(-1, x.shape[-1]), tuple(k.left.astype(dtype) for k in low),
                         tuple(k.right.astype(dtype) for k in low))
     y = y + z.reshape(y.shape)
-  return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
+  return _split_columns(y, widths, shards)
 
 
-def _block_left(layout: tuple[tuple[int, int], ...], lefts: tuple[Array, ...]) -> Array:
-  """The (sum r', sum d_out) matrix whose block (i, j) is ``lefts[i].T`` where kernel j is low-rank i, else 0."""
-  total, offset, it = sum(rank for _, rank in layout), 0, iter(lefts)
+def _concat_columns(arrays: Sequence[Array], shards: int) -> Array:
+  """``arrays`` (..., w_i) side by side, shard-major: each of ``shards`` column blocks holds its part of every one."""
+  if shards == 1:
+    return jnp.concatenate(arrays, axis=-1)
+  parts = [a.reshape(*a.shape[:-1], shards, a.shape[-1] // shards) for a in arrays]
+  joined = jnp.concatenate(parts, axis=-1)
+  return joined.reshape(*joined.shape[:-2], -1)
+
+
+def _split_columns(y: Array, widths: Sequence[int], shards: int) -> list[Array]:
+  """The inverse of `_concat_columns`: (..., sum w_i) back into (..., w_i) arrays."""
+  if shards == 1:
+    return jnp.split(y, np.cumsum(widths)[:-1], axis=-1)
+  parts = jnp.split(y.reshape(*y.shape[:-1], shards, -1), np.cumsum([w // shards for w in widths])[:-1], axis=-1)
+  return [p.reshape(*y.shape[:-1], w) for p, w in zip(parts, widths)]
+
+
+# (shards, ((d_out, rank) per kernel of the group)): `_low_rank_group`'s static argument.
+Layout = tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _block_left(layout: Layout, lefts: tuple[Array, ...]) -> Array:
+  """The (sum r', sum d_out) matrix whose block (i, j) is ``lefts[i].T`` where kernel j is low-rank i, else 0.
+
+  Its columns are laid out as the group's frozen kernels are (`_concat_columns`).
+  """
+  shards, kernels = layout
+  total, offset, it = sum(rank for _, rank in kernels), 0, iter(lefts)
   blocks = []
-  for width, rank in layout:
+  for width, rank in kernels:
     if not rank:
       blocks.append(jnp.zeros((total, width), lefts[0].dtype))
       continue
     blocks.append(jnp.pad(next(it).T, ((offset, total - offset - rank), (0, 0))))
     offset += rank
-  return jnp.concatenate(blocks, axis=1)
+  return _concat_columns(blocks, shards)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_rank_group(layout, x: Array, lefts: tuple[Array, ...], rights: tuple[Array, ...]) -> Array:
+def _low_rank_group(layout: Layout, x: Array, lefts: tuple[Array, ...], rights: tuple[Array, ...]) -> Array:
   """``(x @ [right_1; ...].T) @ L``: each adapter's ``(x @ right_i.T) @ left_i.T`` in its kernel's columns."""
   return _low_rank_group_fwd(layout, x, lefts, rights)[0]
 
@@ -149,14 +192,14 @@ def _low_rank_group_bwd(layout, res, g):
   # what the adapters cost beyond the frozen model (docs/BENCHMARKS.md).
   x, rights, u, block = res
   du = g @ block.T
-  d_block = u.T @ g
-  d_lefts, row, col = [], 0, 0
-  for width, rank in layout:
+  shards, kernels = layout
+  d_blocks = _split_columns(u.T @ g, [width for width, _ in kernels], shards)
+  d_lefts, row = [], 0
+  for d_block, (_, rank) in zip(d_blocks, kernels):
     if rank:
-      d_lefts.append(d_block[row:row + rank, col:col + width].T)
+      d_lefts.append(d_block[row:row + rank].T)
       row += rank
-    col += width
-  ranks = [rank for _, rank in layout if rank]
+  ranks = [rank for _, rank in kernels if rank]
   d_rights = tuple(jnp.split(du.T @ x, np.cumsum(ranks)[:-1], axis=0))
   return du @ jnp.concatenate(rights, axis=0), tuple(d_lefts), d_rights
 

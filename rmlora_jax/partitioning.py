@@ -32,8 +32,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -199,6 +200,29 @@ def make_mesh(axes: Mapping[str, int] | None = None, *, devices: Sequence[jax.De
   shape = tuple(sizes.values())
   auto = (jax.sharding.AxisType.Auto,) * len(shape)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices[:size])
+
+
+def column_shards() -> int:
+  """How many devices split a column-parallel kernel's d_out in the step being traced.
+
+  The size of the ``"model"`` axis of the abstract mesh that
+  `rmlora_jax.training`'s steps trace under (``jax.sharding.use_abstract_mesh``);
+  1 outside one. The models read it to lay grouped projections out so that no
+  kernel moves between devices (`rmlora_jax.low_rank.dense_group_apply`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get("model", 1)
+
+
+def under_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn`` traced under ``mesh``'s abstract mesh, so the models see its shape (`column_shards`)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -118,8 +118,8 @@ def make_train_step(
   rep, data = replicated(mesh), data_sharded(mesh)
   state_sh = rep if state_sharding is None else state_sharding
   frozen_sh = rep if frozen_sharding is None else frozen_sharding
-  return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, data), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,))
+  return jax.jit(partitioning.under_mesh(mesh, step_fn), in_shardings=(state_sh, frozen_sh, data),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
 def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
@@ -139,8 +139,9 @@ def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
     return task.predict(out, batch)
 
   rep, data = replicated(mesh), data_sharded(mesh)
-  return jax.jit(eval_fn, in_shardings=(rep if trainable_sharding is None else trainable_sharding,
-                                          rep if frozen_sharding is None else frozen_sharding, data),
+  trainable_sh = rep if trainable_sharding is None else trainable_sharding
+  frozen_sh = rep if frozen_sharding is None else frozen_sharding
+  return jax.jit(partitioning.under_mesh(mesh, eval_fn), in_shardings=(trainable_sh, frozen_sh, data),
                  out_shardings=rep)
 
 

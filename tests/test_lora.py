@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import rmlora_jax as rl
+from rmlora_jax import low_rank
 
 
 def _params():
@@ -282,3 +283,57 @@ def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
   with pytest.raises(ValueError, match="disagree on the rank"):
     rl.dense_group_apply(jnp.asarray(x), [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]),
                                                            jnp.asarray(right[1]))])
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_dense_group_apply_shard_major_layout_gives_the_same_outputs_and_gradients(shards):
+  # shards=2 divides every width and lays the group out shard-major; 3 does
+  # not divide 4 and falls back to the end-to-end layout. Both must be exact.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 6)).astype(np.float32)
+  w = [rng.normal(size=(6, d)).astype(np.float32) for d in (4, 2, 6)]
+  left = [rng.normal(size=(d, r)).astype(np.float32) for d, r in ((4, 2), (6, 3))]
+  right = [rng.normal(size=(r, 6)).astype(np.float32) for r in (2, 3)]
+  kernels = [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]), jnp.asarray(right[0])),
+             jnp.asarray(w[1]),
+             rl.LowRankKernel(jnp.asarray(w[2]), jnp.asarray(left[1]), jnp.asarray(right[1]))]
+  expected = [x @ (w[0] + (left[0] @ right[0]).T), x @ w[1], x @ (w[2] + (left[1] @ right[1]).T)]
+  outs = rl.dense_group_apply(jnp.asarray(x), kernels, shards=shards)
+  for got, want in zip(outs, expected, strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  weights = [rng.normal(size=e.shape).astype(np.float32) for e in expected]
+  loss = lambda ks: sum(jnp.sum(o * c)
+                       for o, c in zip(rl.dense_group_apply(jnp.asarray(x), ks, shards=shards), weights))
+  # d/d left_i of sum(c * x (w + (left right).T)) = c.T x right.T; d/d right_i = left.T c.T x.
+  grads = jax.grad(loss)(kernels)
+  for k, (i, c) in zip((0, 2), ((0, weights[0]), (1, weights[2]))):
+    np.testing.assert_allclose(np.asarray(grads[k].left), c.T @ x @ right[i].T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads[k].right), left[i].T @ c.T @ x, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]), x.T @ weights[1], rtol=1e-4, atol=1e-4)
+
+
+def test_shard_major_columns_interleave_each_kernels_shards():
+  # [a | b] over 2 shards: shard 0 holds a's and b's first halves, in that order.
+  a, b = np.arange(8).reshape(2, 4), 100 + np.arange(4).reshape(2, 2)
+  joined = low_rank._concat_columns([jnp.asarray(a), jnp.asarray(b)], 2)
+  np.testing.assert_array_equal(np.asarray(joined), np.concatenate([a[:, :2], b[:, :1], a[:, 2:], b[:, 1:]], axis=1))
+  back = low_rank._split_columns(joined, [4, 2], 2)
+  np.testing.assert_array_equal(np.asarray(back[0]), a)
+  np.testing.assert_array_equal(np.asarray(back[1]), b)
+
+
+def test_dense_group_apply_treats_a_rank_zero_update_as_no_update():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 4)).astype(np.float32)
+  w = [rng.normal(size=(4, 2)).astype(np.float32) for _ in range(2)]
+  left, right = rng.normal(size=(2, 2)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
+  kernels = [rl.LowRankKernel(jnp.asarray(w[0]), jnp.zeros((2, 0)), jnp.zeros((0, 4))),
+             rl.LowRankKernel(jnp.asarray(w[1]), jnp.asarray(left), jnp.asarray(right))]
+  outs = rl.dense_group_apply(jnp.asarray(x), kernels)
+  np.testing.assert_allclose(np.asarray(outs[0]), x @ w[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(outs[1]), x @ (w[1] + (left @ right).T), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_group_apply_rejects_a_bad_shard_count():
+  with pytest.raises(ValueError, match=r"shards must be a positive integer, got 0"):
+    rl.dense_group_apply(jnp.ones((2, 4)), [jnp.ones((4, 2)), jnp.ones((4, 2))], shards=0)

@@ -299,3 +299,16 @@ def test_optimizer_state_is_placed_split_on_8_devices(name, placed_on_8_devices)
     spec = spec + [None] * (len(shape) - len(spec))
     assert shard == [n // 2 ** (0 if e is None else 1 if isinstance(e, str) else len(e)) for n, e in zip(shape, spec)], path
   assert any(shard != shape for _, shard, shape in leaves.values())
+
+
+def test_column_shards_is_the_model_axis_of_the_mesh_being_traced_under():
+  assert partitioning.column_shards() == 1
+  mesh = jax.sharding.AbstractMesh((1, 2, 4), partitioning.MESH_AXES)
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert partitioning.column_shards() == 4
+  # The train and eval steps trace under their mesh: a model sees its shape.
+  seen = []
+  traced = partitioning.under_mesh(partitioning.make_mesh({"data": 1, "fsdp": 1, "model": 1}),
+                                   lambda x: seen.append(jax.sharding.get_abstract_mesh().axis_names) or x)
+  jax.jit(traced)(1.0)
+  assert seen == [partitioning.MESH_AXES]

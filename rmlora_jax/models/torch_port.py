@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmlora_jax import low_rank
+from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
 
 # transformers' ACT2FN names -> JAX functions. "gelu" is the exact (erf) GELU;
@@ -412,11 +413,14 @@ def dense_group(inputs: jax.Array, layers: Iterable[DenseParams], dtype: Any = N
   """Applies several `DenseParams` layers to the same ``inputs``, as `Dense` would each.
 
   ``dtype``: the computation dtype; None promotes inputs and parameters, as `Dense` does.
+  Under a mesh with a tensor-parallel axis (`partitioning.column_shards`) the
+  group's columns are laid out so that each device keeps its own.
   """
   params = [layer(jnp.shape(inputs)[-1]) for layer in layers]
   biases = [b for _, b in params if b is not None]
   dtype = dtype or jnp.result_type(inputs, *(k.dtype for k, _ in params), *biases)
-  outs = low_rank.dense_group_apply(inputs, [k for k, _ in params], dtype)
+  outs = low_rank.dense_group_apply(inputs, [k for k, _ in params], dtype,
+                                   shards=partitioning.column_shards())
   return [y if b is None else y + jnp.asarray(b, dtype) for y, (_, b) in zip(outs, params)]
 
 

@@ -6,10 +6,12 @@
 For LoRA and RM-LoRA on the tiny BERT in MODEL_DIR and each mesh of `MESHES`
 it builds the sharded state, runs `STEPS` jitted train steps and one eval
 step on fixed batches, checks that every array is sharded as the partition
-rules say, and saves the losses, predictions and final trainable trees.
+rules say, and saves the losses, predictions and final trainable trees, and
+how many collectives the compiled step spends on grouped projections.
 """
 
 import os
+import re
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -77,9 +79,10 @@ def run(model_dir, method_name, shape):
   evaluate = training.make_eval_step(module, method, task, mesh=mesh,
                                      trainable_sharding=state_sh.trainable, frozen_sharding=frozen_sh)
   data = batches(hf_config.vocab_size)
+  compiled = step.lower(state, frozen, partitioning.put_batch(data[0], mesh)).compile()
   losses = []
   for b in data[:STEPS]:
-    state, m = step(state, frozen, partitioning.put_batch(b, mesh))
+    state, m = compiled(state, frozen, partitioning.put_batch(b, mesh))
     losses.append(float(m["loss"]))
   # The eval step does not depend on the method: check it once, to save compiles.
   preds = (np.asarray(evaluate(state.trainable, frozen, partitioning.put_batch(data[-1], mesh)))
@@ -101,7 +104,20 @@ def run(model_dir, method_name, shape):
   assert adapter["b"].addressable_shards[0].data.shape == (32 // model, 4)
   mu = [x for p, x in paths_lib.flatten_with_paths(state.opt_state).items() if p.endswith(f"mu/adapters/{QUERY}/b")]
   assert mu and mu[0].sharding.is_equivalent_to(adapter["b"].sharding, 2)
-  return losses, preds, partitioning.gather(state.trainable)
+  return losses, preds, partitioning.gather(state.trainable), group_collectives(compiled.as_text())
+
+
+def group_collectives(hlo):
+  """Collectives XLA put on BERT's grouped Q/K/V projections (one matmul for the three).
+
+  Column-parallel kernels concatenated end to end move between devices each
+  step; laid out shard-major (`low_rank.dense_group_apply`) they need none.
+  Counts the ops XLA attributes to the group's concatenations, splits,
+  slices and the reshapes of the shard-major layout.
+  """
+  pattern = re.compile(r"(all-to-all|collective-permute|all-gather)(-start)?\(.*op_name=\"[^\"]*attention/"
+                       r"(concatenate|split|slice|reshape|transpose)")
+  return sum(1 for line in hlo.splitlines() if pattern.search(line))
 
 
 def main(model_dir, out):
@@ -109,9 +125,10 @@ def main(model_dir, out):
   results = {}
   for method_name in METHODS:
     for shape in MESHES:
-      losses, preds, trainable = run(model_dir, method_name, shape)
+      losses, preds, trainable, moved = run(model_dir, method_name, shape)
       key = f"{method_name}/{'x'.join(map(str, shape))}"
       results[f"{key}/losses"] = np.asarray(losses)
+      results[f"{key}/group_collectives"] = np.asarray(moved)
       results[f"{key}/preds"] = preds
       for path, leaf in paths_lib.flatten_with_paths(trainable).items():
         results[f"{key}/trainable/{path}"] = np.asarray(leaf)
