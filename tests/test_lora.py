@@ -254,16 +254,23 @@ def test_attach_rejects_a_misfit_adapter():
     rl.attach(params, ads, rl.LoraSpec(rank=2, alpha=1.0, targets=("w",)))
 
 
-def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 5, 6)).astype(np.float32)
-  w = [rng.normal(size=(6, d)).astype(np.float32) for d in (4, 3, 4)]
-  left = [rng.normal(size=(d, r)).astype(np.float32) for d, r in ((4, 2), (4, 3))]
-  right = [rng.normal(size=(r, 6)).astype(np.float32) for r in (2, 3)]
+def _low_plain_low_group(seed, x_shape, widths, ranks):
+  """Random inputs and a group [low-rank, plain, low-rank], with each output computed in NumPy."""
+  rng = np.random.default_rng(seed)
+  d_in = x_shape[-1]
+  x = rng.normal(size=x_shape).astype(np.float32)
+  w = [rng.normal(size=(d_in, d)).astype(np.float32) for d in widths]
+  left = [rng.normal(size=(d, r)).astype(np.float32) for d, r in zip(widths[::2], ranks)]
+  right = [rng.normal(size=(r, d_in)).astype(np.float32) for r in ranks]
   kernels = [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]), jnp.asarray(right[0])),
              jnp.asarray(w[1]),
              rl.LowRankKernel(jnp.asarray(w[2]), jnp.asarray(left[1]), jnp.asarray(right[1]))]
   expected = [x @ (w[0] + (left[0] @ right[0]).T), x @ w[1], x @ (w[2] + (left[1] @ right[1]).T)]
+  return rng, x, w, left, right, kernels, expected
+
+
+def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
+  _, x, w, left, right, kernels, expected = _low_plain_low_group(0, (2, 5, 6), (4, 3, 4), (2, 3))
   outs = rl.dense_group_apply(jnp.asarray(x), kernels)
   assert [o.shape for o in outs] == [(2, 5, 4), (2, 5, 3), (2, 5, 4)]
   for got, want in zip(outs, expected):
@@ -289,15 +296,7 @@ def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
 def test_dense_group_apply_shard_major_layout_gives_the_same_outputs_and_gradients(shards):
   # shards=2 divides every width and lays the group out shard-major; 3 does
   # not divide 4 and falls back to the end-to-end layout. Both must be exact.
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(3, 6)).astype(np.float32)
-  w = [rng.normal(size=(6, d)).astype(np.float32) for d in (4, 2, 6)]
-  left = [rng.normal(size=(d, r)).astype(np.float32) for d, r in ((4, 2), (6, 3))]
-  right = [rng.normal(size=(r, 6)).astype(np.float32) for r in (2, 3)]
-  kernels = [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]), jnp.asarray(right[0])),
-             jnp.asarray(w[1]),
-             rl.LowRankKernel(jnp.asarray(w[2]), jnp.asarray(left[1]), jnp.asarray(right[1]))]
-  expected = [x @ (w[0] + (left[0] @ right[0]).T), x @ w[1], x @ (w[2] + (left[1] @ right[1]).T)]
+  rng, x, _, left, right, kernels, expected = _low_plain_low_group(1, (3, 6), (4, 2, 6), (2, 3))
   outs = rl.dense_group_apply(jnp.asarray(x), kernels, shards=shards)
   for got, want in zip(outs, expected, strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
