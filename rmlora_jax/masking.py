@@ -111,6 +111,27 @@ def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: i
   return masks
 
 
+def _written_out(count: Array, draw) -> Any:
+  """``draw()``, on CPU as the outputs of a conditional, so that XLA stores them before use.
+
+  Each adapter's mask is one row of a draw shared by all adapters. Left to
+  itself, XLA:CPU fuses that row's slice into every update that reads it,
+  so each adapter's update becomes a kernel of its own (they differ only in
+  the row), and compiling some 150 distinct kernels was most of what the
+  masks added to a step's compile time: about 3 s of RM-LoRA's at MiniLM's
+  72 adapter leaves (docs/BENCHMARKS.md). Outputs of a conditional are
+  buffers, so the updates of same-shaped factors compile to one kernel again.
+  An optimisation barrier does not do this on CPU (XLA:CPU drops barriers
+  before fusing). Elsewhere the draw is used directly: a conditional on a
+  GPU reads its predicate back to the host every step.
+  """
+  def on_cpu(count):
+    # ``count >= 0`` always holds; XLA cannot know it, so the conditional stays.
+    return jax.lax.cond(count >= 0, draw, lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(draw)))
+
+  return jax.lax.platform_dependent(count, cpu=on_cpu, default=lambda _: draw())
+
+
 def _check(pairs: dict[str, int], num_directions: int) -> None:
   if not pairs:
     raise ValueError(
@@ -170,7 +191,7 @@ def random_direction_mask(
     del params
     pairs = adapter_pairs(updates)
     _check(pairs, num_directions)
-    masks = _all_masks(seed, state.count, pairs, num_directions, period)
+    masks = _written_out(state.count, lambda: _all_masks(seed, state.count, pairs, num_directions, period))
 
     def apply(key_path, u):
       parent, _, name = paths_lib.path_str(key_path).rpartition("/")
