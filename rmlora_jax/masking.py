@@ -23,6 +23,7 @@ How masking composes with an adaptive optimizer matters:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -111,25 +112,25 @@ def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: i
   return masks
 
 
-def _written_out(count: Array, draw) -> Any:
-  """``draw()``, on CPU as the outputs of a conditional, so that XLA stores them before use.
+def _unfused_on_cpu(count: Array, draw: Callable[[Array], Any]) -> Any:
+  """``draw(count)``; on CPU computed in a conditional, so that XLA stores it before use.
 
-  Each adapter's mask is one row of a draw shared by all adapters. Left to
-  itself, XLA:CPU fuses that row's slice into every update that reads it,
-  so each adapter's update becomes a kernel of its own (they differ only in
-  the row), and compiling some 150 distinct kernels was most of what the
-  masks added to a step's compile time: about 3 s of RM-LoRA's at MiniLM's
-  72 adapter leaves (docs/BENCHMARKS.md). Outputs of a conditional are
-  buffers, so the updates of same-shaped factors compile to one kernel again.
-  An optimisation barrier does not do this on CPU (XLA:CPU drops barriers
-  before fusing). Elsewhere the draw is used directly: a conditional on a
-  GPU reads its predicate back to the host every step.
+  Every adapter's mask is a row of one shared draw. XLA:CPU would fuse each
+  row's slice into the update that reads it, making every adapter's update
+  a kernel of its own, and compiling those was most of what the masks added
+  to a step's compile time (docs/BENCHMARKS.md, issue 13's fifth pass).
+  A conditional's outputs are buffers, so same-shaped factors share one
+  kernel. (An optimisation barrier would not do: XLA:CPU drops barriers
+  before fusing. A ``count`` known at compile time folds the conditional
+  away.) Other platforms draw directly: a conditional on a GPU reads its
+  predicate back to the host.
   """
   def on_cpu(count):
-    # ``count >= 0`` always holds; XLA cannot know it, so the conditional stays.
-    return jax.lax.cond(count >= 0, draw, lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(draw)))
+    # Always true (counts start at 0 and `optax.safe_increment` saturates),
+    # but only at run time, so XLA keeps the conditional.
+    return jax.lax.cond(count >= 0, draw, lambda c: jax.tree.map(jnp.zeros_like, jax.eval_shape(draw, c)), count)
 
-  return jax.lax.platform_dependent(count, cpu=on_cpu, default=lambda _: draw())
+  return jax.lax.platform_dependent(count, cpu=on_cpu, default=draw)
 
 
 def _check(pairs: dict[str, int], num_directions: int) -> None:
@@ -191,7 +192,7 @@ def random_direction_mask(
     del params
     pairs = adapter_pairs(updates)
     _check(pairs, num_directions)
-    masks = _written_out(state.count, lambda: _all_masks(seed, state.count, pairs, num_directions, period))
+    masks = _unfused_on_cpu(state.count, lambda count: _all_masks(seed, count, pairs, num_directions, period))
 
     def apply(key_path, u):
       parent, _, name = paths_lib.path_str(key_path).rpartition("/")
