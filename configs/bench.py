@@ -89,9 +89,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.methods = METHODS
   # How adapters reach the model (MethodSettings.adapter_apply): "low_rank" or "merge".
   c.adapter_apply = "low_rank"
-  c.num_directions = 4  # RM-LoRA's r_hat
-  c.rm = glue.rm  # penalty weight and form, mask mode (the GLUE defaults)
-  c.adalora = glue.adalora  # AdaLoRA's ranks and schedule (the GLUE defaults)
+  # The families' settings, as the GLUE experiment reads them (its defaults):
+  # rm (R-, GM-, RM-LoRA: r_hat, penalty, mask mode), adalora, sora, lora2.
+  c.rm = glue.rm
+  c.adalora = glue.adalora
+  c.sora = glue.sora
+  c.lora2 = glue.lora2
   c.peft = True  # time PEFT's LoRA step too, when torch and peft are installed
   c.warmup = 3  # untimed steps of each runner after compiling
   c.repeats = 5  # timed steps of each runner, alternating between runners

@@ -4,8 +4,9 @@ In one process, on random weights of one BERT shape (the same weights in
 every runner: ours are converted from the PyTorch model), it times
 
 * ``make_train_step`` of `rmlora_jax.training` for each method of
-  ``config.methods`` (full fine-tuning, LoRA, RM-LoRA, AdaLoRA), built by
-  `rmlora_jax.methods.make_method` exactly as the GLUE experiment builds them;
+  ``config.methods`` (any of `rmlora_jax.methods.METHODS`; by default full
+  fine-tuning, LoRA, RM-LoRA, AdaLoRA), with the settings the GLUE experiment
+  builds from its config (`rmlora_jax.experiment.method_settings`);
 * the *floor*: the same step with only the classifier and the embeddings'
   LayerNorm bias trained, so the backward pass computes the input gradient of
   every layer and no weight gradient of any matrix;
@@ -146,29 +147,29 @@ def _decoder_batch(config, rng) -> dict[str, Any]:
 
 
 def _settings(config, entry: str):
-  """MethodSettings for ``entry``: a method name, or ``name@merge`` / ``name@low_rank``."""
-  from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
-  from rmlora_jax.adapters import adalora as adalora_lib  # pylint: disable=g-import-not-at-top
-  from rmlora_jax.adapters import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  """MethodSettings for ``entry`` (a method name, or ``name@merge`` / ``name@low_rank``).
+
+  Built by the GLUE experiment's own `rmlora_jax.experiment.method_settings`
+  from its default config, with this config's rank, alpha, targets, seed and
+  family sections (``config.rm``, ``config.adalora``, ``config.sora``,
+  ``config.lora2``), so every method is timed as ``experiments.glue`` runs it.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
-  init_rank, target_rank = adalora_lib.budget_ranks(config.rank, config.adalora.init_rank,
-                                                    config.adalora.target_rank)
-  rank = init_rank if name == "adalora" else config.rank
-  spec = None if name == "full_ft" else lora_lib.LoraSpec(
-      rank=rank, alpha=config.alpha, targets=_targets(config))
-  ada = {k: v for k, v in config.adalora.to_dict().items() if k != "init_rank"}
-  options = {
-      "adalora": lambda: methods_lib.AdaLoraOptions(**{**ada, "target_rank": target_rank}),
-      "full_ft": lambda: None,
-  }.get(name, lambda: methods_lib.RmOptions(
-      num_directions=config.num_directions, ortho_weight=config.rm.ortho_weight,
-      ortho_squared=config.rm.ortho_squared, ortho_reduction=config.rm.ortho_reduction,
-      mask_mode=config.rm.mask_mode))()
-  return methods_lib.MethodSettings(
-      # A decoder trains no head: its LM head is the (frozen) embedding table.
-      name=name, spec=spec, train_patterns=() if _decoder(config) else HEAD, seed=config.seed, total_steps=1000, options=options,
-      adapter_apply="merge" if spec is None else (apply or config.adapter_apply))
+  glue = base.get_config()
+  glue.method, glue.seed = name, config.seed
+  glue.lora.rank, glue.lora.alpha = config.rank, config.alpha
+  for section in ("rm", "adalora", "sora", "lora2"):
+    glue[section] = config[section].copy_and_resolve_references()
+  # A decoder trains no head: its LM head is the (frozen) embedding table.
+  settings = experiment.method_settings(glue, default_targets=_targets(config),
+                                        head_patterns=() if _decoder(config) else HEAD)
+  return dataclasses.replace(settings, total_steps=1000, adapter_apply="merge" if settings.spec is None else (
+      apply or config.adapter_apply))
 
 
 def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0,
