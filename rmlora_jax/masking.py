@@ -125,6 +125,9 @@ def _unfused_on_cpu(count: Array, draw: Callable[[Array], Any]) -> Any:
   away.) Other platforms draw directly: a conditional on a GPU reads its
   predicate back to the host.
   """
+  if not isinstance(count, jax.core.Tracer):
+    return draw(count)  # Called eagerly: nothing is fused, and a conditional would compile on every call.
+
   def on_cpu(count):
     # Always true (counts start at 0 and `optax.safe_increment` saturates),
     # but only at run time, so XLA keeps the conditional.
