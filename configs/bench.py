@@ -5,7 +5,7 @@ The argument after the colon picks the shape (default ``minilm``)::
   python -m experiments.bench --config=configs/bench.py
   python -m experiments.bench --config=configs/bench.py:bert-base
   python -m experiments.bench --config=configs/bench.py:minilm \
-      --config.targets=all --config.repeats=9 --config.output=runs/bench_minilm.json
+      --config.targets=qv --config.repeats=9 --config.output=runs/bench_minilm.json
   python -m experiments.bench --config=configs/bench.py:smollm2 \
       --config.methods='("lora","rm_lora")' --config.warmup=1 --config.repeats=3
 
@@ -19,6 +19,7 @@ timed on the SFT task's response-only next-token loss: ``smollm2``
 from ml_collections import config_dict
 
 from configs import base
+from rmlora_jax.models import bert
 
 # hidden, layers, heads, intermediate, vocab
 SHAPES = {
@@ -29,10 +30,7 @@ SHAPES = {
 # Flax kernel paths adapted by each `targets` choice (BERT parameter paths).
 TARGETS = {
     "qv": (r"encoder/layer_\d+/attention/(query|value)/kernel",),
-    "all": (
-        r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
-        r"encoder/layer_\d+/(intermediate|output)/kernel",
-    ),
+    "all": bert.DEFAULT_LORA_TARGETS,  # what the GLUE experiment adapts by default
 }
 # What PEFT's target_modules names for the same choice (transformers' BertModel).
 PEFT_TARGETS = {
@@ -81,9 +79,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.seq_len = 128
   c.rank = 8
   c.alpha = 16.0
-  # "qv" (query and value, as PEFT's default) or "all" (all six matrices of a
-  # BERT layer; all seven of a decoder layer)
-  c.targets = "qv"
+  # "all" (all six matrices of a BERT layer, all seven of a decoder layer: what
+  # the GLUE and SFT experiments adapt by default) or "qv" (query and value,
+  # PEFT's default)
+  c.targets = "all"
   # rmlora_jax methods timed, besides the floor and PEFT; "name@merge" or
   # "name@low_rank" overrides adapter_apply for that runner.
   c.methods = METHODS
@@ -112,8 +111,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if shape in ("tiny", "tiny-llama"):
     c.batch_size, c.seq_len, c.warmup, c.repeats = 4, 16, 1, 2
   if shape == "smollm2":
-    # The SFT experiment's defaults (configs/sft.py): batch 8, 320 tokens, every matrix adapted.
-    c.batch_size, c.seq_len, c.targets = 8, 320, "all"
-  if shape == "tiny-llama":
-    c.targets = "all"
+    # The SFT experiment's defaults (configs/sft.py): batch 8, 320 tokens.
+    c.batch_size, c.seq_len = 8, 320
   return c

@@ -16,6 +16,7 @@ def test_bench_runs_end_to_end(tmp_path):
   config = bench_config.get_config("tiny")
   # SoRA and LoRA² as well: every method is built from the GLUE config's sections.
   config.methods = ("lora", "sora", "lora2")
+  config.warmup, config.repeats = 0, 1  # compiling is most of the test's time; no timing is asserted
   config.output = str(tmp_path / "bench.json")
   bench.report(bench.benchmark(config), config.output)
   results = json.loads((tmp_path / "bench.json").read_text())
@@ -25,11 +26,15 @@ def test_bench_runs_end_to_end(tmp_path):
     assert row["median_s"] > 0 and len(row["times_s"]) == config.repeats
   assert rows["lora"]["trainable_params"] == rows["peft_lora"]["trainable_params"]
   # SoRA starts at config.sora.init_rank (16 by default), not at the LoRA rank.
-  h = config.model.hidden_size
-  qv = [(h, h), (h, h)] * config.model.num_layers
+  # The default targets are the GLUE experiment's: all six matrices of a layer.
+  assert config.targets == "all"
+  h, i = config.model.hidden_size, config.model.intermediate_size
+  six = [(h, h)] * 4 + [(h, i), (i, h)]  # query key value attention-output intermediate output
+  adapted = six * config.model.num_layers
   head = h * 2 + 2  # the classifier, trained beside the adapters by every method
-  assert rows["lora"]["trainable_params"] == _lora_params(config.rank, qv) + head
-  assert rows["sora"]["trainable_params"] == _lora_params(config.sora.init_rank, qv) + config.sora.init_rank * len(qv) + head
+  assert rows["lora"]["trainable_params"] == _lora_params(config.rank, adapted) + head
+  assert rows["sora"]["trainable_params"] == (_lora_params(config.sora.init_rank, adapted)
+                                              + config.sora.init_rank * len(adapted) + head)
   assert rows["floor"]["vs_floor"] == 1.0
   assert "| lora |" in bench.markdown(results)
 
