@@ -4,11 +4,13 @@ Adapters are plain pytrees; training behaviour is optax transforms; every
 function here is pure and jittable. See README.md for a tour.
 """
 
-from rmlora_jax.analysis import count_params, delta_report, effective_rank, ortho_loss, singular_values
+from rmlora_jax.analysis import (count_params, delta_report, effective_rank, factored_singular_values, ortho_loss,
+                                 singular_values)
 from rmlora_jax.adapters.lora import (
     LoraSpec,
     adapter_product,
     attach,
+    delta_factors,
     delta_weights,
     init_lora,
     merge,
@@ -44,12 +46,14 @@ __all__ = [
     "attach",
     "budget_schedule",
     "count_params",
+    "delta_factors",
     "delta_report",
     "delta_weights",
     "dense_apply",
     "dense_group_apply",
     "direction_mask",
     "effective_rank",
+    "factored_singular_values",
     "gram_deviation",
     "init_adalora",
     "init_lora",

@@ -313,7 +313,8 @@ def _add_scalars(writer, prefix: str, scalars: Mapping[str, float], step: int) -
 
 def _results(task, method, settings, trainable, history, train_time, steps) -> dict[str, Any]:
   adapters = method.adapters(trainable)
-  deltas = lora_lib.delta_weights(adapters, method.settings.spec) if adapters else {}
+  # Factors, not dense dW: each spectrum from rank-sized QRs (analysis.factored_singular_values).
+  deltas = lora_lib.delta_factors(adapters, method.settings.spec) if adapters else {}
   counts = accounting.param_counts(trainable)
   evals = history["eval"]
   ranks = {k: int(v) for k, v in method.ranks(trainable).items()}
@@ -377,7 +378,7 @@ def _plots(workdir: pathlib.Path, history, method, trainable, task_name: str) ->
     return
   spec = method.settings.spec
   rank = spec.r if isinstance(spec, lora2_lib.Lora2Spec) else spec.rank
-  deltas = lora_lib.delta_weights(adapters, spec)
+  deltas = lora_lib.delta_factors(adapters, spec)
   kinds = sorted({re.sub(r"layer_\d+/", "", p) for p in deltas})
   cols = min(3, len(kinds))
   rows = -(-len(kinds) // cols)
@@ -385,7 +386,7 @@ def _plots(workdir: pathlib.Path, history, method, trainable, task_name: str) ->
   for ax, kind in zip(axes.flat, kinds):
     for path, dw in deltas.items():
       if re.sub(r"layer_\d+/", "", path) == kind:
-        s = analysis.singular_values(dw)
+        s = analysis.delta_singular_values(dw)
         layer = re.search(r"layer_(\d+)", path)
         ax.semilogy(np.arange(1, len(s) + 1)[: 4 * rank], np.maximum(s[: 4 * rank], 1e-12),
                     marker=".", label=f"layer {layer.group(1)}" if layer else path)

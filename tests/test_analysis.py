@@ -78,3 +78,57 @@ def test_delta_report_summarises_numpy_measures():
   assert s["num_adapted"] == 2 and s["min_effective_rank"] == 3
   assert s["mean_effective_rank"] == pytest.approx(3.5)
   assert rl.delta_report({}) == {"summary": {}, "per_matrix": {}}
+
+
+@pytest.mark.parametrize("d_out, r, d_in", [(12, 3, 20), (20, 3, 12), (4, 6, 9), (9, 6, 4)])
+def test_factored_singular_values_are_those_of_the_product(d_out, r, d_in):
+  rng = np.random.default_rng(3)
+  left, right = rng.normal(size=(d_out, r)), rng.normal(size=(r, d_in))
+  expected = np.linalg.svd(left @ right, compute_uv=False)  # min(d_out, d_in) values
+  got = rl.factored_singular_values(left, right)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+  d = left @ right
+  measures = rl.delta_report({"x": (left, right)})["per_matrix"]["x"]
+  assert measures["ortho_loss"] == pytest.approx(np.linalg.norm(d @ d.T - np.eye(d_out)) ** 2, rel=1e-10)
+  assert measures["effective_rank"] == np.linalg.matrix_rank(d) == min(d_out, r, d_in)
+  # A rank-deficient left factor (a pruned or gated-off direction) and B = 0 at init.
+  left[:, 0] = 0.0
+  np.testing.assert_allclose(rl.factored_singular_values(left, right),
+                             np.linalg.svd(left @ right, compute_uv=False), rtol=1e-10, atol=1e-10)
+  np.testing.assert_array_equal(rl.factored_singular_values(np.zeros((d_out, r)), right), 0.0)
+  with pytest.raises(ValueError, match=r"left \(12, 3\) and right \(2, 5\) do not multiply"):
+    rl.factored_singular_values(np.zeros((12, 3)), np.zeros((2, 5)))
+
+
+# One adapter of each registered family (factor names as in rmlora_jax.adapters.*),
+# random non-zero factors of a (d_out, d_in) = (10, 14) update.
+def _family_adapters(rng):
+  n = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {
+      "lora/kernel": {"a": n(4, 14), "b": n(10, 4)},
+      "adalora/kernel": {"p": n(10, 4), "lam": jnp.asarray([1.5, 0.0, -0.7, 0.2], jnp.float32), "q": n(4, 14)},
+      "sora/kernel": {"a": n(4, 14), "b": n(10, 4), "g": jnp.asarray([0.0, 1.0, 0.3, 0.0], jnp.float32)},
+      "lora2/kernel": {"U": n(10, 2), "u": n(2, 3), "lam": n(3), "v": n(3, 2), "V": n(2, 14)},
+      "zero/kernel": {"a": n(4, 14), "b": jnp.zeros((10, 4), jnp.float32)},  # LoRA at its start
+  }
+
+
+def test_delta_report_from_factors_equals_the_numpy_measures_of_the_dense_update():
+  adapters = _family_adapters(np.random.default_rng(4))
+  spec = rl.LoraSpec(rank=4, alpha=8.0, targets=("kernel",))
+  factors = rl.delta_factors(adapters, spec)
+  dense = rl.delta_weights(adapters, spec)
+  report = rl.delta_report(factors)
+  for path, (left, right) in factors.items():
+    np.testing.assert_allclose(np.asarray(left) @ np.asarray(right), dense[path], rtol=1e-5, atol=1e-6)
+    # Independent reference: the definitions on the dense dW, in NumPy float64.
+    d = np.asarray(dense[path], np.float64)
+    sv = np.linalg.svd(d, compute_uv=False)
+    rank = int(np.sum(sv > 1e-3 * sv[0])) if sv[0] > 0 else 0
+    assert report["per_matrix"][path]["effective_rank"] == rank, path
+    expected = np.linalg.norm(d @ d.T - np.eye(10)) ** 2
+    assert report["per_matrix"][path]["ortho_loss"] == pytest.approx(expected, rel=1e-5), path
+  assert report["per_matrix"]["sora/kernel"]["effective_rank"] == 2  # two gates closed
+  assert report["per_matrix"]["adalora/kernel"]["effective_rank"] == 3  # one singular value pruned
+  assert report["per_matrix"]["zero/kernel"] == {"effective_rank": 0, "ortho_loss": 10.0}

@@ -224,6 +224,24 @@ def delta_weights(adapters: Adapters, spec: LoraSpec) -> dict[str, Array]:
   }
 
 
+def delta_factors(adapters: Adapters, spec: LoraSpec) -> dict[str, Array | tuple[Array, Array]]:
+  """Each update as ``(left, right)`` with ``dW = left @ right`` (the scale in ``left``).
+
+  What `rmlora_jax.delta_report` measures without forming dW; the same
+  updates as `delta_weights`. A family registered without factors gives
+  its dense dW instead.
+  """
+  out = {}
+  for path, ad in adapters.items():
+    factors = _FACTORS.get(frozenset(ad))
+    if factors is None:
+      out[path] = spec.scale * adapter_product(ad, path=path)
+    else:
+      left, right = factors(ad)
+      out[path] = (spec.scale * left, right)
+  return out
+
+
 def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
   """Raises ValueError unless an update (d_out, d_in) fits the kernel at ``path``."""
   if path not in flat:

@@ -247,10 +247,11 @@ def adapter_history(workdir: pathlib.Path, spec: Any, rtol: float) -> list[dict[
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
       adapters = jax.tree.map(np.asarray, state["trainable"]["adapters"])
       entry = {"step": int(step)}
-      for path, dw in lora_lib.delta_weights(adapters, spec).items():
-        s = analysis.singular_values(dw)
-        entry[path] = {"effective_rank": analysis.effective_rank(dw, rtol=rtol),
-                       "ortho_loss": analysis.ortho_loss(dw), "singular_values": [float(v) for v in s]}
+      factors = lora_lib.delta_factors(adapters, spec)
+      measures = analysis.delta_report(factors, rtol=rtol)["per_matrix"]
+      for path, dw in factors.items():
+        s = analysis.delta_singular_values(dw)
+        entry[path] = {**measures[path], "singular_values": [float(v) for v in s]}
       out.append(entry)
   finally:
     manager.close()
@@ -348,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
     if history:
       results["adapter_spectra"] = {p: m["singular_values"] for p, m in history[-1].items() if p != "step"}
       trainable, _ = experiment.trained_state(workdir)
-      results["adapters"] = analysis.delta_report(lora_lib.delta_weights(trainable["adapters"], built.settings.spec),
+      results["adapters"] = analysis.delta_report(lora_lib.delta_factors(trainable["adapters"], built.settings.spec),
                                                   rtol=config.analysis.rank_rtol)
   elif features:  # full_ft of the classifier alone: dW = W - W0, of full rank
     trainable, _ = experiment.trained_state(workdir)
