@@ -261,6 +261,24 @@ def extrapolate(low: dict[str, Any], high: dict[str, Any], num_layers: int) -> d
   return {k: low[k] + (num_layers - l1) * (high[k] - low[k]) / (l2 - l1) for k in LINEAR_FIELDS}
 
 
+# Memory fields that XLA:CPU's schedule decides, and so may not grow with depth.
+SCHEDULED_FIELDS = ("temp", "total")
+
+
+def memory_fell(low: dict[str, Any], high: dict[str, Any]) -> str | None:
+  """Why the line through two depths says nothing about full-depth memory, or None.
+
+  Every layer adds weights, adapters and activations, so a deeper compile
+  needing fewer temporary bytes means XLA:CPU scheduled the two depths
+  differently; the line through them can then fall below zero.
+  """
+  fell = [k for k in SCHEDULED_FIELDS if high[k] < low[k]]
+  if not fell:
+    return None
+  return "; ".join(f"{k} fell from {low[k] / GIB:.2f} GiB at {low['layers']} layers to "
+                   f"{high[k] / GIB:.2f} GiB at {high['layers']}" for k in fell)
+
+
 def model_flops(arch, tokens: int, seq_len: int, remat: bool) -> float:
   """Matmul FLOPs of one step from the architecture (no weight gradient of a frozen kernel).
 
@@ -315,7 +333,8 @@ def _chip_columns(config, row: dict[str, Any]) -> dict[str, Any]:
   for chip, c in config.chips.items():
     peak = c.peak_tflops * 1e12
     out[chip] = {
-        "fits": row["total"] <= config.hbm_fraction * c.hbm_gib * GIB,
+        # None: unknown (`memory_fell`).
+        "fits": None if row["total"] is None else row["total"] <= config.hbm_fraction * c.hbm_gib * GIB,
         "step_s_peak": row["flops"] / peak,
         "step_s_mfu": row["flops"] / (config.mfu * peak),
         "tokens_per_s_per_chip_mfu": row["tokens"] / (row["flops"] / (config.mfu * peak)) / row["devices"],
@@ -360,15 +379,7 @@ def plan(config, on_row=None) -> dict[str, Any]:
                              "compile_s": {"full": row["compile_s"], "low": low["compile_s"],
                                            "high": high["compile_s"]}})
           else:
-            low, high = (compile_case(config, model, sizes, t, d) for d in depths)
-            row = dict(high, **extrapolate(low, high, full.num_layers), layers=full.num_layers,
-                       source=f"extrapolated from {depths[0]} and {depths[1]} layers",
-                       lower_s=low["lower_s"] + high["lower_s"], compile_s=low["compile_s"] + high["compile_s"],
-                       compiled_depths={d: {k: x[k] for k in (*LINEAR_FIELDS, "compile_s")}
-                                        for d, x in zip(depths, (low, high))})
-            # Everything the shardings fix is exact at full depth, not extrapolated.
-            _, _, info = abstract_step(config, full, partitioning_mesh(sizes), t)
-            row.update(info)
+            row = _extrapolated_row(config, model, sizes, t, full)
           row.update(model=model, devices=n, mesh=sizes, seq_len=t,
                      model_flops_per_device=model_flops(full, row["tokens"], t, config.remat) / n)
           row["chips"] = _chip_columns(config, row)
@@ -376,6 +387,30 @@ def plan(config, on_row=None) -> dict[str, Any]:
           if on_row is not None:
             on_row(_results(config, rows, checks))
   return _results(config, rows, checks)
+
+
+def _extrapolated_row(config, model: str, sizes: dict[str, int], seq_len: int, full) -> dict[str, Any]:
+  """One case from compiles at ``config.compile_layers`` (or at full depth when memory falls with depth)."""
+  depths = tuple(config.compile_layers)
+  low, high = (compile_case(config, model, sizes, seq_len, d) for d in depths)
+  why = memory_fell(low, high)
+  if why and config.full_depth_when_memory_falls:
+    logging.warning("%s %s seq %d: %s; compiling at full depth", model, sizes, seq_len, why)
+    return dict(compile_case(config, model, sizes, seq_len, full.num_layers), source="compiled",
+                extrapolation_refused=why)
+  row = dict(high, **extrapolate(low, high, full.num_layers), layers=full.num_layers,
+             source=f"extrapolated from {depths[0]} and {depths[1]} layers",
+             lower_s=low["lower_s"] + high["lower_s"], compile_s=low["compile_s"] + high["compile_s"],
+             compiled_depths={d: {k: x[k] for k in (*LINEAR_FIELDS, "compile_s")} for d, x in zip(depths, (low, high))})
+  if why:
+    # No estimate rather than a wrong one (the line went negative for some
+    # 4096-token FSDP-only cases): fits is unknown.
+    logging.warning("%s %s seq %d: no memory estimate: %s", model, sizes, seq_len, why)
+    row.update({k: None for k in SCHEDULED_FIELDS}, memory_unknown=why)
+  # Everything the shardings fix is exact at full depth, not extrapolated.
+  _, _, info = abstract_step(config, full, partitioning_mesh(sizes), seq_len)
+  row.update(info)
+  return row
 
 
 def partitioning_mesh(sizes: dict[str, int]):
@@ -403,7 +438,10 @@ def recommend(config, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for chip in config.chips:
       fitting = sorted((r for r in group if r["chips"][chip]["fits"]), key=lambda r: r["mesh"]["model"])
       best = fitting[0] if fitting else None
-      out.append({"model": model, "seq_len": t, "devices": n, "chip": chip,
+      # Meshes with a smaller model axis whose memory is unknown might fit too.
+      unknown = sorted(r["mesh"]["model"] for r in group if r["chips"][chip]["fits"] is None
+                       and (best is None or r["mesh"]["model"] < best["mesh"]["model"]))
+      out.append({"model": model, "seq_len": t, "devices": n, "chip": chip, "unknown_model_axes": unknown,
                   "mesh": None if best is None else best["mesh"],
                   "global_batch": None if best is None else best["global_batch"],
                   "total_gib": None if best is None else best["total"] / GIB,
@@ -443,25 +481,42 @@ def markdown(results: dict[str, Any]) -> str:
            f"{c['sequences_per_shard']} sequence(s) per data×fsdp shard). \"fits\": total ≤ "
            f"{c['hbm_fraction']:.0%} of {budgets}.",
            "", head, "|" + "---|" * (head.count("|") - 1)]
+  gib = lambda v: "?" if v is None else f"{v / GIB:.2f}"
   for r in results["rows"]:
     src = "compiled" if r["source"] == "compiled" else "extrapolated"
+    if r.get("memory_unknown"):
+      src += " (memory unknown†)"
+    if r.get("extrapolation_refused"):
+      src += " at full depth‡"
     line = (f"| {r['model']} | {r['seq_len']} | {r['devices']} | {_mesh_str(r['mesh'])} | {r['global_batch']} | "
-            f"{src} | {r['argument'] / GIB:.2f} | {r['output'] / GIB:.2f} | {r['temp'] / GIB:.2f} | "
-            f"{r['generated_code'] / 2**20:.1f} | {r['total'] / GIB:.2f} | {r['flops'] / 1e12:.1f} | "
+            f"{src} | {gib(r['argument'])} | {gib(r['output'])} | {gib(r['temp'])} | "
+            f"{r['generated_code'] / 2**20:.1f} | {gib(r['total'])} | {r['flops'] / 1e12:.1f} | "
             f"{r['model_flops_per_device'] / 1e12:.1f} |")
     for ch in chips:
       col = r["chips"][ch]
-      line += f" {'yes' if col['fits'] else 'no'} | {col['step_s_peak']:.2f} | {col['step_s_mfu']:.2f} |"
+      fits = "?" if col["fits"] is None else ("yes" if col["fits"] else "no")
+      line += f" {fits} | {col['step_s_peak']:.2f} | {col['step_s_mfu']:.2f} |"
     lines.append(line)
+  if any(r.get("memory_unknown") for r in results["rows"]):
+    lines += ["", "† The deeper of the two compiles needed less memory than the shallower one (XLA:CPU "
+              "scheduled them differently), so the line through them says nothing about full depth; "
+              "such rows have no memory estimate and are not recommended."]
+  if any(r.get("extrapolation_refused") for r in results["rows"]):
+    lines += ["", "‡ The deeper of the two compiles needed less memory than the shallower one, so the case "
+              "was compiled at full depth instead of extrapolated (`config.full_depth_when_memory_falls`)."]
   lines += ["", f"Recommended mesh (the smallest model axis that fits), step time at {c['mfu']:.0%} MFU:", "",
             "| model | seq | devices | chip | mesh d×f×m | batch | total GiB | step s @peak | step s @MFU "
             "| tokens/s/chip @MFU | source |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results["recommended"]:
+    unknown = ", ".join(f"model={m}" for m in r.get("unknown_model_axes", ()))
     if r["mesh"] is None:
-      lines.append(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['chip']} | none fits | | | | | | |")
+      none = f"none fits ({unknown}: unknown)" if unknown else "none fits"
+      lines.append(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['chip']} | {none} | | | | | | |")
       continue
     src = "compiled" if r["source"] == "compiled" else "extrapolated"
+    if unknown:
+      src += f"; {unknown} unknown"
     lines.append(f"| {r['model']} | {r['seq_len']} | {r['devices']} | {r['chip']} | {_mesh_str(r['mesh'])} | "
                  f"{r['global_batch']} | {r['total_gib']:.2f} | {r['step_s_peak']:.2f} | {r['step_s_mfu']:.2f} | "
                  f"{r['tokens_per_s_per_chip_mfu']:.0f} | {src} |")

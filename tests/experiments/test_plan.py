@@ -82,3 +82,67 @@ def test_plan_compiles_the_tiny_grid_and_counts_argument_memory(tmp_path):
   assert "| tiny | 32 | 8 | 1×8×1 | 8 | compiled |" in table
   assert "| tiny | 32 | 8 | 1×4×2 | 4 | compiled |" in table
   assert table in proc.stdout
+
+
+def _compiled(layers, temp, argument=1.0):
+  """A stand-in for one compile's numbers (GiB), as `plan.compile_case` reports them in bytes."""
+  g = plan.GIB
+  row = {"layers": layers, "argument": argument * layers * g, "output": 0.0, "alias": 0.0, "temp": temp * g,
+         "generated_code": 0.0, "flops": 1e12 * layers, "bytes_accessed": 1e9 * layers, "lower_s": 1.0,
+         "compile_s": 1.0}
+  row["total"] = row["argument"] + row["temp"]
+  return row
+
+
+def test_memory_that_falls_with_depth_gives_no_estimate_and_no_recommendation():
+  # What the pod grid hit on 2026-12-03: temp at 4 layers below temp at 2, so
+  # the line to 32 layers went negative and the mesh "fitted" every chip.
+  low, high = _compiled(2, temp=10.0), _compiled(4, temp=6.0)
+  line = plan.extrapolate(low, high, 32)
+  assert line["temp"] < 0  # the line itself: 10 + 30 * (6 - 10) / 2 GiB
+  assert plan.memory_fell(low, high) == ("temp fell from 10.00 GiB at 2 layers to 6.00 GiB at 4; "
+                                         "total fell from 12.00 GiB at 2 layers to 10.00 GiB at 4")
+  assert plan.memory_fell(low, _compiled(4, temp=10.5)) is None
+  config = plan_config.get_config()
+  common = dict(global_batch=64, tokens=64 * 2048, devices=64, source="extrapolated", model="m", seq_len=2048,
+                model_flops_per_device=1e12)
+  fsdp_only = {**high, **line, **common, "temp": None, "total": None, "memory_unknown": "fell",
+               "mesh": {"data": 1, "fsdp": 64, "model": 1}}
+  tensor = {**high, **plan.extrapolate(_compiled(2, 1.0), _compiled(4, 1.5), 32), **common,
+            "mesh": {"data": 1, "fsdp": 16, "model": 4}}
+  for row in (fsdp_only, tensor):
+    row["chips"] = plan._chip_columns(config, row)
+  assert all(c["fits"] is None for c in fsdp_only["chips"].values())
+  assert tensor["total"] / plan.GIB == 32 + 1.0 + 30 * 0.25  # arguments 1 GiB a layer, temp 1 + 0.25 a layer
+  assert tensor["chips"]["v5e"]["fits"] is False and tensor["chips"]["v5p"]["fits"] is True
+  recommended = {r["chip"]: r for r in plan.recommend(config, [fsdp_only, tensor])}
+  assert recommended["v5e"]["mesh"] is None and recommended["v5e"]["unknown_model_axes"] == [1]
+  assert recommended["v5p"]["mesh"]["model"] == 4 and recommended["v5p"]["unknown_model_axes"] == [1]
+  results = {"config": config.to_dict(), "rows": [fsdp_only, tensor], "recommended": list(recommended.values()),
+             "extrapolation_checks": []}
+  table = plan.markdown(results)
+  assert "| m | 2048 | 64 | 1×64×1 | 64 | extrapolated (memory unknown†) | 32.00 | 0.00 | ? |" in table
+  assert "| m | 2048 | 64 | v5e | none fits (model=1: unknown) |" in table
+  assert "| m | 2048 | 64 | v5p | 1×16×4 |" in table and "extrapolated; model=1 unknown |" in table
+
+
+def test_a_case_whose_memory_falls_with_depth_is_compiled_at_full_depth(monkeypatch):
+  compiled = []
+
+  def fake_compile(config, model, sizes, seq_len, num_layers):
+    compiled.append(num_layers)
+    return _compiled(num_layers, temp={2: 10.0, 4: 6.0}.get(num_layers, 20.0))
+
+  monkeypatch.setattr(plan, "compile_case", fake_compile)
+  monkeypatch.setattr(plan, "abstract_step", lambda *a: (None, None, {"tokens": 1}))
+  monkeypatch.setattr(plan, "partitioning_mesh", lambda sizes: None)
+  config = plan_config.get_config()
+  full = plan.arch_of(config, "llama2-7b")
+  row = plan._extrapolated_row(config, "llama2-7b", {"data": 1, "fsdp": 64, "model": 1}, 4096, full)
+  assert compiled == [2, 4, 32]
+  assert row["source"] == "compiled" and row["temp"] == 20.0 * plan.GIB
+  assert row["extrapolation_refused"].startswith("temp fell from 10.00 GiB")
+  compiled.clear()
+  config.full_depth_when_memory_falls = False
+  row = plan._extrapolated_row(config, "llama2-7b", {"data": 1, "fsdp": 64, "model": 1}, 4096, full)
+  assert compiled == [2, 4] and row["temp"] is None and row["total"] is None and row["memory_unknown"]
