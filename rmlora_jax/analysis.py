@@ -86,18 +86,22 @@ def ortho_loss(delta: Any) -> float:
   return float(np.sum(dev * dev))
 
 
-def _measures(delta: Any, rtol: float) -> dict[str, Any]:
+def _measures(delta: Any, rtol: float, spectra: bool) -> dict[str, Any]:
   """Effective rank and ortho loss of a dW, or of ``(left, right)`` with dW = left @ right."""
+  s = delta_singular_values(delta)
   if isinstance(delta, tuple):
-    left, s = delta[0], factored_singular_values(*delta)
     # ortho_loss through the spectrum: the d_out eigenvalues of dW dW^T are
     # the squared singular values and d_out - min(d_out, d_in) zeros.
-    loss = float(np.sum((s * s - 1.0) ** 2) + (np.shape(left)[0] - s.size))
-    return {"effective_rank": _rank_of_spectrum(s, rtol, "delta_report"), "ortho_loss": loss}
-  return {"effective_rank": effective_rank(delta, rtol=rtol), "ortho_loss": ortho_loss(delta)}
+    loss = float(np.sum((s * s - 1.0) ** 2) + (np.shape(delta[0])[0] - s.size))
+  else:
+    loss = ortho_loss(delta)
+  out = {"effective_rank": _rank_of_spectrum(s, rtol, "delta_report"), "ortho_loss": loss}
+  if spectra:
+    out["singular_values"] = [float(v) for v in s]
+  return out
 
 
-def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3) -> dict[str, Any]:
+def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3, spectra: bool = False) -> dict[str, Any]:
   """The paper's Table 4 measures for each update dW and their summary.
 
   Args:
@@ -107,13 +111,16 @@ def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3) -> dict[str, Any
       which at a decoder's sizes is thousands of times cheaper than an SVD
       of each dW).
     rtol: passed to `effective_rank`.
+    spectra: also give each update's ``"singular_values"`` (the list the
+      rank is counted from, computed once).
 
   Returns:
-    ``{"per_matrix": {path: {"effective_rank", "ortho_loss"}}, "summary":
+    ``{"per_matrix": {path: {"effective_rank", "ortho_loss"[,
+    "singular_values"]}}, "summary":
     {"mean_effective_rank", "min_effective_rank", "mean_ortho_loss",
     "num_adapted"}}``; the summary is empty when there are no updates.
   """
-  per_matrix = {p: _measures(d, rtol) for p, d in deltas.items()}
+  per_matrix = {p: _measures(d, rtol, spectra) for p, d in deltas.items()}
   if not per_matrix:
     return {"summary": {}, "per_matrix": {}}
   ranks = np.array([v["effective_rank"] for v in per_matrix.values()])

@@ -129,6 +129,14 @@ def test_delta_report_from_factors_equals_the_numpy_measures_of_the_dense_update
     assert report["per_matrix"][path]["effective_rank"] == rank, path
     expected = np.linalg.norm(d @ d.T - np.eye(10)) ** 2
     assert report["per_matrix"][path]["ortho_loss"] == pytest.approx(expected, rel=1e-5), path
+  # spectra=True: the singular values, NumPy's of the dense dW, for factors and dense updates alike.
+  for deltas in (factors, dense):
+    with_spectra = rl.delta_report(deltas, spectra=True)["per_matrix"]
+    for path, d in dense.items():
+      np.testing.assert_allclose(with_spectra[path]["singular_values"],
+                                 np.linalg.svd(np.asarray(d, np.float64), compute_uv=False), rtol=1e-5, atol=1e-6)
+      assert {k: v for k, v in with_spectra[path].items() if k != "singular_values"} == \
+          rl.delta_report(deltas)["per_matrix"][path]
   assert report["per_matrix"]["sora/kernel"]["effective_rank"] == 2  # two gates closed
   assert report["per_matrix"]["adalora/kernel"]["effective_rank"] == 3  # one singular value pruned
   assert report["per_matrix"]["zero/kernel"] == {"effective_rank": 0, "ortho_loss": 10.0}

@@ -246,13 +246,8 @@ def adapter_history(workdir: pathlib.Path, spec: Any, rtol: float) -> list[dict[
     for step in manager.all_steps():
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
       adapters = jax.tree.map(np.asarray, state["trainable"]["adapters"])
-      entry = {"step": int(step)}
-      factors = lora_lib.delta_factors(adapters, spec)
-      measures = analysis.delta_report(factors, rtol=rtol)["per_matrix"]
-      for path, dw in factors.items():
-        s = analysis.delta_singular_values(dw)
-        entry[path] = {**measures[path], "singular_values": [float(v) for v in s]}
-      out.append(entry)
+      report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
+      out.append({"step": int(step), **report["per_matrix"]})
   finally:
     manager.close()
   return out
