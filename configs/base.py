@@ -9,12 +9,25 @@ Any field can be overridden from the command line, e.g.::
 The config argument after the colon is a comma-separated list of
 ``key=value``: ``model=minilm`` (the embedded offline all-MiniLM-L6-v2),
 ``model=deberta`` (the paper's model, the default) or ``model=<hub id or
-folder>``, and ``method=<name>``.
+folder>``, ``method=<name>``, and ``preset=authors``: the RM-LoRA authors'
+training loop (`PRESETS`; each of its settings is an ordinary field too).
 """
 
 from ml_collections import config_dict
 
 MODEL_ALIASES = {"minilm": "minilm-l6", "deberta": "microsoft/deberta-v3-base"}
+
+# Named sets of overrides (``:preset=<name>``); results.json records the name.
+PRESETS = {
+    # The RM-LoRA authors' released training loop (RM-LoRA/adalora_trainer.py,
+    # run_glue.sh): gradients clipped, then masked (Adam's momentum still moves
+    # the unselected directions), no mask on the first optimizer step,
+    # independent index sets for A's rows and B's columns (--lora_type v2, their
+    # MRPC script), Hugging Face's defaults of no warm-up and no weight decay.
+    # Their head's zero gradient is a separate opt-in: rm.emulate_frozen_head.
+    "authors": {"rm.mask_mode": "gradient", "rm.mask_start_step": 1, "rm.mask_sets": "independent",
+                "optim.warmup_ratio": 0.0, "optim.weight_decay": 0.0},
+}
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -22,11 +35,13 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   out = {}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
-    if not sep or key not in ("model", "method"):
+    if not sep or key not in ("model", "method", "preset"):
       raise ValueError(
-          f"config argument {item!r}: expected model=<minilm|deberta|hub id|folder> "
-          f"or method=<name> (the methods of rmlora_jax.methods.METHODS)"
+          f"config argument {item!r}: expected model=<minilm|deberta|hub id|folder>, "
+          f"method=<name> (the methods of rmlora_jax.methods.METHODS) or preset=<{'|'.join(PRESETS)}>"
       )
+    if key == "preset" and value not in PRESETS:
+      raise ValueError(f"config argument {item!r}: unknown preset {value!r}; choose one of {tuple(PRESETS)}")
     out[key] = value
   return out
 
@@ -37,6 +52,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.task = "rte"
   c.method = args.get("method", "rm_lora")  # a name of rmlora_jax.methods.METHODS
+  c.preset = ""  # set by ``:preset=<name>`` (PRESETS), recorded in results.json
   c.seed = 0
   # Where checkpoints, metrics, plots and results.json go; empty:
   # runs/<task>_<method>_<model>_s<seed>. The same workdir again resumes the run.
@@ -111,6 +127,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # "gradient": mask gradients only, as the authors' code does.
   c.rm.mask_mode = "update"
   c.rm.mask_period = 1
+  c.rm.mask_start_step = 0  # optimizer steps before masking starts (the authors' code: 1)
+  # "shared": one index set for A's rows and B's columns (the paper; the
+  # authors' --lora_type v1); "independent": two sets (v2).
+  c.rm.mask_sets = "shared"
+  # True: zero the head's gradient once masking starts, as the authors' code
+  # does by accident (the head then moves only by Adam's leftover momentum).
+  c.rm.emulate_frozen_head = False
 
   c.adalora = config_dict.ConfigDict()
   # The papers compare AdaLoRA at LoRA's inference budget: it starts at rank
@@ -165,4 +188,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 2
   c.progress = True  # tqdm progress bar
+  if "preset" in args:
+    c.preset = args["preset"]
+    for dotted, value in PRESETS[args["preset"]].items():
+      section, key = dotted.split(".")
+      c[section][key] = value
   return c

@@ -17,7 +17,9 @@ one panel per task: every seed's score as a dot, the mean as a line with
 ±1 std, methods in the table's order.
 
 Runs of SoRA with the released code's variant (``sora.variant=released``)
-are a row of their own, ``sora_released``.
+are a row of their own, ``sora_released``; so are runs under a preset
+(``rm_lora@authors``) and with the authors' frozen-head emulation
+(``rm_lora@authors+frozen_head``), each listed after its method's plain row.
 """
 
 from __future__ import annotations
@@ -47,14 +49,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def _method_key(method: str) -> tuple[int, str]:
-  return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def _method_key(label: str) -> tuple[int, str]:
+  method = label.split("@")[0].split("+")[0]
+  return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
 def row_label(result: dict) -> str:
-  """The table row of a result: its method, ``sora_released`` for SoRA's released-code variant."""
-  variant = result.get("config", {}).get("sora", {}).get("variant")
-  return "sora_released" if result["method"] == "sora" and variant == "released" else result["method"]
+  """The table row of a result: its method (``sora_released`` for SoRA's released-code variant),
+  then ``@<preset>`` when it ran under one and ``+frozen_head`` with ``rm.emulate_frozen_head``."""
+  config = result.get("config", {})
+  variant = config.get("sora", {}).get("variant")
+  label = "sora_released" if result["method"] == "sora" and variant == "released" else result["method"]
+  preset = result.get("preset") or config.get("preset")
+  if preset:
+    label += f"@{preset}"
+  if config.get("rm", {}).get("emulate_frozen_head") and methods.METHODS.get(result["method"]) is not None \
+      and methods.METHODS[result["method"]].options is methods.RmOptions:
+    label += "+frozen_head"
+  return label
 
 
 def _score(result: dict, source: str, score: str) -> float:

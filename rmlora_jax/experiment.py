@@ -330,7 +330,7 @@ def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
 
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What results.json records of the config besides the trainer's own entries."""
-  return {"model": config.model.name_or_path,
+  return {"model": config.model.name_or_path, "preset": config.get("preset", ""),
           "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
                    "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
           "config": config.to_dict()}
@@ -369,8 +369,8 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
   return peft_anchor.train_peft_lora(
       task, model, settings, workdir, rank=config.lora.rank, alpha=config.lora.alpha,
       weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm, adalora=adalora,
-      extra_results={"model": config.model.name_or_path,
-                     "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}})
+      extra_results={"model": config.model.name_or_path, "preset": config.get("preset", ""),
+                     "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}, "config": config.to_dict()})
 
 
 def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config: Any, head: str,

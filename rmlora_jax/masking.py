@@ -19,6 +19,14 @@ How masking composes with an adaptive optimizer matters:
 * ``optax.chain(mask, optax.adamw(lr))`` (the authors' released code, which
   masks gradients once after clipping): Adam's momentum from earlier steps and
   decoupled weight decay still move directions that are masked this step.
+
+Three further options reproduce the rest of the authors' training step:
+``start_step=1`` (their loop masks only once ``global_step > 0``),
+``independent=True`` (their ``--lora_type v2``: the rows of ``a`` and the
+columns of ``b`` get index sets drawn independently; ``v1`` shares one, the
+default here) and ``zero_others=True`` (their mask is zero for every
+parameter that is not a LoRA factor, so a classifier head trained alongside
+gets no gradient once masking starts).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ def direction_mask(
     period: int = 1,
     *,
     path_hash: Array | int | None = None,
+    factor: str = "a",
+    independent: bool = False,
 ) -> Array:
   """The (rank,) 0/1 float32 mask of directions that ``path`` updates at ``step``.
 
@@ -83,9 +93,17 @@ def direction_mask(
   a function of ``(seed, step // period, path)`` only. Jittable in ``step``;
   ``path_hash`` (``paths.path_hash(path)``, possibly traced) replaces ``path``
   when given, so the draw can be vmapped over adapters.
+
+  ``factor`` ("a": the rows of ``a``; "b": the columns of ``b``) matters only
+  with ``independent=True``, when ``b`` gets a set drawn independently of
+  ``a``'s; otherwise both factors share one set.
   """
+  if factor not in ("a", "b"):
+    raise ValueError(f"direction_mask: factor must be 'a' or 'b', got {factor!r}")
   key = jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32) // period)
   key = jax.random.fold_in(key, paths_lib.path_hash(path) if path_hash is None else path_hash)
+  if independent and factor == "b":
+    key = jax.random.fold_in(key, 1)  # a second stream; a's (and the shared) draw is unchanged
   # The num_directions largest of rank i.i.d. random words: a uniform subset.
   # (jax.random.choice without replacement draws the same law through a
   # shuffle; this is a third of its compile time, which counts at dozens of
@@ -94,8 +112,9 @@ def direction_mask(
   return jnp.any(chosen[:, None] == jnp.arange(rank)[None, :], axis=0).astype(jnp.float32)
 
 
-def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: int) -> dict[str, Array]:
-  """`direction_mask` for every pair, drawn in one vmapped call per distinct rank.
+def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: int,
+               independent: bool = False) -> dict[str, tuple[Array, Array]]:
+  """``{path: (mask of a's rows, mask of b's columns)}`` by `direction_mask`, one vmapped draw per rank.
 
   Equal to calling `direction_mask` per path (random functions are
   vmap-invariant in their keys), but compiles to a handful of ops instead of
@@ -107,8 +126,11 @@ def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: i
   masks = {}
   for rank, paths in by_rank.items():
     hashes = jnp.asarray([paths_lib.path_hash(p) for p in paths], jnp.uint32)
-    draw = lambda h, rank=rank: direction_mask(seed, step, "", rank, num_directions, period, path_hash=h)
-    masks.update(zip(paths, jax.vmap(draw)(hashes)))
+    draw = lambda h, factor, rank=rank: direction_mask(seed, step, "", rank, num_directions, period, path_hash=h,
+                                                       factor=factor, independent=independent)
+    rows = jax.vmap(lambda h: draw(h, "a"))(hashes)
+    cols = jax.vmap(lambda h: draw(h, "b"))(hashes) if independent else rows
+    masks.update(zip(paths, zip(rows, cols)))
   return masks
 
 
@@ -151,7 +173,13 @@ def _check(pairs: dict[str, int], num_directions: int) -> None:
 
 
 def random_direction_mask(
-    num_directions: int, *, seed: int = 0, period: int = 1
+    num_directions: int,
+    *,
+    seed: int = 0,
+    period: int = 1,
+    start_step: int = 0,
+    independent: bool = False,
+    zero_others: bool = False,
 ) -> optax.GradientTransformation:
   """Keeps ``num_directions`` random directions of each adapter, zeroes the rest.
 
@@ -165,6 +193,13 @@ def random_direction_mask(
     num_directions: r_hat, directions updated per step, in 1..rank.
     seed: the masks' seed; equal seeds give equal masks at equal steps.
     period: draw a new set every ``period`` steps (1: every step).
+    start_step: updates before this one pass whole (the RM-LoRA authors' code
+      masks from its second optimizer step on: ``start_step=1``).
+    independent: draw ``b``'s columns independently of ``a``'s rows (the
+      authors' ``--lora_type v2``) instead of one shared set (``v1``).
+    zero_others: from ``start_step`` on, zero every leaf outside the adapter
+      pairs (the authors' code, whose mask is zero for all but the LoRA
+      factors: a head trained alongside then moves only by Adam's momentum).
 
   Returns:
     An `optax.GradientTransformation` whose state counts updates.
@@ -183,6 +218,8 @@ def random_direction_mask(
     raise ValueError(f"random_direction_mask: period must be a positive integer, got {period!r}")
   if not isinstance(seed, int):
     raise ValueError(f"random_direction_mask: seed must be an integer, got {seed!r}")
+  if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f"random_direction_mask: start_step must be a non-negative integer, got {start_step!r}")
 
   def init_fn(params):
     # An empty tree is `optax.tree_map_params`' stand-in when it reads the
@@ -195,13 +232,19 @@ def random_direction_mask(
     del params
     pairs = adapter_pairs(updates)
     _check(pairs, num_directions)
-    masks = _unfused_on_cpu(state.count, lambda count: _all_masks(seed, count, pairs, num_directions, period))
+    masks = _unfused_on_cpu(state.count, lambda count: _all_masks(
+        seed, count, pairs, num_directions, period, independent))
+    # Before start_step every update passes whole: a mask of ones.
+    started = state.count >= start_step
 
     def apply(key_path, u):
       parent, _, name = paths_lib.path_str(key_path).rpartition("/")
       if parent not in masks or name not in ("a", "b"):
-        return u
-      m = masks[parent].astype(u.dtype)
+        return jnp.where(started, jnp.zeros_like(u), u) if zero_others else u
+      m = masks[parent][0 if name == "a" else 1]
+      if start_step:
+        m = jnp.where(started, m, jnp.ones_like(m))
+      m = m.astype(u.dtype)
       return u * (m[:, None] if name == "a" else m[None, :])
 
     updates = jax.tree_util.tree_map_with_path(apply, updates)

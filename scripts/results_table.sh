@@ -7,6 +7,10 @@
 # budget and schedule). Default: the anchor and the four RM-LoRA variants.
 # SST-2 trains on a fixed 2,000-example subset ($SUBSET); every other task on
 # its full training set.
+# $CONDITIONS names how the LoRA family and the PEFT anchor run: "default"
+# (our defaults), "authors" (:preset=authors, the RM-LoRA authors' training
+# loop) and "authors_frozen_head" (that preset with rm.emulate_frozen_head;
+# the PEFT anchor skips it). Default: "default".
 # Finished runs (with a results.json) are skipped and an interrupted one
 # resumes from its checkpoint, so the script can simply be started again; a
 # run that another sweep is running (its lock is held) is skipped too.
@@ -14,6 +18,7 @@
 #   bash scripts/results_table.sh "sst2 cola" "0 1 2"
 #   JOBS=2 bash scripts/results_table.sh "cola rte" "0 1 2"   # two runs at a time
 #   METHODS="full_ft adalora peft_adalora sora sora_released lora2" bash scripts/results_table.sh sst2
+#   CONDITIONS="default authors authors_frozen_head" bash scripts/results_table.sh "sst2 cola"
 #
 # With JOBS > 1 each run is limited to one CPU thread: on a small CPU machine
 # two single-threaded runs side by side finish sooner than two in a row
@@ -27,16 +32,26 @@ seeds=${2:-"0 1 2"}
 export SUBSET=${SUBSET:-2000}
 jobs=${JOBS:-1}
 methods=${METHODS:-"peft_lora lora r_lora gm_lora rm_lora"}
+conditions=${CONDITIONS:-default}
 mkdir -p runs/table
 
 run_one() {
-  local task=$1 method=$2 seed=$3
-  local workdir=runs/table/${task}_${method}_s${seed}
+  local task=$1 method=$2 seed=$3 condition=$4
+  local arg=model=minilm suffix="" extra=()
+  case "$condition" in
+    default) ;;
+    authors) arg+=,preset=authors; suffix=@authors ;;
+    authors_frozen_head) arg+=,preset=authors; suffix=@authors+frozen_head
+                         extra=(--config.rm.emulate_frozen_head=True)
+                         case "$method" in peft_*) return 0 ;; esac ;;
+    *) echo "unknown condition $condition" >&2; return 1 ;;
+  esac
+  local workdir=runs/table/${task}_${method}${suffix}_s${seed}
   [ -f "$workdir/results.json" ] && return 0
   exec 9>"$workdir.lock"
   flock -n 9 || { echo "$(date +%T) skip  $workdir (another sweep is running it)" >&2; return 0; }
-  local args=(--config=configs/${task}.py:model=minilm --config.data.dir=../shared/data/glue
-              --config.seed=$seed --config.workdir=$workdir --config.progress=False)
+  local args=(--config=configs/${task}.py:$arg --config.data.dir=../shared/data/glue
+              --config.seed=$seed --config.workdir=$workdir --config.progress=False "${extra[@]}")
   [ "$task" = sst2 ] && args+=(--config.data.train_subset=$SUBSET)
   echo "$(date +%T) start $workdir" >&2
   case "$method" in
@@ -56,8 +71,10 @@ fi
 queue=$(mktemp)
 for task in $tasks; do
   for seed in $seeds; do
-    for method in $methods; do
-      echo "$task $method $seed"
+    for condition in $conditions; do
+      for method in $methods; do
+        echo "$task $method $seed $condition"
+      done
     done
   done
 done > "$queue"

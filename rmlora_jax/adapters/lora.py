@@ -309,15 +309,22 @@ def attach(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
 
 
 MASK_MODES = ("update", "gradient")
+# How GM/RM-LoRA draw the directions of a's rows and b's columns: one shared
+# set (the paper; the authors' ``--lora_type v1``) or two independent sets (``v2``).
+MASK_SETS = ("shared", "independent")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RmOptions:
   """R-, GM- and RM-LoRA's settings (plain LoRA ignores them).
 
-  The defaults are the RM-LoRA authors' code: plain Frobenius norms averaged
-  over matrices; the paper's Eq. 10 is ``ortho_squared=True,
-  ortho_reduction="sum"``.
+  The penalty's defaults are the RM-LoRA authors' code: plain Frobenius
+  norms averaged over matrices; the paper's Eq. 10 is ``ortho_squared=True,
+  ortho_reduction="sum"``. The masking defaults are the paper's Algorithm 1
+  (unselected directions do not move); the authors' training loop is
+  ``mask_mode="gradient", mask_start_step=1, mask_sets="independent"`` (the
+  ``preset=authors`` of the configs), and ``emulate_frozen_head=True`` adds
+  its zero gradient for the head.
   """
 
   # r_hat: directions updated per step and adapter (GM, RM); 1..rank.
@@ -333,10 +340,29 @@ class RmOptions:
   mask_mode: str = "update"
   # Steps between fresh direction draws.
   mask_period: int = 1
+  # Optimizer steps before masking starts, all directions updated until then
+  # (the authors' code: 1, it masks once global_step > 0).
+  mask_start_step: int = 0
+  # "shared": one index set for a's rows and b's columns; "independent": two
+  # (the authors' --lora_type v1 and v2).
+  mask_sets: str = "shared"
+  # The authors' code zeroes the gradient of every trainable parameter that
+  # is not a LoRA factor once masking starts, so the head moves only by
+  # Adam's leftover momentum (an accident of their code, which the paper's
+  # GM/RM rows ran with). True reproduces it, for every LoRA-family method
+  # (LoRA and R-LoRA then update all directions, with the head zeroed alike).
+  emulate_frozen_head: bool = False
 
   def __post_init__(self):
     if self.mask_mode not in MASK_MODES:
       raise ValueError(f"RmOptions.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+    if self.mask_sets not in MASK_SETS:
+      raise ValueError(f"RmOptions.mask_sets must be one of {MASK_SETS}, got {self.mask_sets!r}")
+    if (isinstance(self.mask_start_step, bool) or not isinstance(self.mask_start_step, int)
+        or self.mask_start_step < 0):
+      raise ValueError(f"RmOptions.mask_start_step must be a non-negative integer, got {self.mask_start_step!r}")
+    if not isinstance(self.emulate_frozen_head, bool):
+      raise ValueError(f"RmOptions.emulate_frozen_head must be True or False, got {self.emulate_frozen_head!r}")
     penalty_lib.check_reduction(self.ortho_reduction, where="RmOptions.ortho_reduction")
     if not self.ortho_weight >= 0:
       raise ValueError(f"RmOptions.ortho_weight must be >= 0, got {self.ortho_weight!r}")
@@ -397,6 +423,8 @@ def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Met
   R adds ``ortho_weight * ortho_penalty`` to the loss; GM draws r_hat
   directions per adapter and step and masks the clipped gradient before
   AdamW (and, with ``mask_mode="update"``, the update after it).
+  ``emulate_frozen_head`` zeroes the head's clipped gradient from
+  ``mask_start_step`` on, for all four (LoRA and R-LoRA keep every direction).
   """
   s = settings
   opts = s.with_options(RmOptions, method=s.name)
@@ -409,11 +437,14 @@ def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Met
         ads, squared=opts.ortho_squared, reduction=opts.ortho_reduction)
 
   def optimizer(lr):
-    if not mask:
+    if not (mask or opts.emulate_frozen_head):
       return base.settings_optimizer(s, lr)
-    directions = lambda: masking.random_direction_mask(opts.num_directions, seed=s.seed, period=opts.mask_period)
+    directions = lambda: masking.random_direction_mask(
+        opts.num_directions if mask else s.spec.rank, seed=s.seed, period=opts.mask_period,
+        start_step=opts.mask_start_step, independent=opts.mask_sets == "independent",
+        zero_others=opts.emulate_frozen_head)
     tx = base.settings_optimizer(s, lr, between=(directions(),))  # clip, mask, AdamW
-    return optax.chain(tx, directions()) if opts.mask_mode == "update" else tx
+    return optax.chain(tx, directions()) if mask and opts.mask_mode == "update" else tx
 
   return adapter_method(s, init_adapters=init_lora, penalty=penalty, optimizer=optimizer)
 
