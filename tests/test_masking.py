@@ -153,6 +153,58 @@ def test_mask_before_adamw_only_lets_momentum_and_decay_move_masked_directions()
   assert moved_unselected
 
 
+def _rows(u):
+  return frozenset(np.flatnonzero(np.any(np.asarray(u) != 0, axis=1)).tolist())
+
+
+def _cols(u):
+  return frozenset(np.flatnonzero(np.any(np.asarray(u) != 0, axis=0)).tolist())
+
+
+def test_authors_options_start_step_independent_sets_and_zeroed_head():
+  """start_step, independent and zero_others, against the authors' loop written as set arithmetic."""
+  tree = _tree()
+  grads = jax.tree.map(jnp.ones_like, tree)
+  tx = rl.random_direction_mask(2, seed=5, start_step=2, independent=True, zero_others=True)
+  update = jax.jit(tx.update)
+  state = tx.init(tree)
+  differ = 0
+  for t in range(40):
+    out, state = update(grads, state)
+    for path, ad in out["adapters"].items():
+      if t < 2:  # before start_step everything passes whole, the head included
+        chex.assert_trees_all_equal(ad, grads["adapters"][path])
+        continue
+      rows, cols = _rows(ad["a"]), _cols(ad["b"])
+      assert len(rows) == len(cols) == 2
+      want = [frozenset(np.flatnonzero(np.asarray(rl.direction_mask(
+          5, t, f"adapters/{path}", 6, 2, factor=f, independent=True))).tolist()) for f in "ab"]
+      assert (rows, cols) == tuple(want)
+      differ += rows != cols
+    if t < 2:
+      chex.assert_trees_all_equal(out["head"], grads["head"])
+    else:
+      chex.assert_trees_all_equal(out["head"], jax.tree.map(jnp.zeros_like, grads["head"]))
+  # Two independent uniform 2-of-6 sets coincide with probability 1/15: over
+  # 76 adapter-steps they must differ most of the time.
+  assert differ > 50
+  # Shared sets (the default) are a's draw for both factors, as before the option existed.
+  for t in range(5):
+    a = rl.direction_mask(5, t, "adapters/enc/q/kernel", 6, 2)
+    np.testing.assert_array_equal(rl.direction_mask(5, t, "adapters/enc/q/kernel", 6, 2, factor="b"), a)
+    np.testing.assert_array_equal(
+        rl.direction_mask(5, t, "adapters/enc/q/kernel", 6, 2, factor="a", independent=True), a)
+
+
+def test_b_sets_drawn_independently_are_uniform_and_unrelated_to_a():
+  draw = jax.jit(jax.vmap(lambda s: jnp.stack([rl.direction_mask(0, s, "w", 4, 2, factor=f, independent=True)
+                                               for f in "ab"])))
+  both = np.asarray(draw(jnp.arange(1800)))  # (steps, factor, rank)
+  # The joint law of (a's set, b's set) is uniform over the 6 x 6 pairs: 50 each, std about 7.
+  _, counts = np.unique(both.reshape(1800, 8), axis=0, return_counts=True)
+  assert len(counts) == 36 and np.all(np.abs(counts - 50) < 30), counts
+
+
 def test_bad_num_directions_names_adapter():
   with pytest.raises(ValueError, match=r"num_directions=7 must be in 1..rank, but adapter 'adapters/enc/q/kernel' has rank 6"):
     rl.random_direction_mask(7).init(_tree())
@@ -161,6 +213,10 @@ def test_bad_num_directions_names_adapter():
       rl.random_direction_mask(bad)
   with pytest.raises(ValueError, match="period must be a positive integer"):
     rl.random_direction_mask(1, period=0)
+  with pytest.raises(ValueError, match="start_step must be a non-negative integer, got -1"):
+    rl.random_direction_mask(1, start_step=-1)
+  with pytest.raises(ValueError, match="factor must be 'a' or 'b', got 'c'"):
+    rl.direction_mask(0, 0, "w", 4, 2, factor="c")
   with pytest.raises(ValueError, match="found no adapter pairs"):
     rl.random_direction_mask(1).init({"head": {"kernel": jnp.zeros((2, 2))}})
   with pytest.raises(ValueError, match=r"a.shape\[0\] must equal b.shape\[1\]"):

@@ -95,6 +95,12 @@ def test_settings_errors_name_the_value_and_the_place():
     methods.make_method(settings("rm_lora", options=methods.RmOptions(num_directions=5)))
   with pytest.raises(ValueError, match=r"RmOptions.mask_mode must be one of"):
     methods.RmOptions(mask_mode="both")
+  with pytest.raises(ValueError, match=r"RmOptions.mask_sets must be one of \('shared', 'independent'\), got 'v2'"):
+    methods.RmOptions(mask_sets="v2")
+  with pytest.raises(ValueError, match=r"RmOptions.mask_start_step must be a non-negative integer, got -1"):
+    methods.RmOptions(mask_start_step=-1)
+  with pytest.raises(ValueError, match=r"RmOptions.emulate_frozen_head must be True or False, got 1"):
+    methods.RmOptions(emulate_frozen_head=1)
   with pytest.raises(ValueError, match=r"AdaLoraOptions.t_init_ratio must be in \[0, 1\], got 1.5"):
     methods.AdaLoraOptions(t_init_ratio=1.5)
   assert methods.AdaLoraOptions().schedule(16, 100).target_rank == 8  # unset: the papers' 2R -> R

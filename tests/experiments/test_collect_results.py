@@ -100,6 +100,25 @@ def test_best_scores_pruning_and_the_released_sora_row():
     collect_results.table([old], score="best")
 
 
+def test_presets_and_the_frozen_head_are_rows_of_their_own():
+  def run(method, seed, score, preset="", frozen=False):
+    out = result("sst2", method, seed, score)
+    out["config"] = {"preset": preset, "rm": {"emulate_frozen_head": frozen}}
+    return out
+
+  runs = [run("rm_lora", 0, 0.80), run("rm_lora", 0, 0.70, "authors"), run("rm_lora", 1, 0.72, "authors"),
+          run("rm_lora", 0, 0.60, "authors", True), run("lora", 0, 0.9, "authors"),
+          run("peft_lora", 0, 0.85, "authors")]
+  table = cells(collect_results.table(runs))
+  assert table[("rm_lora", "sst2 (final)")] == "0.800 ± 0.000 (1)"
+  assert table[("rm_lora@authors", "sst2 (final)")] == "0.710 ± 0.014 (2)"
+  assert table[("rm_lora@authors+frozen_head", "sst2 (final)")] == "0.600 ± 0.000 (1)"
+  assert table[("peft_lora@authors", "sst2 (final)")] == "0.850 ± 0.000 (1)"
+  # Each variant right after its method's plain row, in the methods' order.
+  rows = [row for row, column in table if column == "sst2 (final)"]
+  assert rows == ["lora@authors", "rm_lora", "rm_lora@authors", "rm_lora@authors+frozen_head", "peft_lora@authors"]
+
+
 def test_duplicate_seed_names_both_files():
   r = result("rte", "lora", 0, 0.5)
   with pytest.raises(ValueError, match=r"seed 0: a/results.json and b/results.json"):

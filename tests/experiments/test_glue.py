@@ -22,8 +22,8 @@ from rmlora_jax.tasks import glue as glue_task
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def tiny_config(model, data_dir, workdir, **overrides):
-  config = rte.get_config()
+def tiny_config(model, data_dir, workdir, arg=None, **overrides):
+  config = rte.get_config(arg)
   config.model.name_or_path = model
   config.data.dir = data_dir
   config.workdir = str(workdir)
@@ -96,6 +96,29 @@ def test_rm_lora_moves_only_selected_directions(tiny_bert, tiny_glue, tmp_path):
     assert np.all(np.asarray(ad["a"])[sel] != np.asarray(init[path]["a"])[sel])
 
 
+def test_authors_preset_in_every_task_config_and_in_results(tiny_bert, tiny_glue, tmp_path):
+  from configs import cifar100, cola, squad, sft  # pylint: disable=g-import-not-at-top
+  for module in (rte, cola, squad, sft, cifar100):
+    c = module.get_config("method=gm_lora,preset=authors")
+    assert c.preset == "authors" and c.method == "gm_lora"
+    assert (c.rm.mask_mode, c.rm.mask_start_step, c.rm.mask_sets) == ("gradient", 1, "independent")
+    assert (c.optim.warmup_ratio, c.optim.weight_decay, c.rm.emulate_frozen_head) == (0.0, 0.0, False)
+  plain = rte.get_config()
+  assert plain.preset == "" and (plain.rm.mask_mode, plain.rm.mask_start_step, plain.rm.mask_sets) == (
+      "update", 0, "shared")
+  assert (plain.optim.warmup_ratio, plain.optim.weight_decay) == (0.06, 0.01)
+  with pytest.raises(ValueError, match=r"unknown preset 'author'; choose one of \('authors',\)"):
+    rte.get_config("preset=author")
+  # One real step: recorded in results.json, and no mask on the first step, so
+  # every column of every b moved (under the default only r_hat of them do).
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, "method=rm_lora,preset=authors", max_steps=1,
+                       checkpoint_every_steps=1)
+  glue_task.train_and_evaluate(config, config.workdir)
+  assert json.loads((tmp_path / "results.json").read_text())["preset"] == "authors"
+  for path, ad in _final_trainable(tmp_path, 1)["adapters"].items():
+    assert np.all(np.any(np.asarray(ad["b"]) != 0, axis=0)), path
+
+
 def _final_trainable(workdir, step):
   ckpt = training.Checkpointer(str(pathlib.Path(workdir) / "checkpoints"))
   mngr = ckpt._mngr  # the raw orbax manager restores without a target structure
@@ -140,6 +163,8 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"batch_size": 0}, r"config.batch_size must be a positive integer"),
     ({"rm.mask_mode": "both"}, r"mask_mode must be one of"),
     ({"rm.mask_period": 0}, r"config.rm.mask_period must be a positive integer"),
+    ({"rm.mask_sets": "v2"}, r"config.rm.mask_sets must be one of \('shared', 'independent'\), got 'v2'"),
+    ({"rm.mask_start_step": -1}, r"config.rm.mask_start_step must be a non-negative integer"),
     ({"lora.apply": "lowrank"}, r"config.lora.apply must be one of"),
     ({"rm.ortho_reduction": "avg"}, r"config.rm.ortho_reduction must be one of"),
     ({"rm.ortho_weight": -1.0}, r"config.rm.ortho_weight must be >= 0"),
