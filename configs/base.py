@@ -162,6 +162,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora2.r = 8
   c.lora2.target_rank = 4
   c.lora2.ortho_weight = 0.1  # the authors' code: 0.1 (0.3 for RTE and STS-B)
+  # "paper": Grams over r for (U, V), (u, v), (P, Q); "released": the released
+  # code's k x k Grams of U, u, v, V (it fixes k = 8: set lora2.k=8, target_rank=2).
+  c.lora2.variant = "paper"
   c.lora2.t_init_ratio = 0.1
   c.lora2.t_final_ratio = 0.2
   c.lora2.delta_t = 10

@@ -23,8 +23,10 @@ from rmlora_jax.penalty import gram_deviation, ortho_penalty
 from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
 from rmlora_jax.adapters.adalora import adalora_penalty, adalora_pruning, adalora_ranks, budget_ranks, init_adalora
 from rmlora_jax.budget import BudgetPruningState, BudgetSchedule, budget_schedule, is_pruning_step
-from rmlora_jax.adapters.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
-from rmlora_jax.adapters.sora import SoraProximalState, init_sora, soft_threshold, sora_proximal, sora_ranks
+from rmlora_jax.adapters.lora2 import (Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks,
+                                      lora2_released_penalty)
+from rmlora_jax.adapters.sora import (SoraProximalState, init_sora, released_threshold, soft_threshold, sora_proximal,
+                                     sora_ranks)
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,7 @@ __all__ = [
     "init_sora",
     "is_pruning_step",
     "lora2_penalty",
+    "lora2_released_penalty",
     "lora2_pruning",
     "lora2_ranks",
     "merge",
@@ -71,6 +74,7 @@ __all__ = [
     "register_adapter_kind",
     "select_targets",
     "singular_values",
+    "released_threshold",
     "soft_threshold",
     "sora_proximal",
     "sora_ranks",

@@ -95,7 +95,9 @@ def _measures(delta: Any, rtol: float, spectra: bool) -> dict[str, Any]:
     loss = float(np.sum((s * s - 1.0) ** 2) + (np.shape(delta[0])[0] - s.size))
   else:
     loss = ortho_loss(delta)
-  out = {"effective_rank": _rank_of_spectrum(s, rtol, "delta_report"), "ortho_loss": loss}
+  rank = _rank_of_spectrum(s, rtol, "delta_report")
+  out = {"effective_rank": rank, "ortho_loss": loss, "frobenius_norm": float(np.sqrt(np.sum(s * s))),
+         "singular_value_rms": float(np.sqrt(np.mean(s[:rank] ** 2))) if rank else 0.0}
   if spectra:
     out["singular_values"] = [float(v) for v in s]
   return out
@@ -115,10 +117,14 @@ def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3, spectra: bool = 
       rank is counted from, computed once).
 
   Returns:
-    ``{"per_matrix": {path: {"effective_rank", "ortho_loss"[,
-    "singular_values"]}}, "summary":
-    {"mean_effective_rank", "min_effective_rank", "mean_ortho_loss",
-    "num_adapted"}}``; the summary is empty when there are no updates.
+    ``{"per_matrix": {path: {"effective_rank", "ortho_loss",
+    "frobenius_norm", "singular_value_rms"[, "singular_values"]}},
+    "summary": {"mean_effective_rank", "min_effective_rank",
+    "mean_ortho_loss", "mean_frobenius_norm", "mean_singular_value_rms",
+    "num_adapted"}}``: ``frobenius_norm`` is ``||dW||_F`` and
+    ``singular_value_rms`` the root mean square of the singular values
+    counted in the effective rank (0 for a zero update). The summary is
+    empty when there are no updates.
   """
   per_matrix = {p: _measures(d, rtol, spectra) for p, d in deltas.items()}
   if not per_matrix:
@@ -126,5 +132,8 @@ def delta_report(deltas: dict[str, Any], *, rtol: float = 1e-3, spectra: bool = 
   ranks = np.array([v["effective_rank"] for v in per_matrix.values()])
   losses = np.array([v["ortho_loss"] for v in per_matrix.values()])
   summary = {"mean_effective_rank": float(ranks.mean()), "min_effective_rank": int(ranks.min()),
-             "mean_ortho_loss": float(losses.mean()), "num_adapted": len(per_matrix)}
+             "mean_ortho_loss": float(losses.mean()),
+             "mean_frobenius_norm": float(np.mean([v["frobenius_norm"] for v in per_matrix.values()])),
+             "mean_singular_value_rms": float(np.mean([v["singular_value_rms"] for v in per_matrix.values()])),
+             "num_adapted": len(per_matrix)}
   return {"summary": summary, "per_matrix": per_matrix}

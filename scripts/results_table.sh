@@ -11,6 +11,8 @@
 # (our defaults), "authors" (:preset=authors, the RM-LoRA authors' training
 # loop) and "authors_frozen_head" (that preset with rm.emulate_frozen_head;
 # the PEFT anchor skips it). Default: "default".
+# $EXTRA adds flags to every run and $TAG (e.g. _w0.1) to its folder name, for
+# a sweep of one setting beside the table's runs.
 # Finished runs (with a results.json) are skipped and an interrupted one
 # resumes from its checkpoint, so the script can simply be started again; a
 # run that another sweep is running (its lock is held) is skipped too.
@@ -19,6 +21,7 @@
 #   JOBS=2 bash scripts/results_table.sh "cola rte" "0 1 2"   # two runs at a time
 #   METHODS="full_ft adalora peft_adalora sora sora_released lora2" bash scripts/results_table.sh sst2
 #   CONDITIONS="default authors authors_frozen_head" bash scripts/results_table.sh "sst2 cola"
+#   METHODS="adalora peft_adalora" TAG=_w0.1 EXTRA="--config.adalora.ortho_weight=0.1" bash scripts/results_table.sh sst2 0
 #
 # With JOBS > 1 each run is limited to one CPU thread: on a small CPU machine
 # two single-threaded runs side by side finish sooner than two in a row
@@ -29,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tasks=${1:-sst2}
 seeds=${2:-"0 1 2"}
-export SUBSET=${SUBSET:-2000}
+export SUBSET=${SUBSET:-2000} TAG=${TAG:-} EXTRA=${EXTRA:-}
 jobs=${JOBS:-1}
 methods=${METHODS:-"peft_lora lora r_lora gm_lora rm_lora"}
 conditions=${CONDITIONS:-default}
@@ -46,12 +49,12 @@ run_one() {
                          case "$method" in peft_*) return 0 ;; esac ;;
     *) echo "unknown condition $condition" >&2; return 1 ;;
   esac
-  local workdir=runs/table/${task}_${method}${suffix}_s${seed}
+  local workdir=runs/table/${task}_${method}${suffix}${TAG:-}_s${seed}
   [ -f "$workdir/results.json" ] && return 0
   exec 9>"$workdir.lock"
   flock -n 9 || { echo "$(date +%T) skip  $workdir (another sweep is running it)" >&2; return 0; }
   local args=(--config=configs/${task}.py:$arg --config.data.dir=../shared/data/glue
-              --config.seed=$seed --config.workdir=$workdir --config.progress=False "${extra[@]}")
+              --config.seed=$seed --config.workdir=$workdir --config.progress=False "${extra[@]}" ${EXTRA:-})
   [ "$task" = sst2 ] && args+=(--config.data.train_subset=$SUBSET)
   echo "$(date +%T) start $workdir" >&2
   case "$method" in

@@ -129,6 +129,11 @@ def test_delta_report_from_factors_equals_the_numpy_measures_of_the_dense_update
     assert report["per_matrix"][path]["effective_rank"] == rank, path
     expected = np.linalg.norm(d @ d.T - np.eye(10)) ** 2
     assert report["per_matrix"][path]["ortho_loss"] == pytest.approx(expected, rel=1e-5), path
+    assert report["per_matrix"][path]["frobenius_norm"] == pytest.approx(np.linalg.norm(d), rel=1e-5), path
+    rms = np.sqrt(np.mean(sv[:rank] ** 2)) if rank else 0.0
+    assert report["per_matrix"][path]["singular_value_rms"] == pytest.approx(rms, rel=1e-5), path
+  norms = [np.linalg.norm(np.asarray(d, np.float64)) for d in dense.values()]
+  assert report["summary"]["mean_frobenius_norm"] == pytest.approx(np.mean(norms), rel=1e-5)
   # spectra=True: the singular values, NumPy's of the dense dW, for factors and dense updates alike.
   for deltas in (factors, dense):
     with_spectra = rl.delta_report(deltas, spectra=True)["per_matrix"]
@@ -139,4 +144,5 @@ def test_delta_report_from_factors_equals_the_numpy_measures_of_the_dense_update
           rl.delta_report(deltas)["per_matrix"][path]
   assert report["per_matrix"]["sora/kernel"]["effective_rank"] == 2  # two gates closed
   assert report["per_matrix"]["adalora/kernel"]["effective_rank"] == 3  # one singular value pruned
-  assert report["per_matrix"]["zero/kernel"] == {"effective_rank": 0, "ortho_loss": 10.0}
+  assert report["per_matrix"]["zero/kernel"] == {"effective_rank": 0, "ortho_loss": 10.0, "frobenius_norm": 0.0,
+                                                 "singular_value_rms": 0.0}

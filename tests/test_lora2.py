@@ -10,7 +10,8 @@ import pytest
 from tests.family_reference import RefPruner, check_pruned_regression, random_like
 from rmlora_jax import delta_weights, merge
 from rmlora_jax.budget import BudgetSchedule
-from rmlora_jax.adapters.lora2 import Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks
+from rmlora_jax.adapters.lora2 import (Lora2Options, Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks,
+                                      lora2_released_penalty)
 
 PARAMS = {"a": {"kernel": jnp.ones((9, 7))}, "b": {"kernel": jnp.ones((7, 8))}, "c": jnp.ones((3,))}
 SPEC = Lora2Spec(k=5, r=3, alpha=6.0, targets=(r"[ab]/kernel",))
@@ -64,7 +65,35 @@ def test_penalty_terms_match_numpy(terms, squared, reduction):
   np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+def test_released_penalty_is_four_k_by_k_grams_in_numpy():
+  """The released code's compute_orth_regu, written in NumPy: lora_A = V, lora_B = v, lora_aa = u, lora_bb = U."""
+  ad = _random_adapters(2)
+  terms = []
+  for a in ad.values():
+    f = {n: np.asarray(x, np.float64) for n, x in a.items()}
+    for g in (f["V"] @ f["V"].T, f["v"].T @ f["v"], f["u"] @ f["u"].T, f["U"].T @ f["U"]):
+      assert g.shape == (SPEC.k, SPEC.k)
+      terms.append(np.linalg.norm(g - np.eye(SPEC.k)))
+  np.testing.assert_allclose(lora2_released_penalty(ad), np.mean(terms), rtol=1e-5)
+  np.testing.assert_allclose(lora2_released_penalty(ad, squared=True, reduction="sum"),
+                             np.sum(np.square(terms)), rtol=1e-5)
+
+
+def test_paper_penalty_at_k_below_r_has_a_floor_the_released_one_has_not():
+  """At k = 1, r = 6 the paper's (u, v) Grams are 6 x 6 of rank 1: each term is at least sqrt(5)."""
+  spec = Lora2Spec(k=1, r=6, alpha=6.0, targets=(r"[ab]/kernel",))
+  ad = init_lora2(jax.random.key(0), PARAMS, spec)
+  for a in ad.values():  # the best a rank-one Gram can do: a unit vector (G - I has r - 1 unit eigenvalues)
+    for n in ("U", "u", "v", "V"):
+      a[n] = a[n] / jnp.linalg.norm(a[n])
+  uv = lora2_penalty(ad, terms=("uv",), squared=False, reduction="mean")
+  np.testing.assert_allclose(uv, np.sqrt(5.0), rtol=1e-5)
+  np.testing.assert_allclose(lora2_released_penalty(ad), 0.0, atol=1e-5)
+
+
 def test_bad_settings_raise():
+  with pytest.raises(ValueError, match=r"Lora2Options.variant must be one of \('paper', 'released'\), got 'code'"):
+    Lora2Options(variant="code")
   with pytest.raises(ValueError, match="Lora2Spec.k"):
     Lora2Spec(k=0, r=1, alpha=1.0, targets=("x",))
   with pytest.raises(ValueError, match="Lora2Spec.alpha"):

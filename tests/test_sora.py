@@ -12,7 +12,7 @@ import pytest
 from tests.family_reference import random_like, toy_problem, train
 from rmlora_jax import LoraSpec, delta_weights, init_lora, merge
 from rmlora_jax.masking import adapter_pairs
-from rmlora_jax.adapters.sora import init_sora, soft_threshold, sora_proximal, sora_ranks
+from rmlora_jax.adapters.sora import init_sora, released_threshold, soft_threshold, sora_proximal, sora_ranks
 
 PARAMS = {"x": {"kernel": jnp.ones((6, 5))}, "y": {"kernel": jnp.ones((5, 4))}}
 SPEC = LoraSpec(rank=3, alpha=6.0, targets=(r".*/kernel",))
@@ -44,6 +44,32 @@ def test_soft_threshold_matches_numpy():
   np.testing.assert_allclose(soft_threshold(jnp.asarray(x), 0.5), ref, atol=1e-7)
 
 
+def released_numpy(p, lam):
+  """SoRA's released SparseAdamW.step after its Adam update: three in-place edits, in this order."""
+  p = np.array(p, copy=True)
+  p[p > lam] -= lam
+  p[p < -lam] += lam
+  p[np.abs(p) < lam] = 0.0
+  return p
+
+
+def test_released_threshold_is_the_released_optimizers_three_edits():
+  lam = np.float32(0.25)
+  # Around each edge: 0, lam, 2 lam, and the windows between them, both signs.
+  edges = np.array([0.0, 0.1, 0.2499, 0.25, 0.2501, 0.3, 0.4999, 0.5, 0.5001, 0.75, 2.0], np.float32)
+  x = np.concatenate([edges, -edges, np.random.default_rng(0).normal(size=200).astype(np.float32)])
+  want = released_numpy(x, lam)
+  np.testing.assert_array_equal(np.asarray(released_threshold(jnp.asarray(x), lam)), want)
+  # What that amounts to: zero for |x| < 2 lam (|x| = lam exactly is kept), x - sign(x) lam above.
+  inside = (np.abs(x) < 2 * lam) & (np.abs(x) != lam)
+  assert np.all(want[inside] == 0) and np.all(want[np.abs(x) == lam] == x[np.abs(x) == lam])
+  np.testing.assert_allclose(want[np.abs(x) >= 2 * lam], (x - np.sign(x) * lam)[np.abs(x) >= 2 * lam], atol=1e-7)
+  # The soft threshold of the paper zeroes only |x| <= lam.
+  assert np.count_nonzero(np.asarray(soft_threshold(jnp.asarray(edges), lam))) > np.count_nonzero(want[:11])
+  with pytest.raises(ValueError, match=r"rule must be one of \('soft', 'released'\), got 'hard'"):
+    sora_proximal(0.1, rule="hard")
+
+
 def test_step_under_jit_matches_reference():
   """Adam then the proximal step, against Adam and soft-thresholding written in NumPy."""
   lr, xi, b1, b2, eps = 0.1, 0.03, 0.9, 0.999, 1e-8
@@ -66,9 +92,9 @@ def test_step_under_jit_matches_reference():
       g = a["g"]
       a["g"] = np.sign(g) * np.maximum(np.abs(g) - xi * t, 0.0)
     chex.assert_trees_all_close(tree, ref, rtol=1e-4, atol=1e-5)
-  for a in tree["ad"].values():
-    g = np.asarray(a["g"])
-    assert np.all((g == 0.0) | (np.abs(g) > 0))
+  for path, a in tree["ad"].items():  # pruned exactly where the reference is
+    np.testing.assert_array_equal(np.asarray(a["g"]) == 0.0, ref["ad"][path]["g"] == 0.0)
+  assert any(np.any(a["g"] == 0.0) for a in ref["ad"].values())
   assert sora_ranks(tree["ad"]) == {p: int(np.count_nonzero(a["g"])) for p, a in ref["ad"].items()}
 
 
@@ -112,7 +138,7 @@ def test_toy_regression_learns_and_prunes():
 
 
 def test_released_variant_draws_gates_trains_them_with_adam_and_thresholds_by_xi():
-  """SoRA's released code: g ~ N(0, 1); Adam on the gates; then soft-threshold by xi itself."""
+  """SoRA's released code: g ~ N(0, 1); Adam on the gates; then its threshold rule with xi itself."""
   from rmlora_jax import methods
   import rmlora_jax as rl
   params = {"w": {"kernel": jnp.ones((6, 5))}}
@@ -131,7 +157,7 @@ def test_released_variant_draws_gates_trains_them_with_adam_and_thresholds_by_xi
   g1 = np.asarray(optax.apply_updates(trainable, updates)["adapters"]["w/kernel"]["g"])
   # Adam's first bias-corrected step moves each gate by lr * sign(grad) (0 where the grad is 0).
   adam = g0 - 0.1 * np.sign([1.0, -1.0, 0.0, 2.0])
-  want = np.sign(adam) * np.maximum(np.abs(adam) - 0.3, 0.0)
+  want = released_numpy(adam.astype(np.float32), np.float32(0.3))
   np.testing.assert_allclose(g1, want, rtol=1e-4, atol=1e-6)
   # The paper's variant starts at ones and would threshold by lr * xi = 0.03 after an SGD step.
   paper = methods.make_method(dataclasses.replace(s, options=methods.SoraOptions(xi=0.3)))

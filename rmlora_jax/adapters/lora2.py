@@ -169,6 +169,35 @@ def lora2_penalty(
   return penalty.gram_deviations(out, squared=squared, reduction=reduction)
 
 
+def lora2_released_penalty(
+    adapters: Mapping[str, Mapping[str, Array]], *, squared: bool = False, reduction: str = "mean"
+) -> Array:
+  """The orthogonality terms of LoRA²'s released code: k x k Gram matrices of all four factors.
+
+  ``||U^T U - I_k|| + ||u u^T - I_k|| + ||v^T v - I_k|| + ||V V^T - I_k||``
+  per adapter (its ``compute_orth_regu``; the (P, Q) product it forms is
+  never added). The paper's `lora2_penalty` takes the Grams of ``u`` and
+  ``v`` over r instead, (r x r), which at k < r cannot fall below
+  ``sqrt(r - k)`` per term: a Gram of rank k has at least r - k unit
+  deviations from the identity.
+
+  Args:
+    adapters: ``{path: LoRA² adapter}`` as made by `init_lora2`.
+    squared: squared Frobenius norms, or plain ones (the released code).
+    reduction: ``"mean"`` over the 4 x (number of adapters) terms (the
+      released code) or ``"sum"``.
+  """
+  penalty.check_reduction(reduction)
+  out = []
+  for path, ad in adapters.items():
+    if frozenset(ad) != LORA2_FACTORS:
+      raise ValueError(
+          f"lora2_released_penalty: adapter at {path!r} has factors {sorted(ad)}; expected {sorted(LORA2_FACTORS)}"
+      )
+    out += [(ad["U"], 1), (ad["u"], 0), (ad["v"], 1), (ad["V"], 0)]
+  return penalty.gram_deviations(out, squared=squared, reduction=reduction)
+
+
 def lora2_pruning(
     inner: optax.GradientTransformation, schedule: budget_lib.BudgetSchedule
 ) -> optax.GradientTransformation:
@@ -193,12 +222,29 @@ def lora2_ranks(adapters: Any) -> dict[str, int]:
   return budget_lib.nonzero_ranks(adapters, LORA2_FACTORS, "lam")
 
 
+LORA2_VARIANTS = ("paper", "released")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Lora2Options(adalora.BudgetOptions):
-  """LoRA²'s settings: AdaLoRA's budget, the authors' penalty weight; k and r are the spec's."""
+  """LoRA²'s settings: AdaLoRA's budget, the authors' penalty weight; k and r are the spec's.
+
+  ``variant="paper"``: the penalty of the paper's Section 3.1 over (U, V),
+  (u, v) and (P, Q), Grams over the rank r (`lora2_penalty`).
+  ``variant="released"``: the released code's k x k Grams of U, u, v and V
+  (`lora2_released_penalty`); that code fixes k = 8 (``Lora2Spec(k=8, r=8)``
+  with ``target_rank=2`` reproduces its GLUE setting).
+  """
 
   # The authors' code: 0.1 (0.3 for RTE and STS-B).
   ortho_weight: float = 0.1
+  # "paper" or "released" (the penalty's Gram matrices; see above).
+  variant: str = "paper"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.variant not in LORA2_VARIANTS:
+      raise ValueError(f"Lora2Options.variant must be one of {LORA2_VARIANTS}, got {self.variant!r}")
 
 
 def build(settings: base.MethodSettings) -> base.Method:
@@ -207,6 +253,7 @@ def build(settings: base.MethodSettings) -> base.Method:
   opts = s.with_options(Lora2Options, method=s.name)
   if not isinstance(s.spec, Lora2Spec):
     raise ValueError(f"method {s.name!r} needs a Lora2Spec, got {type(s.spec).__name__}")
-  return adalora.budget_method(s, opts, initial_rank=s.spec.r, init_adapters=init_lora2, penalty=lora2_penalty,
+  pen = lora2_released_penalty if opts.variant == "released" else lora2_penalty
+  return adalora.budget_method(s, opts, initial_rank=s.spec.r, init_adapters=init_lora2, penalty=pen,
                                pruning=lora2_pruning, ranks=lora2_ranks)
 

@@ -74,13 +74,30 @@ def soft_threshold(x: Array, xi: Array | float) -> Array:
   return jnp.sign(x) * jnp.maximum(jnp.abs(x) - xi, 0.0)
 
 
+def released_threshold(x: Array, xi: Array | float) -> Array:
+  """The threshold of SoRA's released optimizer (``SparseAdamW.step``), three in-place edits in order.
+
+  Entries above ``xi`` are lowered by ``xi``, then entries below ``-xi``
+  raised by ``xi``, then entries with ``|x| < xi`` set to zero. The last edit
+  also sees the entries the first two moved into ``(-xi, xi)``, so in effect
+  ``|x| < 2 xi`` becomes zero (except ``|x| = xi`` exactly, which is kept)
+  and larger entries shrink by ``xi``: not the soft threshold of the paper.
+  """
+  x = jnp.where(x > xi, x - xi, x)
+  x = jnp.where(x < -xi, x + xi, x)
+  return jnp.where(jnp.abs(x) < xi, jnp.zeros_like(x), x)
+
+
+THRESHOLDS = {"soft": soft_threshold, "released": released_threshold}
+
+
 class SoraProximalState(NamedTuple):
   """State of `sora_proximal`: the number of updates seen (the schedule's step)."""
 
   count: Array  # int32 scalar
 
 
-def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
+def sora_proximal(xi: float | optax.Schedule, *, rule: str = "soft") -> optax.GradientTransformation:
   """Soft-thresholds SoRA gates after the optimizer's update.
 
   Place it last in a chain: for each SoRA adapter's gate, the update ``u``
@@ -91,6 +108,8 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
   Args:
     xi: the threshold (>= 0), or a schedule ``step -> xi >= 0`` with step
       counted from 0 at the first update (checked at step 0 only).
+    rule: "soft" (`soft_threshold`, the paper's proximal step) or "released"
+      (`released_threshold`, what SoRA's released optimizer computes).
 
   Returns:
     An `optax.GradientTransformation`; call ``update(updates, state, params)``.
@@ -105,6 +124,9 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
   first = xi(0) if callable(xi) else xi
   if not isinstance(first, (int, float, jax.Array)) or not float(first) >= 0:
     raise ValueError(f"sora_proximal: the threshold xi must be >= 0, got {first!r} at step 0")
+  if rule not in THRESHOLDS:
+    raise ValueError(f"sora_proximal: rule must be one of {tuple(THRESHOLDS)}, got {rule!r}")
+  threshold_fn = THRESHOLDS[rule]
 
   def require_adapters(tree):
     if not paths_lib.find_adapters(tree, SORA_FACTORS):
@@ -130,7 +152,7 @@ def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
     def prox(key_path, u, g):
       if paths_lib.path_str(key_path) not in gates:
         return u
-      return (soft_threshold(g + u, threshold) - g).astype(u.dtype)
+      return (threshold_fn(g + u, threshold) - g).astype(u.dtype)
 
     updates = jax.tree_util.tree_map_with_path(prox, updates, params)
     return updates, SoraProximalState(count=optax.safe_increment(state.count))
@@ -156,9 +178,11 @@ class SoraOptions:
   step of the paper, plain SGD then soft-thresholding by ``eta_t * xi``.
   ``variant="released"``: what SoRA's released code does (its
   ``SparseAdamW``): gates drawn from N(0, 1), trained by Adam (bias
-  corrected, no weight decay), then soft-thresholded by ``xi`` itself every
-  step. At a learning rate of 1e-3 the paper's threshold is a thousand times
-  smaller, which is why only the released variant prunes much in practice.
+  corrected, no weight decay), then thresholded by ``xi`` itself every step
+  with that optimizer's rule (`released_threshold`: zero below about
+  ``2 xi``, shrunk by ``xi`` above). At a learning rate of 1e-3 the paper's
+  threshold is a thousand times smaller, which is why only the released
+  variant prunes much in practice.
   """
 
   # lambda (paper) or the per-step threshold (released): the L1 weight of the gates.
@@ -201,7 +225,7 @@ def build(settings: base.MethodSettings) -> base.Method:
           lambda kp, _: "gate" if paths_lib.path_str(kp) in gates else "rest", tree)
 
     return optax.chain(optax.partition({"gate": gate_tx, "rest": base.settings_optimizer(s, lr)}, labels),
-                       sora_proximal(xi))
+                       sora_proximal(xi, rule="released" if released else "soft"))
 
   init = lambda key, params, spec: init_sora(key, params, spec, gate_init="normal" if released else "ones")
   return lora.adapter_method(s, init_adapters=init, optimizer=optimizer, ranks=sora_ranks)
