@@ -286,7 +286,8 @@ def test_dense_group_apply_equals_each_merged_kernel_in_numpy():
   outs = rl.dense_group_apply(jnp.asarray(x, jnp.bfloat16), bf16)
   assert all(o.dtype == jnp.bfloat16 for o in outs)
   for got, want in zip(outs, (expected[0], expected[2])):
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=5e-2, atol=0.3)
+    # bf16 keeps 8 significant bits: observed here at most 0.04 + 1.5% of |want|.
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1.5e-2, atol=0.06)
   with pytest.raises(ValueError, match="disagree on the rank"):
     rl.dense_group_apply(jnp.asarray(x), [rl.LowRankKernel(jnp.asarray(w[0]), jnp.asarray(left[0]),
                                                            jnp.asarray(right[1]))])

@@ -54,8 +54,15 @@ def test_augment_crops_within_the_padding_and_flips_and_normalize_is_the_process
   assert all(s or np.array_equal(f, o[:, ::-1]) for s, f, o in zip(same, flipped, x)) and 10 < sum(same) < 54
   cropped = images.augment(x, np.random.default_rng(2), padding=2, flip=False)
   assert cropped.shape == x.shape and cropped.dtype == np.uint8
-  # Every crop is a shifted window: its non-padding pixels are a contiguous block of the original.
-  assert any(not np.array_equal(c, o) for c, o in zip(cropped, x))
+  # Every crop equals one of the 5 x 5 windows of its zero-padded image, and
+  # the offsets vary over the batch (the centred window is offset (2, 2)).
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  offsets = []
+  for c, p in zip(cropped, padded):
+    found = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(c, p[dy:dy + 6, dx:dx + 6])]
+    assert found, "a crop that is no window of the padded image"
+    offsets.append(found[0])
+  assert len(set(offsets)) > 10 and any(o != (2, 2) for o in offsets)
   y = images.normalize(x[:2], mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1))
   assert y.shape == (2, 3, 6, 6) and y.dtype == np.float32
   np.testing.assert_allclose(y[1, 2], (x[1, ..., 2] / 255.0 - 0.3) / 0.1, rtol=1e-5)

@@ -15,8 +15,9 @@ ours 0.793 with the mean bias and -0.277 with ``head_bias="zero"`` (batches
 padded to the halvings 16/32/64; 0.789 with the mean bias and today's
 fitted buckets, whose other shapes draw other dropout masks); PEFT's LoRA
 (experiments.peft_glue, same split and settings) 0.727 with the mean bias
-and -0.160 with a zero bias. The threshold 0.6 sits well between the
-two regimes and below both implementations' score with the fix.
+and -0.160 with a zero bias. The bound 0.75 sits 0.04 below our measured
+score, so a change that costs this run a few points of Pearson fails it,
+and far above the collapsed regime.
 """
 
 import pathlib
@@ -57,4 +58,4 @@ def stsb_config(workdir, **overrides):
                     reason="needs ../shared/data/glue/STS-B and the embedded MiniLM (scripts/setup.sh)")
 def test_lora_learns_stsb_on_real_data(tmp_path):
   results = glue_task.train_and_evaluate(stsb_config(tmp_path), str(tmp_path))
-  assert results["metrics"]["pearson"] > 0.6, results["metrics"]
+  assert results["metrics"]["pearson"] > 0.75, results["metrics"]

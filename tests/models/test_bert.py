@@ -200,8 +200,9 @@ def test_bfloat16_compute_close_to_transformers(tmp_path, tiny_config, save_hf_m
     ref = torch_model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()})
   real = batch["attention_mask"].astype(bool)
   err = np.abs(np.asarray(out, np.float32)[real] - ref.last_hidden_state.numpy()[real])
-  # LayerNorm outputs are O(1); bf16 keeps ~3 significant digits.
-  assert err.max() < 0.1, err.max()
+  # LayerNorm outputs are O(1) (at most 3.3 here); bf16 keeps ~3 significant
+  # digits: the largest error observed on this batch is 0.028.
+  assert err.max() < 0.05, err.max()
 
 
 @pytest.mark.parametrize("model_type,max_len", [("bert", 64), ("roberta", 62)])

@@ -27,11 +27,17 @@ def test_validate_head_rejects(head, num_labels, heads, message):
     torch_port.validate_head(head, num_labels, where="m", heads=heads)
 
 
-def test_validate_head_accepts():
-  for head, num_labels in [("base", 2), ("classification", np.int64(3)), ("regression", 1),
-                           ("qa", 2), ("qa", 1), ("image_classification", 1)]:
-    torch_port.validate_head(head, num_labels, where="m")
-  torch_port.validate_head("qa", where="m", heads=torch_port.TEXT_HEADS)  # name only
+def test_validate_head_accepts_each_boundary_and_refuses_one_step_past_it():
+  # (head, the smallest or only accepted count, a count one step past the boundary or None)
+  cases = [("classification", np.int64(2), 1), ("regression", 1, 2), ("base", 1, 0), ("qa", 1, 0),
+           ("image_classification", 1, 0), ("causal_lm", 1, 0)]
+  for head, ok, bad in cases:
+    assert torch_port.validate_head(head, ok, where="m") is None
+    with pytest.raises(ValueError, match=rf"m: .*{bad}"):
+      torch_port.validate_head(head, bad, where="m")
+  assert torch_port.validate_head("qa", where="m", heads=torch_port.TEXT_HEADS) is None  # name only
+  with pytest.raises(ValueError, match=r"head 'causal_lm' is not one of"):
+    torch_port.validate_head("causal_lm", where="m", heads=torch_port.TEXT_HEADS)
 
 
 def test_dropout_rate_falls_back_and_checks_the_range():
