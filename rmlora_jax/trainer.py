@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import re
-import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,8 +40,35 @@ from rmlora_jax.adapters import lora as lora_lib
 from rmlora_jax.adapters import lora2 as lora2_lib
 from rmlora_jax.tasks import base as tasks_base
 
-# Tests only: the run SIGKILLs itself right after this step (resume tests).
-SIGKILL_ENV = "RMLORA_TEST_SIGKILL_AT_STEP"
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hooks:
+  """Callbacks of `train_and_evaluate`; each is optional and runs on every process.
+
+  A task extends the loop through these rather than around it: what a hook
+  adds to ``history`` is saved in every checkpoint (so it survives a
+  resume) and reaches results.json; what ``at_end`` returns is what
+  results.json holds.
+
+  Example (a spectrum of every adapter at each evaluation)::
+
+    def spectra(step, trainable, metrics, history):
+      history.setdefault("spectra", []).append({"step": step, **my_measures(partitioning.gather(trainable))})
+
+    trainer.train_and_evaluate(..., hooks=trainer.Hooks(after_eval=spectra))
+  """
+
+  # ``(step, state, metrics)`` after step ``step`` (1-based) is done, logged,
+  # evaluated and checkpointed; ``metrics`` are the step's device values.
+  after_step: Callable[[int, training.TrainState, Mapping[str, Any]], None] | None = None
+  # ``(step, trainable, metrics, history)`` after each evaluation (``trainable``
+  # as sharded in training: `partitioning.gather` it for host arrays); may add
+  # entries to the ``history`` dict.
+  after_eval: Callable[[int, Any, Mapping[str, float], dict], None] | None = None
+  # ``(step, state)`` after each checkpoint is saved.
+  after_checkpoint: Callable[[int, training.TrainState], None] | None = None
+  # ``(results, trainable) -> results`` before results.json is written (and
+  # the plots drawn); ``trainable`` is gathered whole.
+  at_end: Callable[[dict, Any], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -172,6 +198,7 @@ def train_and_evaluate(
     param_specs: Any = None,
     extra_results: Mapping[str, Any] | None = None,
     init_trainable: Callable[[Any], Any] | None = None,
+    hooks: Hooks | None = None,
 ) -> dict[str, Any]:
   """Trains ``method`` on ``task`` (or resumes it) and returns the results dict.
 
@@ -189,12 +216,14 @@ def train_and_evaluate(
     init_trainable: ``trainable -> trainable`` applied to the method's fresh
       initialisation, e.g. adapters read from a PEFT folder
       (`rmlora_jax.peft_format.start_from`); a resumed run restores its own.
+    hooks: callbacks after steps, evaluations, checkpoints and at the end (`Hooks`).
 
   Returns:
     The results dict, as written to ``workdir/results.json``: final and best
     metrics, parameter counts, ranks, adapters' spectra summary, history.
   """
   workdir = pathlib.Path(workdir)
+  hooks = hooks or Hooks()
   mesh = mesh if mesh is not None else partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
   partitioning.check_batch_size(settings.batch_size, mesh)
   primary = jax.process_index() == 0
@@ -250,42 +279,55 @@ def train_and_evaluate(
   eval_every = settings.eval_every_steps if settings.eval_every_steps > 0 else steps_per_epoch
   batches = None
   nonfinite = NonFiniteGuard(settings.max_nonfinite_steps, total=skipped_before)
-  kill_at = int(os.environ.get(SIGKILL_ENV, "-1"))
   tick = time.perf_counter()
-  for step in range(start, total_steps):
-    epoch, index = divmod(step, steps_per_epoch)
-    if batches is None or index == 0:
-      batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=index)
-    state, m = train_step(state, frozen, put(next(batches)))
-    done = step + 1
-    nonfinite.observe(done, m["finite"], ckpt)
-    if done % settings.log_every_steps == 0 or done == total_steps:
-      m = {k: float(v) for k, v in m.items() if k != "finite"}
-      history["train"].append({"step": done, **m})
-      _add_scalars(writer, "train", m, done)
-      bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-    if done % eval_every == 0 or done == total_steps:
-      ev = task.evaluate(lambda batch: eval_step(state.trainable, frozen, put(batch)), settings.batch_size)
-      history["eval"].append({"step": done, **ev})
-      # The total rank as training prunes it (AdaLoRA, LoRA²) or gates it off (SoRA).
-      adapters = method.adapters(state.trainable)
-      if adapters:
-        now = method.ranks({"adapters": partitioning.gather(adapters)})
-        history.setdefault("rank", []).append({"step": done, "total_rank": int(sum(now.values()))})
-      _add_scalars(writer, "eval", ev, done)
-      if primary:
-        bar.write(f"step {done}/{total_steps} eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-    bar.update(1)
-    if done % settings.checkpoint_every_steps == 0 or done == total_steps:
-      now = time.perf_counter()
-      train_time, tick = train_time + now - tick, now
-      nonfinite.flush(ckpt)  # the count saved below includes this step
-      ckpt.save(done, state, {"history": history, "train_time_s": train_time,
-                              "nonfinite_steps": nonfinite.total, "run_config": fingerprint})
-    if done == kill_at:
-      # For tests: die like a killed job, without flushing anything (an
-      # asynchronous checkpoint save may be left half-written).
-      os.kill(os.getpid(), signal.SIGKILL)
+  try:
+    for step in range(start, total_steps):
+      epoch, index = divmod(step, steps_per_epoch)
+      if batches is None or index == 0:
+        batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=index)
+      state, m = train_step(state, frozen, put(next(batches)))
+      done = step + 1
+      nonfinite.observe(done, m["finite"], ckpt)
+      if done % settings.log_every_steps == 0 or done == total_steps:
+        m = {k: float(v) for k, v in m.items() if k != "finite"}
+        history["train"].append({"step": done, **m})
+        _add_scalars(writer, "train", m, done)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+      if done % eval_every == 0 or done == total_steps:
+        ev = task.evaluate(lambda batch: eval_step(state.trainable, frozen, put(batch)), settings.batch_size)
+        history["eval"].append({"step": done, **ev})
+        # The total rank as training prunes it (AdaLoRA, LoRA²) or gates it off (SoRA).
+        adapters = method.adapters(state.trainable)
+        if adapters:
+          now = method.ranks({"adapters": partitioning.gather(adapters)})
+          history.setdefault("rank", []).append({"step": done, "total_rank": int(sum(now.values()))})
+        _add_scalars(writer, "eval", ev, done)
+        if primary:
+          bar.write(f"step {done}/{total_steps} eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if hooks.after_eval is not None:
+          hooks.after_eval(done, state.trainable, ev, history)
+      bar.update(1)
+      if done % settings.checkpoint_every_steps == 0 or done == total_steps:
+        now = time.perf_counter()
+        train_time, tick = train_time + now - tick, now
+        nonfinite.flush(ckpt)  # the count saved below includes this step
+        ckpt.save(done, state, {"history": history, "train_time_s": train_time,
+                                "nonfinite_steps": nonfinite.total, "run_config": fingerprint})
+        if hooks.after_checkpoint is not None:
+          hooks.after_checkpoint(done, state)
+      if hooks.after_step is not None:
+        hooks.after_step(done, state, m)
+  except BaseException:
+    # An exception (a data error, Ctrl-C) leaves the loop: let the checkpoint
+    # save in flight finish, so the run resumes from it, then re-raise.
+    for step_fn in (train_step, eval_step):
+      if isinstance(step_fn, training.AheadOfTime):
+        step_fn.close()
+    try:
+      ckpt.close()
+    except training.CheckpointError as e:
+      logging.error("the checkpoint save in flight failed as well: %s", e)
+    raise
   nonfinite.flush(ckpt)
   for step_fn in (train_step, eval_step):
     if isinstance(step_fn, training.AheadOfTime):
@@ -299,6 +341,8 @@ def train_and_evaluate(
   results = _results(task, method, settings, trainable, history, train_time, total_steps)
   results["nonfinite_steps"] = nonfinite.total
   results.update(extra_results or {})
+  if hooks.at_end is not None:
+    results = hooks.at_end(results, trainable)
   if primary:
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plots(workdir, history, method, trainable, task.name)

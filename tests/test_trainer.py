@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rmlora_jax as rl
-from rmlora_jax import methods, trainer
+from rmlora_jax import methods, partitioning, trainer
 
 X = np.random.default_rng(0).normal(size=(96, 6)).astype(np.float32)
 Y = (X @ np.linspace(-1, 1, 6)).astype(np.float32)
@@ -63,11 +63,11 @@ METHOD = methods.MethodSettings(name="rm_lora", spec=rl.LoraSpec(rank=4, alpha=8
                                 train_patterns=("out/.*",), options=methods.RmOptions(num_directions=2))
 
 
-def run(workdir, task=None, **overrides):
+def run(workdir, task=None, hooks=None, **overrides):
   settings = trainer.TrainerSettings(**{"batch_size": 8, "num_epochs": 3, "learning_rate": 1e-2,
                                         "checkpoint_every_steps": 5, "eval_every_steps": 8, "log_every_steps": 1,
                                         "progress": False, **overrides})
-  return trainer.train_and_evaluate(task or Toy(), Net(), PARAMS, METHOD, settings, workdir)
+  return trainer.train_and_evaluate(task or Toy(), Net(), PARAMS, METHOD, settings, workdir, hooks=hooks)
 
 
 def test_a_user_task_trains_and_reports(tmp_path):
@@ -91,6 +91,42 @@ def test_a_crashed_run_resumes_to_the_same_numbers(tmp_path):
   resumed = run(tmp_path / "crashed")
   assert resumed["history"]["eval"] == straight["history"]["eval"]
   assert resumed["history"]["train"] == straight["history"]["train"]
+
+
+def test_hooks_run_in_order_their_history_survives_a_crash_and_at_end_writes_results(tmp_path):
+  calls = []
+
+  def hooks():
+    def after_eval(step, trainable, metrics, history):
+      calls.append(("eval", step))
+      b = np.asarray(partitioning.gather(trainable)["adapters"]["hidden/kernel"]["b"])
+      history.setdefault("b_norm", []).append({"step": step, "value": float(np.linalg.norm(b))})
+
+    def at_end(results, trainable):
+      calls.append(("end", results["steps"]))
+      return {**results, "extra": float(np.linalg.norm(trainable["adapters"]["hidden/kernel"]["b"]))}
+
+    return trainer.Hooks(after_step=lambda step, state, m: calls.append(("step", step)), after_eval=after_eval,
+                         after_checkpoint=lambda step, state: calls.append(("checkpoint", step)), at_end=at_end)
+
+  straight = run(tmp_path / "straight", hooks=hooks())
+  # Step 8: evaluated, then the step hook; step 10: checkpointed, then the step hook.
+  assert calls[calls.index(("eval", 8)) + 1] == ("step", 8)
+  assert calls[calls.index(("checkpoint", 10)) + 1] == ("step", 10)
+  assert [c for c in calls if c[0] != "step"] == [("checkpoint", 5), ("eval", 8), ("checkpoint", 10),
+                                                 ("checkpoint", 15), ("eval", 16), ("checkpoint", 20),
+                                                 ("eval", 24), ("checkpoint", 24), ("end", 24)]
+  assert [c[1] for c in calls if c[0] == "step"] == list(range(1, 25))
+  saved = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert saved["extra"] == straight["extra"] > 0
+  assert [h["step"] for h in saved["history"]["b_norm"]] == [8, 16, 24]
+  # What a hook put in the history is in the checkpoints: a crash after step 10 loses none of it.
+  with pytest.raises(RuntimeError, match="went away"):
+    run(tmp_path / "crashed", task=Toy(fail_at=13), hooks=hooks())
+  calls.clear()
+  resumed = run(tmp_path / "crashed", hooks=hooks())
+  assert resumed["history"]["b_norm"] == straight["history"]["b_norm"]
+  assert calls[0] == ("step", 11)  # resumed after the checkpoint at step 10
 
 
 def test_resume_under_other_settings_is_refused(tmp_path):

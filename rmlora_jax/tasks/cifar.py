@@ -23,10 +23,12 @@ Beyond the trainer's results.json, a run records:
 
 * ``initial_metrics``: the evaluation before any training, i.e. the frozen
   random head alone (the floor of the transfer experiment);
-* ``history.adapter``: per epoch and adapted matrix, rank(dW) (numerical
-  rank, singular values above ``config.analysis.rank_rtol`` times the
-  largest), ``||dW dW^T - I||_F^2`` and the singular values (also as
-  TensorBoard scalars ``adapter/*``), read back from per-epoch checkpoints;
+* ``history.adapter``: at each evaluation (every epoch unless
+  ``config.eval_every_steps`` says otherwise; only the end with
+  ``config.analysis.per_epoch=False``) and per adapted matrix, rank(dW)
+  (numerical rank, singular values above ``config.analysis.rank_rtol`` times
+  the largest), ``||dW dW^T - I||_F^2`` and the singular values (also as
+  TensorBoard scalars ``adapter/*``), recorded by the trainer's hooks;
 * with ``config.save_model``, ``<workdir>/model``: the trained backbone as a
   Hugging Face folder (config.json, model.safetensors,
   preprocessor_config.json) that transformers' ``ViTModel`` and this
@@ -235,22 +237,10 @@ def evaluate_params(task: Any, module: Any, params: Any, batch_size: int) -> dic
   return task.evaluate(lambda batch: step(params, batch), batch_size)
 
 
-def adapter_history(workdir: pathlib.Path, spec: Any, rtol: float) -> list[dict[str, Any]]:
-  """rank(dW), ``||dW dW^T - I||_F^2`` and singular values of every adapter at each kept checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  out = []
-  try:
-    for step in manager.all_steps():
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-      adapters = jax.tree.map(np.asarray, state["trainable"]["adapters"])
-      report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
-      out.append({"step": int(step), **report["per_matrix"]})
-  finally:
-    manager.close()
-  return out
+def adapter_measures(adapters: Any, spec: Any, rtol: float) -> dict[str, Any]:
+  """rank(dW), ``||dW dW^T - I||_F^2`` and the singular values of every adapter (host arrays)."""
+  report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
+  return report["per_matrix"]
 
 
 def _write_adapter_scalars(workdir: pathlib.Path, history: list[dict[str, Any]]) -> None:
@@ -321,45 +311,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   param_specs = partitioning.match_partition_rules(params, partitioning.rules_for("vit"),
                                                    where="partition rules of vit") if not features else None
   settings = experiment.trainer_settings(config)
-  per_epoch = config.analysis.per_epoch and method.spec is not None
-  if per_epoch:  # keep every epoch's adapters, read back below
-    steps_per_epoch = task.num_train_batches(settings.batch_size)
-    epochs = -(-settings.total_steps(steps_per_epoch) // steps_per_epoch)
-    settings = dataclasses.replace(settings, checkpoint_every_steps=steps_per_epoch,
-                                   keep_checkpoints=max(settings.keep_checkpoints, epochs + 1))
+  spec = None if method.spec is None else methods_lib.make_method(method).settings.spec
+  rtol = config.analysis.rank_rtol
   summary = {**experiment.summary(config), "classes": list(train.class_names), "train_images": len(train),
              "test_images": len(test), "frozen_features": features, "adapt": config.adapt,
-             "rank_rtol": config.analysis.rank_rtol}
+             "rank_rtol": rtol}
   if config.score_initial:
     summary["initial_metrics"] = evaluate_params(task, module, params, settings.batch_size)
-  with experiment.config_errors():
-    results = trainer.train_and_evaluate(task, module, params, method, settings, workdir, mesh=mesh,
-                                         param_specs=param_specs, extra_results=summary)
-  if method.spec is not None:
-    built = methods_lib.make_method(method)
-    history = adapter_history(workdir, built.settings.spec, config.analysis.rank_rtol)
-    if not per_epoch:
-      history = history[-1:]
-    results["history"]["adapter"] = history
-    if history:
-      results["adapter_spectra"] = {p: m["singular_values"] for p, m in history[-1].items() if p != "step"}
-      trainable, _ = experiment.trained_state(workdir)
-      results["adapters"] = analysis.delta_report(lora_lib.delta_factors(trainable["adapters"], built.settings.spec),
-                                                  rtol=config.analysis.rank_rtol)
-  elif features:  # full_ft of the classifier alone: dW = W - W0, of full rank
-    trainable, _ = experiment.trained_state(workdir)
-    dw = np.asarray(trainable["params"]["classifier"]["kernel"] - params["classifier"]["kernel"]).T
-    results["adapters"] = analysis.delta_report({"classifier/kernel": dw}, rtol=config.analysis.rank_rtol)
-    results["adapter_spectra"] = {"classifier/kernel": [float(v) for v in analysis.singular_values(dw)]}
-  if config.save_model:
-    trainable, _ = experiment.trained_state(workdir)
-    trained = _merged_params(model.params, trainable, method)
-    results["model_folder"] = str(save_backbone(workdir / "model", trained, model))
-  if jax.process_index() == 0:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if method.spec is not None:
+
+  def after_eval(step, trainable, metrics, history):
+    # Kept in the trainer's history, so a resumed run keeps the epochs before it.
+    adapters = jax.tree.map(np.asarray, partitioning.gather(trainable["adapters"]))
+    history.setdefault("adapter", []).append({"step": int(step), **adapter_measures(adapters, spec, rtol)})
+
+  def at_end(results, trainable):
+    if spec is not None:
+      adapters = jax.tree.map(np.asarray, trainable["adapters"])
+      last = {"step": results["steps"], **adapter_measures(adapters, spec, rtol)}
+      history = results["history"].get("adapter", [])
+      if not history or history[-1]["step"] != last["step"]:
+        history.append(last)
+      results["history"]["adapter"] = history
+      results["adapter_spectra"] = {p: m["singular_values"] for p, m in last.items() if p != "step"}
+      results["adapters"] = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol)
+    elif features:  # full_ft of the classifier alone: dW = W - W0, of full rank
+      dw = np.asarray(trainable["params"]["classifier"]["kernel"] - params["classifier"]["kernel"]).T
+      results["adapters"] = analysis.delta_report({"classifier/kernel": dw}, rtol=rtol)
+      results["adapter_spectra"] = {"classifier/kernel": [float(v) for v in analysis.singular_values(dw)]}
+    if config.save_model:
+      trained = _merged_params(model.params, trainable, method)
+      results["model_folder"] = str(save_backbone(workdir / "model", trained, model))
+    if spec is not None and jax.process_index() == 0:
       _write_adapter_scalars(workdir, results["history"]["adapter"])
-  return results
+    return results
+
+  per_epoch = config.analysis.per_epoch and spec is not None
+  hooks = trainer.Hooks(after_eval=after_eval if per_epoch else None, at_end=at_end)
+  with experiment.config_errors():
+    return trainer.train_and_evaluate(task, module, params, method, settings, workdir, mesh=mesh,
+                                      param_specs=param_specs, extra_results=summary, hooks=hooks)
 
 
 def _merged_params(params: Any, trainable: Any, method: methods_lib.MethodSettings) -> Any:

@@ -140,9 +140,17 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
           "--config.num_epochs=1", "--config.max_steps=10", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=2", "--config.progress=False", "--config.lora.rank=4",
           "--config.rm.num_directions=2", "--config.method=rm_lora", "--config.data.num_buckets=1"]
-  env = {**os.environ, trainer.SIGKILL_ENV: "7"}
-  proc = subprocess.run([sys.executable, "-m", "experiments.glue", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, env=env)
+  # The real entry point, with a trainer hook that dies like a killed job
+  # right after step 7 (an asynchronous checkpoint save may be left half-written).
+  driver = ("import os, runpy, signal, sys\n"
+            "from rmlora_jax import trainer\n"
+            "run = trainer.train_and_evaluate\n"
+            "def kill(step, state, metrics):\n"
+            "  if step == 7: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "trainer.train_and_evaluate = lambda *a, **k: run(*a, **{**k, 'hooks': trainer.Hooks(after_step=kill)})\n"
+            "sys.argv[0] = 'experiments.glue'\n"
+            "runpy.run_module('experiments.glue', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", driver, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert not (killed_dir / "results.json").exists()
   steps = sorted(int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit())
