@@ -12,4 +12,5 @@ def get_config(arg=None):
   config.task = "rte"
   config.sora.xi = 0.005
   config.lora2.ortho_weight = 0.3
+  config.adalora.ortho_weight = 0.3  # the AdaLoRA authors' RTE and STS-B scripts
   return config

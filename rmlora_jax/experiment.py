@@ -192,18 +192,33 @@ def method_options(config: ml_collections.ConfigDict) -> Any:
   return _section(entry.options, config[section], f"config.{section}")
 
 
+def adapter_alpha(config: ml_collections.ConfigDict) -> float:
+  """``config.lora.alpha``; for AdaLoRA with ``config.adalora.alpha_over_rank > 0``, that ratio times its initial rank.
+
+  AdaLoRA scales by alpha over its initial rank (2R by default), so the
+  LoRA family's alpha 32 gives it 2 where its authors' GLUE scripts use 8
+  to 16; ``adalora.alpha_over_rank`` sets that ratio directly.
+  """
+  ratio = config.adalora.get("alpha_over_rank", -1.0)
+  if config.method != "adalora" or ratio <= 0:
+    return float(config.lora.alpha)
+  init_rank, _ = adalora_lib.budget_ranks(config.lora.rank, config.adalora.init_rank, config.adalora.target_rank)
+  return float(ratio * init_rank)
+
+
 def adapter_spec(config: ml_collections.ConfigDict, default_targets: tuple[str, ...]) -> Any:
   """The method's `LoraSpec` (`Lora2Spec` for lora2), None for full_ft.
 
   ``config.lora.targets`` when set, else ``default_targets`` (the model's).
   AdaLoRA starts at ``config.adalora.init_rank`` (unset: 2 * lora.rank),
-  SoRA at ``config.sora.init_rank``, the others at ``config.lora.rank``.
+  SoRA at ``config.sora.init_rank``, the others at ``config.lora.rank``;
+  the alpha is `adapter_alpha`'s.
   """
   entry = methods_lib.get(config.method, where="config.method")
   if not entry.adapts:
     return None
   targets = tuple(config.lora.targets) or tuple(default_targets)
-  common = dict(alpha=config.lora.alpha, targets=targets, init_std=config.lora.init_std)
+  common = dict(alpha=adapter_alpha(config), targets=targets, init_std=config.lora.init_std)
   if config.lora.init != "gaussian" and (entry.two_plane or config.method == "adalora"):
     raise ValueError(f"config.lora.init={config.lora.init!r} applies to the LoRA family and SoRA; "
                      f"{config.method} draws its factors from N(0, config.lora.init_std^2) (set init='gaussian')")
@@ -331,7 +346,7 @@ def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What results.json records of the config besides the trainer's own entries."""
   return {"model": config.model.name_or_path, "preset": config.get("preset", ""),
-          "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
+          "lora": {"rank": config.lora.rank, "alpha": adapter_alpha(config),
                    "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
           "config": config.to_dict()}
 
@@ -367,10 +382,10 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
         init_r=init_r, target_r=schedule.target_rank, tinit=schedule.t_init, tfinal=schedule.t_final,
         delta_t=opts.delta_t, beta1=opts.beta1, beta2=opts.beta2, orth_reg_weight=opts.ortho_weight)
   return peft_anchor.train_peft_lora(
-      task, model, settings, workdir, rank=config.lora.rank, alpha=config.lora.alpha,
+      task, model, settings, workdir, rank=config.lora.rank, alpha=adapter_alpha(config),
       weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm, adalora=adalora,
       extra_results={"model": config.model.name_or_path, "preset": config.get("preset", ""),
-                     "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha}, "config": config.to_dict()})
+                     "lora": {"rank": config.lora.rank, "alpha": adapter_alpha(config)}, "config": config.to_dict()})
 
 
 def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config: Any, head: str,

@@ -295,9 +295,20 @@ def test_adalora_budget_is_2r_to_r_unless_set(tmp_path):
   config = tiny_config("unused", str(tmp_path), tmp_path, method="adalora", **{"lora.rank": 8})
   settings = experiment.method_settings(config, default_targets=(".*kernel",))
   assert (settings.spec.rank, settings.options.target_rank) == (16, 8)
+  # The AdaLoRA authors' scripts: alpha / r = 8 over the initial rank, weight 0.1, window 12% / 44%.
+  assert settings.spec.alpha == 8 * 16 and settings.spec.scale == 8.0
+  assert (settings.options.ortho_weight, settings.options.t_init_ratio, settings.options.t_final_ratio) == (
+      0.3, 0.12, 0.44)  # RTE's weight
   config.adalora.init_rank, config.adalora.target_rank = 12, 6
   settings = experiment.method_settings(config, default_targets=(".*kernel",))
-  assert (settings.spec.rank, settings.options.target_rank) == (12, 6)
+  assert (settings.spec.rank, settings.options.target_rank, settings.spec.alpha) == (12, 6, 96.0)
+  config.adalora.alpha_over_rank = -1.0  # the LoRA family's alpha, as before
+  assert experiment.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
+  config.method = "lora"  # the ratio is AdaLoRA's alone
+  config.adalora.alpha_over_rank = 8.0
+  assert experiment.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
+  from configs import rte, stsb, sst2  # pylint: disable=g-import-not-at-top
+  assert [m.get_config().adalora.ortho_weight for m in (rte, stsb, sst2)] == [0.3, 0.3, 0.1]
 
 
 def test_results_report_best_and_final_evaluations(tiny_bert, tiny_glue, tmp_path):
@@ -330,6 +341,8 @@ def test_peft_adalora_anchor_prunes_to_the_budget_ours_does(tiny_bert, tiny_glue
     assert r["total_rank"] == {"initial": 48, "final": 24}
     assert head < r["inference_params"] < r["trainable_params"]
   assert min(h["penalty"] for h in peft["history"]["train"]) > 0
-  # The anchor's own check of PEFT's regulariser: its recorded penalty is 0.5 x the
-  # mean plain Frobenius deviation, which starts near 0.5 x sqrt(r) for small factors.
-  assert 0.5 * np.sqrt(4) * 0.8 < peft["history"]["train"][0]["penalty"] < 0.5 * np.sqrt(4) * 1.01
+  # The anchor's own check of PEFT's regulariser: its recorded penalty is the weight
+  # (RTE's 0.3) x the mean plain Frobenius deviation, near sqrt(r) for small factors.
+  w = peft_config.adalora.ortho_weight
+  assert w == 0.3 and w * np.sqrt(4) * 0.8 < peft["history"]["train"][0]["penalty"] < w * np.sqrt(4) * 1.01
+  assert peft["lora"]["alpha"] == ours["lora"]["alpha"] == 8 * 4  # alpha / r = 8 on both sides
