@@ -1,4 +1,4 @@
-"""Train-step benchmark: rmlora_jax methods against the floor and PEFT (issue 7).
+"""Train-step benchmark: rmlora_jax methods against the floor and PEFT.
 
 The argument after the colon picks the shape (default ``minilm``)::
 

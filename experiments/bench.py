@@ -1,4 +1,4 @@
-"""Times the library's train step per method against the floor and PEFT (issue 7).
+"""Times the library's train step per method against the floor and PEFT.
 
 In one process, on random weights of one BERT shape (the same weights in
 every runner: ours are converted from the PyTorch model), it times

@@ -140,7 +140,7 @@ def _unfused_on_cpu(count: Array, draw: Callable[[Array], Any]) -> Any:
   Every adapter's mask is a row of one shared draw. XLA:CPU would fuse each
   row's slice into the update that reads it, making every adapter's update
   a kernel of its own, and compiling those was most of what the masks added
-  to a step's compile time (docs/BENCHMARKS.md, issue 13's fifth pass).
+  to a step's compile time (docs/BENCHMARKS.md).
   A conditional's outputs are buffers, so same-shaped factors share one
   kernel. (An optimisation barrier would not do: XLA:CPU drops barriers
   before fusing. A ``count`` known at compile time folds the conditional

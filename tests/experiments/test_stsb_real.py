@@ -1,4 +1,4 @@
-"""STS-B regression learns on real data (issue 20).
+"""STS-B regression learns on real data.
 
 A short real run: the embedded MiniLM, LoRA rank 8 on all six matrices, 100
 steps of batch 32 on the shared STS-B training file with 500 held-out pairs
