@@ -94,6 +94,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.warmup_ratio = 0.06  # linear warm-up, then linear decay to 0
   c.optim.max_grad_norm = 1.0  # <= 0: no clipping
+  # Micro-batches per optimizer step (gradient accumulation): batch_size stays
+  # the examples per optimizer step, each micro-batch batch_size / this; steps
+  # (max_steps, eval/log/checkpoint_every_steps) count optimizer steps.
+  c.optim.accumulate_steps = 1
   # A step whose loss or gradient norm is nan/inf is skipped (not applied); this
   # many in a row stop the run, its last checkpoint intact and resumable.
   c.optim.max_nonfinite_steps = 10

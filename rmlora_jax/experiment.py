@@ -59,6 +59,7 @@ RESUMABLE_CHANGES = ("workdir", "progress", "log_every_steps", "eval_every_steps
 # Typed settings -> the config names their fields come from, for error messages.
 _CONFIG_NAMES: dict[str, str] = {
     "TrainerSettings.seed": "config.seed", "TrainerSettings.batch_size": "config.batch_size",
+    "TrainerSettings.accumulate_steps": "config.optim.accumulate_steps",
     "TrainerSettings.num_epochs": "config.num_epochs", "TrainerSettings.max_steps": "config.max_steps",
     "TrainerSettings.learning_rate": "config.learning_rate", "TrainerSettings.warmup_ratio": "config.optim.warmup_ratio",
     "TrainerSettings.log_every_steps": "config.log_every_steps",
@@ -149,6 +150,12 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
   return DEFAULT_LEARNING_RATES.get(config.method, ADAPTER_LEARNING_RATE)
 
 
+# Keys added after runs were made, with the value that reproduces those runs:
+# a run's fingerprint leaves them out at that value, so its checkpoints resume.
+_LATER_KEYS = {"init_adapters": "", "preset": "", "optim.accumulate_steps": 1, "rm.mask_start_step": 0,
+               "rm.mask_sets": "shared", "rm.emulate_frozen_head": False, "lora2.variant": "paper"}
+
+
 def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The flattened settings that decide a run's numbers (stored in its checkpoints)."""
   flat = {}
@@ -158,8 +165,8 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
       name = f"{prefix}{key}"
       if any(name == r or name.startswith(r + ".") for r in RESUMABLE_CHANGES):
         continue
-      if name == "init_adapters" and not value:
-        continue  # unset: the fingerprints of runs from before the key stay as they were
+      if name in _LATER_KEYS and value == _LATER_KEYS[name]:
+        continue  # at its neutral value: the fingerprints of runs from before the key stay as they were
       if isinstance(value, dict):
         walk(value, name + ".")
       else:

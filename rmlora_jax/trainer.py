@@ -77,8 +77,13 @@ class TrainerSettings:
 
   # Seeds the adapters' initialisation, the data order and dropout.
   seed: int = 0
-  # Global batch size (all processes together).
+  # Global batch size (all processes together): examples per optimizer step.
   batch_size: int = 32
+  # Micro-batches per optimizer step (gradient accumulation): each of
+  # batch_size / accumulate_steps examples; their gradients are averaged
+  # (optax.MultiSteps), so the method's step counts (RM-LoRA's draws, the
+  # budget schedules, the learning rate) advance once per optimizer step.
+  accumulate_steps: int = 1
   num_epochs: int = 3
   # > 0: this many steps instead of num_epochs' worth.
   max_steps: int = -1
@@ -100,8 +105,8 @@ class TrainerSettings:
   fingerprint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    for name in ("batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                 "max_nonfinite_steps"):
+    for name in ("batch_size", "accumulate_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+                 "keep_checkpoints", "max_nonfinite_steps"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"TrainerSettings.{name} must be a positive integer, got {value!r}")
@@ -113,10 +118,24 @@ class TrainerSettings:
       raise ValueError(f"TrainerSettings.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"TrainerSettings.learning_rate must be positive, got {self.learning_rate!r}")
+    if self.batch_size % self.accumulate_steps:
+      raise ValueError(f"TrainerSettings.batch_size={self.batch_size} is not a multiple of "
+                       f"TrainerSettings.accumulate_steps={self.accumulate_steps}")
+
+  @property
+  def micro_batch_size(self) -> int:
+    """Examples per micro-batch: ``batch_size / accumulate_steps``."""
+    return self.batch_size // self.accumulate_steps
 
   def total_steps(self, steps_per_epoch: int) -> int:
-    """``max_steps`` when set, else ``num_epochs`` epochs."""
-    return self.max_steps if self.max_steps > 0 else steps_per_epoch * self.num_epochs
+    """``max_steps`` when set, else ``num_epochs`` epochs: optimizer steps.
+
+    ``steps_per_epoch`` counts micro-batches (batches when not accumulating);
+    an epoch's last incomplete optimizer step carries over into the next.
+    """
+    if self.max_steps > 0:
+      return self.max_steps
+    return max(steps_per_epoch * self.num_epochs // self.accumulate_steps, 1)
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -225,17 +244,20 @@ def train_and_evaluate(
   workdir = pathlib.Path(workdir)
   hooks = hooks or Hooks()
   mesh = mesh if mesh is not None else partitioning.make_mesh({"data": -1, "fsdp": 1, "model": 1})
-  partitioning.check_batch_size(settings.batch_size, mesh)
+  partitioning.check_batch_size(settings.micro_batch_size, mesh)
+  k = settings.accumulate_steps
   primary = jax.process_index() == 0
   if param_specs is None:
     param_specs = jax.tree.map(lambda _: P(), params)
   params = partitioning.put_sharded(params, partitioning.named_shardings(params, param_specs, mesh))
-  steps_per_epoch = task.num_train_batches(settings.batch_size)
-  total_steps = settings.total_steps(steps_per_epoch)
+  steps_per_epoch = task.num_train_batches(settings.micro_batch_size)  # micro-batches
+  total_steps = settings.total_steps(steps_per_epoch)  # optimizer steps
   method = methods_lib.make_method(dataclasses.replace(method, total_steps=total_steps))
   if init_trainable is not None:
     method = dataclasses.replace(method, init=lambda key, p, init=method.init: init_trainable(init(key, p)))
   tx = method.optimizer(lr_schedule(settings.learning_rate, total_steps, settings.warmup_ratio))
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k)
   state, state_sh = training.init_state(method, tx, params, key=training.stream_key(settings.seed, training.INIT_STREAM),
                                         mesh=mesh, param_specs=param_specs)
   frozen = method.frozen(params)
@@ -267,7 +289,7 @@ def train_and_evaluate(
   if examples is not None:
     train_step = training.AheadOfTime(train_step, state, frozen, mesh=mesh)
     eval_step = training.AheadOfTime(eval_step, state.trainable, frozen, mesh=mesh)
-    train_step.prepare(examples(settings.batch_size, training=True))
+    train_step.prepare(examples(settings.micro_batch_size, training=True))
     eval_step.prepare(examples(settings.batch_size, training=False))
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -276,20 +298,24 @@ def train_and_evaluate(
   writer = SummaryWriter(str(workdir / "tensorboard")) if primary else None
   bar = tqdm(total=total_steps, initial=start, desc=f"{task.name} {method.settings.name}",
              disable=not (settings.progress and primary), dynamic_ncols=True, unit="step")
-  eval_every = settings.eval_every_steps if settings.eval_every_steps > 0 else steps_per_epoch
+  eval_every = settings.eval_every_steps if settings.eval_every_steps > 0 else max(steps_per_epoch // k, 1)
   batches = None
   nonfinite = NonFiniteGuard(settings.max_nonfinite_steps, total=skipped_before)
   tick = time.perf_counter()
   try:
     for step in range(start, total_steps):
-      epoch, index = divmod(step, steps_per_epoch)
-      if batches is None or index == 0:
-        batches = task.train_batches(settings.batch_size, seed=settings.seed, epoch=epoch, start=index)
-      state, m = train_step(state, frozen, put(next(batches)))
       done = step + 1
-      nonfinite.observe(done, m["finite"], ckpt)
+      micro_metrics = []
+      for micro in range(step * k, done * k):  # one optimizer step: k micro-batches
+        epoch, index = divmod(micro, steps_per_epoch)
+        if batches is None or index == 0:
+          batches = task.train_batches(settings.micro_batch_size, seed=settings.seed, epoch=epoch, start=index)
+        state, m = train_step(state, frozen, put(next(batches)))
+        nonfinite.observe(done, m["finite"], ckpt)
+        micro_metrics.append(m)
       if done % settings.log_every_steps == 0 or done == total_steps:
-        m = {k: float(v) for k, v in m.items() if k != "finite"}
+        # Over the optimizer step's micro-batches: their mean (the loss the step's gradient is of).
+        m = {name: float(np.mean([float(mm[name]) for mm in micro_metrics])) for name in m if name != "finite"}
         history["train"].append({"step": done, **m})
         _add_scalars(writer, "train", m, done)
         bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
@@ -340,6 +366,8 @@ def train_and_evaluate(
   trainable = partitioning.gather(state.trainable)  # whole, on every process
   results = _results(task, method, settings, trainable, history, train_time, total_steps)
   results["nonfinite_steps"] = nonfinite.total
+  if k > 1:
+    results["accumulate_steps"] = k
   results.update(extra_results or {})
   if hooks.at_end is not None:
     results = hooks.at_end(results, trainable)

@@ -153,3 +153,55 @@ def test_learning_rate_schedule_is_linear_warmup_then_decay():
 def test_bad_trainer_settings_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message):
     trainer.TrainerSettings(**overrides)
+
+
+class Linear(nn.Module):
+  """The toy net without dropout: micro-batches and the whole batch see the same function."""
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    del deterministic
+    return nn.Dense(1, name="out")(nn.tanh(nn.Dense(16, name="hidden")(x)))[:, 0]
+
+
+ACCUMULATED = {
+    "lora": None, "rm_lora": methods.RmOptions(num_directions=2),
+    "adalora": methods.AdaLoraOptions(target_rank=2, t_init_ratio=0.1, t_final_ratio=0.3, delta_t=2),
+    "sora": methods.SoraOptions(variant="released", xi=1e-3),
+    "lora2": methods.Lora2Options(target_rank=2, t_init_ratio=0.1, t_final_ratio=0.3, delta_t=2),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATED))
+def test_k_micro_batches_make_the_same_step_as_one_batch_of_k_times_the_size(name, tmp_path):
+  spec = (rl.Lora2Spec(k=2, r=4, alpha=8.0, targets=("hidden/kernel",)) if name == "lora2"
+          else rl.LoraSpec(rank=4, alpha=8.0, targets=("hidden/kernel",)))
+  method = methods.MethodSettings(name=name, spec=spec, train_patterns=("out/.*",), options=ACCUMULATED[name])
+  params = Linear().init(jax.random.key(0), X[:1])["params"]
+  common = dict(batch_size=8, num_epochs=3, learning_rate=1e-2, log_every_steps=1, eval_every_steps=4,
+                checkpoint_every_steps=5, progress=False)
+  whole = trainer.train_and_evaluate(Toy(), Linear(), params, method, trainer.TrainerSettings(**common),
+                                     tmp_path / "whole")
+  split = trainer.train_and_evaluate(Toy(), Linear(), params, method,
+                                     trainer.TrainerSettings(accumulate_steps=4, **common), tmp_path / "split")
+  assert split["steps"] == whole["steps"] == 24 and split["accumulate_steps"] == 4
+  # The same optimizer steps: losses (the mean over a step's micro-batches), evaluations, adapters and ranks.
+  for key in ("task_loss", "penalty"):
+    np.testing.assert_allclose([h[key] for h in split["history"]["train"]],
+                               [h[key] for h in whole["history"]["train"]], rtol=1e-6, atol=1e-6)
+  assert [e["step"] for e in split["history"]["eval"]] == [4, 8, 12, 16, 20, 24]
+  np.testing.assert_allclose([e["neg_mse"] for e in split["history"]["eval"]],
+                             [e["neg_mse"] for e in whole["history"]["eval"]], rtol=1e-5)
+  assert split["ranks"] == whole["ranks"]
+  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
+  got, want = experiment.trained_state(tmp_path / "split")[0], experiment.trained_state(tmp_path / "whole")[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+  # Killed in the middle of an optimizer step (micro-batch 26 of step 7), resumed from step 5's checkpoint.
+  with pytest.raises(RuntimeError, match="went away"):
+    trainer.train_and_evaluate(Toy(fail_at=26), Linear(), params, method,
+                               trainer.TrainerSettings(accumulate_steps=4, **common), tmp_path / "crashed")
+  resumed = trainer.train_and_evaluate(Toy(), Linear(), params, method,
+                                       trainer.TrainerSettings(accumulate_steps=4, **common), tmp_path / "crashed")
+  assert resumed["history"] == split["history"]
+  with pytest.raises(ValueError, match=r"batch_size=8 is not a multiple of TrainerSettings.accumulate_steps=3"):
+    trainer.TrainerSettings(accumulate_steps=3, **common)

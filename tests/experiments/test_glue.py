@@ -78,6 +78,13 @@ def test_every_method_runs_end_to_end(method, tiny_bert, tiny_glue, tmp_path):
   assert (max(penalties) > 0) == (method in ("r_lora", "rm_lora", "adalora", "lora2"))
 
 
+def test_gradient_accumulation_runs_the_glue_experiment(tiny_bert, tiny_glue, tmp_path):
+  config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="rm_lora", **{"optim.accumulate_steps": 2})
+  results = glue_task.train_and_evaluate(config, config.workdir)
+  assert results["steps"] == 6 and results["accumulate_steps"] == 2
+  assert [h["step"] for h in results["history"]["train"]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_rm_lora_moves_only_selected_directions(tiny_bert, tiny_glue, tmp_path):
   # One step of the real experiment: with masks before and after AdamW, the
   # unselected rows of every `a` keep their initial values.
@@ -171,6 +178,7 @@ def test_sigkilled_run_resumes_to_identical_results(tiny_bert, tiny_glue, tmp_pa
     ({"batch_size": 0}, r"config.batch_size must be a positive integer"),
     ({"rm.mask_mode": "both"}, r"mask_mode must be one of"),
     ({"rm.mask_period": 0}, r"config.rm.mask_period must be a positive integer"),
+    ({"optim.accumulate_steps": 3}, r"config.batch_size=8 is not a multiple of config.optim.accumulate_steps=3"),
     ({"rm.mask_sets": "v2"}, r"config.rm.mask_sets must be one of \('shared', 'independent'\), got 'v2'"),
     ({"rm.mask_start_step": -1}, r"config.rm.mask_start_step must be a non-negative integer"),
     ({"lora.apply": "lowrank"}, r"config.lora.apply must be one of"),
