@@ -140,6 +140,51 @@ def test_two_processes_match_one_and_resume_in_a_new_pair(tiny_bert_one_layer, t
   assert resumed["adapters"]["per_matrix"] == got["adapters"]["per_matrix"]
 
 
+# The GLUE entry point, stopped by an exception from a trainer hook right after
+# step $STOP_AT (the trainer waits for that step's checkpoint before it exits).
+_STOPPING = ("import os, runpy, sys\n"
+             "from rmlora_jax import trainer\n"
+             "run, stop = trainer.train_and_evaluate, int(os.environ.get('STOP_AT', '0'))\n"
+             "def after_step(step, state, metrics):\n"
+             "  if step == stop: raise SystemExit(3)\n"
+             "trainer.train_and_evaluate = lambda *a, **k: run(*a, **{**k, 'hooks': trainer.Hooks(after_step=after_step)})\n"
+             "sys.argv[0] = 'experiments.glue'\n"
+             "runpy.run_module('experiments.glue', run_name='__main__')\n")
+
+
+def _run_glue(config, devices, log, stop_at=0):
+  env = dict(_env(devices), STOP_AT=str(stop_at))
+  proc = subprocess.run([sys.executable, "-c", _STOPPING, *_flags(config)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  log.write_text(proc.stdout + proc.stderr)
+  assert proc.returncode == (3 if stop_at else 0), proc.stderr[-4000:]
+
+
+def test_a_run_checkpointed_on_one_mesh_resumes_on_another(tiny_bert_one_layer, tiny_glue, tmp_path):
+  """8 devices as 1x8x1 (weights split 8 ways), resumed on 4 devices as 2x2x1, then back on 8: as if never moved."""
+  def config(workdir, data, fsdp):
+    c = tiny_config(tiny_bert_one_layer, tiny_glue, workdir, method="rm_lora", max_steps=8)
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = data, fsdp, 1
+    return c
+
+  _run_glue(config(tmp_path / "straight", 1, -1), 8, tmp_path / "straight.log")
+  straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+  moved_dir = tmp_path / "moved"
+  _run_glue(config(moved_dir, 1, -1), 8, tmp_path / "to_4.log", stop_at=4)
+  _run_glue(config(moved_dir, 2, 2), 4, tmp_path / "to_6.log", stop_at=6)
+  assert "resumed from step 4" in (tmp_path / "to_6.log").read_text()
+  _run_glue(config(moved_dir, 1, -1), 8, tmp_path / "to_8.log")
+  assert "resumed from step 6" in (tmp_path / "to_8.log").read_text()
+  moved = json.loads((moved_dir / "results.json").read_text())
+  assert moved["steps"] == straight["steps"] == 8
+  for a, b in zip(moved["history"]["train"], straight["history"]["train"], strict=True):
+    assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+  for key, value in straight["metrics"].items():
+    assert moved["metrics"][key] == pytest.approx(value, abs=1e-6), key
+  for path, stats in straight["adapters"]["per_matrix"].items():
+    assert moved["adapters"]["per_matrix"][path]["frobenius_norm"] == pytest.approx(stats["frobenius_norm"], rel=1e-4)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"mesh.data": 2}, r"the mesh size 2 does not divide the 1 devices"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, r"only one axis may be -1"),
