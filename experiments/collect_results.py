@@ -12,7 +12,8 @@ averaged over runs where pruning makes them differ, marked ~) and the total
 rank over adapters at the start and end. A second table gives, per task,
 the adapters' mean effective rank of dW and mean ||dW dWᵀ − I||_F² (the
 paper's Table 4), the share of the initial rank pruned by the end
-(AdaLoRA, SoRA, LoRA²) and the mean training time. ``--plot`` also draws
+(AdaLoRA, SoRA, LoRA²), the mean training time and the mean ||dW||_F (how
+far the updates moved; blank for results.json files from before it). ``--plot`` also draws
 one panel per task: every seed's score as a dot, the mean as a line with
 ±1 std, methods in the table's order.
 
@@ -97,6 +98,7 @@ class Collection:
     self.scores = collections.defaultdict(dict)  # (method, task) -> {seed: main metric}
     self.ranks = collections.defaultdict(list)
     self.orthos = collections.defaultdict(list)
+    self.norms = collections.defaultdict(list)  # (method, task) -> mean ||dW||_F over adapters
     self.pruned = collections.defaultdict(list)  # (method, task) -> share of the initial total rank pruned
     self.times = collections.defaultdict(list)  # (method, task) -> training seconds
     self.trainable: dict[str, list[int]] = collections.defaultdict(list)
@@ -123,6 +125,8 @@ class Collection:
       if summary:
         self.ranks[key].append(summary["mean_effective_rank"])
         self.orthos[key].append(summary["mean_ortho_loss"])
+        if "mean_frobenius_norm" in summary:  # results.json from before the measure lack it
+          self.norms[key].append(summary["mean_frobenius_norm"])
       if "train_time_s" in r:
         self.times[key].append(float(r["train_time_s"]))
       self.trainable[label].append(int(r["trainable_params"]))
@@ -171,9 +175,9 @@ def table(results: Collection | Iterable[dict | tuple[str, dict]], score: str = 
     params = f"{_cell(c.trainable[m], '{:,.0f}')} / {_cell(c.inference[m], '{:,.0f}')}"
     ranks = f"{_cell(c.rank_start[m], '{:.0f}')} / {_cell(c.rank_end[m], '{:.0f}')}" if c.rank_start[m] else ""
     out.append(f"| {m} | {params} | {ranks} | " + " | ".join(row) + " |")
-  out += ["", "| method | " + " | ".join(f"{t} rank(dW) | {t} ‖dWdWᵀ−I‖² | {t} pruned | {t} train s"
+  out += ["", "| method | " + " | ".join(f"{t} rank(dW) | {t} ‖dWdWᵀ−I‖² | {t} pruned | {t} train s | {t} ‖dW‖_F"
                                        for t in c.tasks) + " |",
-          "|---|" + "---|---|---|---|" * len(c.tasks)]
+          "|---|" + "---|---|---|---|---|" * len(c.tasks)]
   for m in c.methods:
     row = []
     for t in c.tasks:
@@ -181,6 +185,7 @@ def table(results: Collection | Iterable[dict | tuple[str, dict]], score: str = 
       row.append(f"{np.mean(c.orthos[(m, t)]):.2f}" if c.orthos[(m, t)] else "")
       row.append(f"{100 * np.mean(c.pruned[(m, t)]):.1f}%" if c.pruned[(m, t)] else "")
       row.append(f"{np.mean(c.times[(m, t)]):.0f}" if c.times[(m, t)] else "")
+      row.append(f"{np.mean(c.norms[(m, t)]):.3f}" if c.norms[(m, t)] else "")
     out.append(f"| {m} | " + " | ".join(row) + " |")
   return "\n".join(out) + "\n"
 

@@ -23,7 +23,8 @@ def result(task, method, seed, score, *, metric="accuracy", rank=8.0, ortho=500.
          "inference_params": params * final_rank // 96,
          "total_rank": {"initial": 96, "final": final_rank}, "train_time_s": time,
          "best": {"step": 5, metric: score if best is None else best},
-         "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho}}}
+         "adapters": {"summary": {"mean_effective_rank": rank, "mean_ortho_loss": ortho,
+                                  "mean_frobenius_norm": 0.1 * (seed + 1)}}}
   if variant:
     out["config"] = {"sora": {"variant": variant}}
   return out
@@ -74,9 +75,10 @@ def test_second_table_averages_rank_and_orthogonality():
   md = collect_results.table(all_results())
   second = md.split("\n\n")[1]
   row = next(l for l in second.splitlines() if l.startswith("| rm_lora "))
-  # rm_lora on cola: seeds 0, 1, 2 -> ranks 7, 8, 9 and ortho 0, 100, 200; nothing
-  # pruned, 10 s each; no sst2 runs.
-  assert [c.strip() for c in row.split("|")[1:10]] == ["rm_lora", "8.00", "100.00", "0.0%", "10", "", "", "", ""]
+  # rm_lora on cola: seeds 0, 1, 2 -> ranks 7, 8, 9, ortho 0, 100, 200, ||dW||_F 0.1, 0.2, 0.3;
+  # nothing pruned, 10 s each; no sst2 runs.
+  assert [c.strip() for c in row.split("|")[1:12]] == ["rm_lora", "8.00", "100.00", "0.0%", "10", "0.200",
+                                                       "", "", "", "", ""]
 
 
 def test_best_scores_pruning_and_the_released_sora_row():
