@@ -175,6 +175,7 @@ class AheadOfTime:
     self._futures: dict[tuple, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
     self._queue: queue.SimpleQueue | None = None
+    self._thread: threading.Thread | None = None
 
   def prepare(self, batches: Iterable[Mapping[str, Any]]) -> None:
     """Starts compiling, in the background and in order, for the shapes of ``batches`` (numpy or arrays)."""
@@ -185,8 +186,9 @@ class AheadOfTime:
           continue
         if self._queue is None:
           self._queue = queue.SimpleQueue()
-          # A daemon: a run that stops early does not wait for shapes it no longer needs.
-          threading.Thread(target=self._work, name="rmlora-compile", daemon=True).start()
+          # A daemon, should `close` never be called; `close` drops the shapes not begun.
+          self._thread = threading.Thread(target=self._work, name="rmlora-compile", daemon=True)
+          self._thread.start()
         self._futures[key] = future = concurrent.futures.Future()
         self._queue.put((key, future))
 
@@ -210,12 +212,19 @@ class AheadOfTime:
     return future.result()(*args)
 
   def close(self) -> None:
-    """Drops the compilations not begun and stops the thread after the one running, if any."""
+    """Drops the compilations not begun and waits for the one running, if any, to end the thread.
+
+    Waiting matters: a process that exits while XLA compiles on a daemon
+    thread is aborted mid-compile (SIGABRT, after its results were written).
+    """
     with self._lock:
       for future in self._futures.values():
         future.cancel()
       if self._queue is not None:
         self._queue.put(None)
+      thread = self._thread
+    if thread is not None and thread is not threading.current_thread():
+      thread.join()
 
   def _compile(self, key: tuple) -> Any:
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding) for name, shape, dtype in key}

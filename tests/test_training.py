@@ -1,5 +1,8 @@
 """Checkpointer: what a checkpoint records is what was true at its step; AheadOfTime: steps compiled per shape."""
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +82,24 @@ def test_ahead_of_time_after_close_and_with_a_failing_shape():
   aot.close()  # Shapes not begun are dropped; calls still compile them on the spot.
   state, _ = aot(state, frozen, partitioning.put_batch(_batch(2, 7, 1), mesh))
   assert float(state) == 14.0
+
+
+def test_ahead_of_time_close_waits_for_the_compile_running():
+  """A process must not exit while XLA compiles on the daemon thread (it aborts): close() waits for it."""
+  mesh = training.make_mesh(1)
+  rep = training.replicated(mesh)
+  started = threading.Event()
+
+  def step(state, frozen, batch):
+    started.set()  # traced on the background thread
+    time.sleep(0.5)  # a compile that is still running when close() is called
+    return state + jnp.sum(batch["x"]), state
+
+  jitted = jax.jit(step, in_shardings=(rep, rep, training.data_sharded(mesh)))
+  state, frozen = jax.device_put(jnp.float32(0.0), rep), jax.device_put(jnp.float32(0.0), rep)
+  aot = training.AheadOfTime(jitted, state, frozen, mesh=mesh)
+  aot.prepare([_batch(2, 3, 0), _batch(2, 4, 0)])
+  assert started.wait(10)
+  aot.close()
+  threads = [t for t in threading.enumerate() if t.name == "rmlora-compile"]
+  assert not threads, threads  # joined: the running compile finished, the queued one was dropped
