@@ -38,18 +38,30 @@ methods=${METHODS:-"peft_lora lora r_lora gm_lora rm_lora"}
 conditions=${CONDITIONS:-default}
 mkdir -p runs/table
 
+# The folder of one run: runs/table/<task>_<method>[@<preset>[+frozen_head]][$TAG]_s<seed>.
+workdir_of() {
+  local task=$1 method=$2 seed=$3 condition=$4 suffix=""
+  case "$condition" in
+    authors) suffix=@authors ;;
+    authors_frozen_head) suffix=@authors+frozen_head ;;
+  esac
+  echo "runs/table/${task}_${method}${suffix}${TAG:-}_s${seed}"
+}
+export -f workdir_of
+
 run_one() {
   local task=$1 method=$2 seed=$3 condition=$4
-  local arg=model=minilm suffix="" extra=()
+  local arg=model=minilm extra=()
   case "$condition" in
     default) ;;
-    authors) arg+=,preset=authors; suffix=@authors ;;
-    authors_frozen_head) arg+=,preset=authors; suffix=@authors+frozen_head
+    authors) arg+=,preset=authors ;;
+    authors_frozen_head) arg+=,preset=authors
                          extra=(--config.rm.emulate_frozen_head=True)
                          case "$method" in peft_*) return 0 ;; esac ;;
     *) echo "unknown condition $condition" >&2; return 1 ;;
   esac
-  local workdir=runs/table/${task}_${method}${suffix}${TAG:-}_s${seed}
+  local workdir
+  workdir=$(workdir_of "$task" "$method" "$seed" "$condition")
   [ -f "$workdir/results.json" ] && return 0
   exec 9>"$workdir.lock"
   flock -n 9 || { echo "$(date +%T) skip  $workdir (another sweep is running it)" >&2; return 0; }
@@ -88,8 +100,17 @@ workers=$!
 trap 'kill -- -"$workers" 2>/dev/null; rm -f "$queue"; exit 130' INT TERM
 status=0
 wait "$workers" || status=$?
+# The tables of this sweep's runs (other sweeps' runs in runs/table, a TAG's
+# setting sweep say, would repeat method and seed).
+finished=()
+while read -r task method seed condition; do
+  file=$(workdir_of "$task" "$method" "$seed" "$condition")/results.json
+  [ -f "$file" ] && finished+=("$file")
+done < "$queue"
 rm -f "$queue"
-.venv/bin/python -m experiments.collect_results 'runs/table/*/results.json' --plot=runs/table/scores.png
-echo
-.venv/bin/python -m experiments.collect_results 'runs/table/*/results.json' --score=best
+if [ "${#finished[@]}" -gt 0 ]; then
+  .venv/bin/python -m experiments.collect_results "${finished[@]}" --plot=runs/table/scores.png
+  echo
+  .venv/bin/python -m experiments.collect_results "${finished[@]}" --score=best
+fi
 exit "$status"
