@@ -111,7 +111,11 @@ def as_adapters(tree: Any) -> dict[str, dict[str, jax.Array]]:
     ValueError: no factors, an unpaired factor, or shapes that do not pair.
   """
   flat = paths_lib.flatten_with_paths(tree)
-  pairs = _pairs(flat)
+  return _view(flat, _pairs(flat))
+
+
+def _view(flat: Mapping[str, Any], pairs: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, jax.Array]]:
+  """`as_adapters` of a flattened tree whose pairs `_pairs` found."""
   if not pairs:
     raise ValueError("as_adapters found no qwix LoRA factors (leaves named *_lora_a and *_lora_b) in the tree; "
                      "pass the model's LoRA state, e.g. nnx.state(model, nnx.LoRAParam)")
@@ -131,8 +135,13 @@ def from_adapters(adapters: Mapping[str, Mapping[str, jax.Array]], like: Any) ->
   Raises:
     ValueError: ``adapters`` lacks an adapter of ``like``.
   """
+  return _replace(like, adapters, {})
+
+
+def _replace(like: Any, adapters: Mapping[str, Mapping[str, jax.Array]], other: Mapping[str, Any]) -> Any:
+  """``like`` with its factors from ``adapters`` (transposed back) and the leaves named in ``other``."""
   flat = paths_lib.flatten_with_paths(like)
-  values = {}
+  values = dict(other)
   for adapter, names in _pairs(flat).items():
     a, b = flat[names["a"]], flat[names["b"]]
     paths = _batch_paths(adapter, _layout(adapter, a, b))
@@ -147,14 +156,13 @@ def from_adapters(adapters: Mapping[str, Mapping[str, jax.Array]], like: Any) ->
 def _split(tree: Any) -> dict[str, Any]:
   """``{"adapters": as_adapters(tree), "other": {path: leaf}}`` for the leaves that are no LoRA factor."""
   flat = paths_lib.flatten_with_paths(tree)
-  factor_paths = {p for names in _pairs(flat).values() for p in names.values()}
-  return {"adapters": as_adapters(tree), "other": {p: x for p, x in flat.items() if p not in factor_paths}}
+  pairs = _pairs(flat)
+  factor_paths = {p for names in pairs.values() for p in names.values()}
+  return {"adapters": _view(flat, pairs), "other": {p: x for p, x in flat.items() if p not in factor_paths}}
 
 
 def _join(split: Mapping[str, Any], like: Any) -> Any:
-  merged = from_adapters(split["adapters"], like)
-  other = split["other"]
-  return jax.tree_util.tree_map_with_path(lambda kp, x: other.get(paths_lib.path_str(kp), x), merged)
+  return _replace(like, split["adapters"], split["other"])
 
 
 def in_adapter_layout(inner: optax.GradientTransformation) -> optax.GradientTransformation:

@@ -327,13 +327,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   def at_end(results, trainable):
     if spec is not None:
       adapters = jax.tree.map(np.asarray, trainable["adapters"])
-      last = {"step": results["steps"], **adapter_measures(adapters, spec, rtol)}
-      history = results["history"].get("adapter", [])
-      if not history or history[-1]["step"] != last["step"]:
-        history.append(last)
-      results["history"]["adapter"] = history
-      results["adapter_spectra"] = {p: m["singular_values"] for p, m in last.items() if p != "step"}
-      results["adapters"] = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol)
+      # One factored SVD of each update gives the last history entry, the
+      # spectra and results["adapters"] (its measures without the spectra).
+      report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
+      history = results["history"].setdefault("adapter", [])
+      if not history or history[-1]["step"] != results["steps"]:
+        history.append({"step": results["steps"], **report["per_matrix"]})
+      results["adapter_spectra"] = {p: m["singular_values"] for p, m in report["per_matrix"].items()}
+      results["adapters"] = {"summary": report["summary"],
+                             "per_matrix": {p: {k: v for k, v in m.items() if k != "singular_values"}
+                                            for p, m in report["per_matrix"].items()}}
     elif features:  # full_ft of the classifier alone: dW = W - W0, of full rank
       dw = np.asarray(trainable["params"]["classifier"]["kernel"] - params["classifier"]["kernel"]).T
       results["adapters"] = analysis.delta_report({"classifier/kernel": dw}, rtol=rtol)
