@@ -12,7 +12,7 @@ The argument after the colon picks the shape (default ``minilm``)::
 Shapes are random-weight BERT encoders: ``minilm`` (all-MiniLM-L6-v2's shape),
 ``bert-base``, and ``tiny`` (for the test); and random-weight Llama decoders
 timed on the SFT task's response-only next-token loss: ``smollm2``
-(SmolLM2-135M's shape, at the SFT experiment's batch 8 and 320 tokens) and
+(SmolLM2-135M's shape, at the SFT experiment's batch 4 and 256 tokens) and
 ``tiny-llama`` (for the test).
 """
 
@@ -111,6 +111,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if shape in ("tiny", "tiny-llama"):
     c.batch_size, c.seq_len, c.warmup, c.repeats = 4, 16, 1, 2
   if shape == "smollm2":
-    # The SFT experiment's defaults (configs/sft.py): batch 8, 320 tokens.
-    c.batch_size, c.seq_len = 8, 320
+    # The SFT experiment's defaults (configs/sft.py): batch 4, 256 tokens.
+    c.batch_size, c.seq_len = 4, 256
   return c

@@ -6,7 +6,7 @@ every runner: ours are converted from the PyTorch model), it times
 * ``make_train_step`` of `rmlora_jax.training` for each method of
   ``config.methods`` (any of `rmlora_jax.methods.METHODS`; by default full
   fine-tuning, LoRA, RM-LoRA, AdaLoRA), with the settings the GLUE experiment
-  builds from its config (`rmlora_jax.experiment.method_settings`);
+  builds from its config (`rmlora_jax.recipes.settings.method_settings`);
 * the *floor*: the same step with only the classifier and the embeddings'
   LayerNorm bias trained, so the backward pass computes the input gradient of
   every layer and no weight gradient of any matrix;
@@ -149,7 +149,7 @@ def _decoder_batch(config, rng) -> dict[str, Any]:
 def _settings(config, entry: str):
   """MethodSettings for ``entry`` (a method name, or ``name@merge`` / ``name@low_rank``).
 
-  Built by the GLUE experiment's own `rmlora_jax.experiment.method_settings`
+  Built by the GLUE experiment's own `rmlora_jax.recipes.settings.method_settings`
   from its default config, with this config's rank, alpha, targets, seed and
   family sections (``config.rm``, ``config.adalora``, ``config.sora``,
   ``config.lora2``), so every method is timed as ``experiments.glue`` runs it.
@@ -157,7 +157,7 @@ def _settings(config, entry: str):
   import dataclasses  # pylint: disable=g-import-not-at-top
 
   from configs import base  # pylint: disable=g-import-not-at-top
-  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.recipes import settings as settings_lib  # pylint: disable=g-import-not-at-top
 
   name, _, apply = entry.partition("@")
   glue = base.get_config()
@@ -166,7 +166,7 @@ def _settings(config, entry: str):
   for section in ("rm", "adalora", "sora", "lora2"):
     glue[section] = config[section].copy_and_resolve_references()
   # A decoder trains no head: its LM head is the (frozen) embedding table.
-  settings = experiment.method_settings(glue, default_targets=_targets(config),
+  settings = settings_lib.method_settings(glue, default_targets=_targets(config),
                                         head_patterns=() if _decoder(config) else HEAD)
   return dataclasses.replace(settings, total_steps=1000, adapter_apply="merge" if settings.spec is None else (
       apply or config.adapter_apply))

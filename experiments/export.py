@@ -17,10 +17,10 @@ from absl import logging
 
 from configs import base
 from rmlora_jax import cli
-from rmlora_jax import experiment
+from rmlora_jax.recipes import export as export_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (its results.json and checkpoints).")
-_FORMAT = flags.DEFINE_enum("format", "peft", list(experiment.EXPORT_FORMATS),
+_FORMAT = flags.DEFINE_enum("format", "peft", list(export_lib.EXPORT_FORMATS),
                             "peft: a PEFT adapter folder; merged: a Hugging Face model folder.")
 _OUT = flags.DEFINE_string("out", "", "The folder to write; empty: <workdir>/<format>.")
 flags.mark_flags_as_required(["workdir"])
@@ -31,7 +31,7 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {list(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  out = experiment.export_run(_WORKDIR.value, fmt=_FORMAT.value, out=_OUT.value or None, defaults=base.get_config())
+  out = export_lib.export_run(_WORKDIR.value, fmt=_FORMAT.value, out=_OUT.value or None, defaults=base.get_config())
   print(f"wrote {out}")
 
 

@@ -20,10 +20,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from rmlora_jax import cli
-from rmlora_jax import experiment
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import classification
-from rmlora_jax.tasks import glue as glue_task
+from rmlora_jax.recipes import glue as glue_task
 
 # Defined when run as a program (below), not on import: tests import several
 # entry points in one process, and their --config flags would clash.
@@ -37,7 +37,7 @@ def run(config, workdir: str) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
 
   spec = glue_task.validate(config)
-  workdir = experiment.resolve_workdir(config, workdir, task=config.task, method=experiment.peft_anchor_method(config))
+  workdir = run_lib.resolve_workdir(config, workdir, task=config.task, method=run_lib.peft_anchor_method(config))
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   train, evals = glue_task.load_data(config, spec, tokenizer)
@@ -48,7 +48,7 @@ def run(config, workdir: str) -> dict:
       model.classifier.bias.fill_(float(np.mean(train.labels)))
   task = classification.TextClassification(spec=spec, train=train, evals=evals, buckets=(config.max_seq_len,),
                                            pad_id=glue_task.pad_id(tokenizer))
-  return experiment.run_peft_anchor(task, model, config, workdir)
+  return run_lib.run_peft_anchor(task, model, config, workdir)
 
 
 if __name__ == "__main__":

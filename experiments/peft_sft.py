@@ -18,9 +18,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from rmlora_jax import cli
-from rmlora_jax import experiment
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax.models import hub
-from rmlora_jax.tasks import sft
+from rmlora_jax.recipes import sft
 
 # Defined when run as a program (below), not on import: tests import several
 # entry points in one process, and their --config flags would clash.
@@ -33,14 +33,14 @@ def run(config, workdir: str) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
 
   sft.validate(config)
-  workdir = experiment.resolve_workdir(config, workdir, task="sft", method=experiment.peft_anchor_method(config))
+  workdir = run_lib.resolve_workdir(config, workdir, task="sft", method=run_lib.peft_anchor_method(config))
   train, dev, _ = sft.load_examples(config)
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   task = sft.build_task(config, tokenizer, train, dev)
   torch.manual_seed(config.seed)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-  return experiment.run_peft_anchor(task, model, config, workdir)
+  return run_lib.run_peft_anchor(task, model, config, workdir)
 
 
 if __name__ == "__main__":

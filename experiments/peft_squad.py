@@ -11,9 +11,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from rmlora_jax import cli
-from rmlora_jax import experiment
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax.models import hub
-from rmlora_jax.tasks import squad
+from rmlora_jax.recipes import squad
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -25,13 +25,13 @@ def run(config, workdir: str) -> dict:
   import transformers  # pylint: disable=g-import-not-at-top
 
   train_file, dev_file = squad.validate(config)
-  workdir = experiment.resolve_workdir(config, workdir, task="squad", method=experiment.peft_anchor_method(config))
+  workdir = run_lib.resolve_workdir(config, workdir, task="squad", method=run_lib.peft_anchor_method(config))
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   task = squad.build_task(config, tokenizer, train_file, dev_file)
   torch.manual_seed(config.seed)
   model = transformers.AutoModelForQuestionAnswering.from_pretrained(folder)
-  return experiment.run_peft_anchor(task, model, config, workdir)
+  return run_lib.run_peft_anchor(task, model, config, workdir)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rmlora_jax import cli
-from rmlora_jax.tasks import cifar
+from rmlora_jax.recipes import vision as cifar
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config"])

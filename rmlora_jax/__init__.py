@@ -6,17 +6,10 @@ function here is pure and jittable. See README.md for a tour.
 
 from rmlora_jax.analysis import (count_params, delta_report, effective_rank, factored_singular_values, ortho_loss,
                                  singular_values)
-from rmlora_jax.adapters.lora import (
-    LoraSpec,
-    adapter_product,
-    attach,
-    delta_factors,
-    delta_weights,
-    init_lora,
-    merge,
-    register_adapter_kind,
-    select_targets,
-)
+from rmlora_jax.adapters.family import Family
+from rmlora_jax.adapters.lora import LoraSpec, init_lora, select_targets
+from rmlora_jax.adapters.registry import (FAMILIES, adapter_product, attach, delta_factors, delta_weights, family_of,
+                                         merge)
 from rmlora_jax.low_rank import LowRankKernel, dense_apply, dense_group_apply
 from rmlora_jax.masking import RandomDirectionMaskState, direction_mask, random_direction_mask
 from rmlora_jax.penalty import gram_deviation, ortho_penalty
@@ -31,6 +24,8 @@ from rmlora_jax.adapters.sora import (SoraProximalState, init_sora, released_thr
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
+    "Family",
     "BudgetPruningState",
     "BudgetSchedule",
     "Lora2Spec",
@@ -56,6 +51,7 @@ __all__ = [
     "direction_mask",
     "effective_rank",
     "factored_singular_values",
+    "family_of",
     "gram_deviation",
     "init_adalora",
     "init_lora",
@@ -71,7 +67,6 @@ __all__ = [
     "ortho_penalty",
     "param_counts",
     "random_direction_mask",
-    "register_adapter_kind",
     "select_targets",
     "singular_values",
     "released_threshold",

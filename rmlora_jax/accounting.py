@@ -34,17 +34,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from rmlora_jax.adapters import adalora, lora2, sora
 from rmlora_jax import paths as paths_lib
+from rmlora_jax.adapters import registry
 
 Array = jax.Array
-
-LORA_FACTORS = frozenset({"a", "b"})
-# Families with one gate per rank: {factors: (gate, (r, d_in) factor, (d_out, r) factor)}.
-_GATED = {
-    adalora.ADALORA_FACTORS: ("lam", "q", "p"),
-    sora.SORA_FACTORS: ("g", "a", "b"),
-}
 
 
 class ParamCounts(NamedTuple):
@@ -54,30 +47,9 @@ class ParamCounts(NamedTuple):
   inference: int
 
 
-def _nonzero(x: Any) -> int:
-  return int(np.count_nonzero(np.asarray(x)))
-
-
 def adapter_param_counts(adapter: Mapping[str, Any], *, path: str = "<adapter>") -> ParamCounts:
-  """`ParamCounts` of one adapter of any family (see the module's table)."""
-  names = frozenset(adapter)
-  if names == LORA_FACTORS:
-    r, d_in = adapter["a"].shape
-    n = r * (d_in + adapter["b"].shape[0])
-    return ParamCounts(n, n)
-  if names in _GATED:
-    gate, row, col = _GATED[names]
-    r, d_in = adapter[row].shape
-    per_rank = d_in + adapter[col].shape[0] + 1
-    return ParamCounts(r * per_rank, _nonzero(adapter[gate]) * per_rank)
-  if names == lora2.LORA2_FACTORS:
-    d_out, k = adapter["U"].shape
-    d_in = adapter["V"].shape[1]
-    r = adapter["lam"].shape[0]
-    kept = _nonzero(adapter["lam"])
-    outer = k * (d_in + d_out)
-    return ParamCounts(outer + r * (2 * k + 1), outer + kept * (2 * k + 1) if kept else 0)
-  raise ValueError(f"adapter_param_counts: adapter at {path!r} has factors {sorted(names)}, of no known family")
+  """`ParamCounts` of one adapter of any family (see the module's table; `Family.counts`)."""
+  return ParamCounts(*registry.family_of(adapter, path=path).counts(adapter))
 
 
 def param_counts(tree: Any) -> ParamCounts:
@@ -98,8 +70,8 @@ def param_counts(tree: Any) -> ParamCounts:
   flat = paths_lib.flatten_with_paths(tree)
   counted: set[str] = set()
   trainable = inference = 0
-  for factors in (LORA_FACTORS, adalora.ADALORA_FACTORS, sora.SORA_FACTORS, lora2.LORA2_FACTORS):
-    for path, names in paths_lib.find_adapters(tree, factors).items():
+  for family in registry.FAMILIES:
+    for path, names in paths_lib.find_adapters(tree, family.factors).items():
       c = adapter_param_counts({n: flat[p] for n, p in names.items()}, path=path)
       trainable += c.trainable
       inference += c.inference

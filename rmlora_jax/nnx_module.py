@@ -13,7 +13,7 @@ Example (RM-LoRA through the trainer, then back to an NNX model)::
 
   module = NnxModule(model)                       # any nnx.Module
   results = trainer.train_and_evaluate(task, module, module.params, settings, trainer_settings, workdir)
-  trainable, _ = experiment.trained_state(workdir)
+  trainable, _ = rmlora_jax.recipes.run.trained_state(workdir)
   model = module.merge(rl.merge(with_head(module.params, trainable["head"]), trainable["adapters"], spec))
 """
 

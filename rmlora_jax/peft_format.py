@@ -69,6 +69,7 @@ from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora as lora_lib
+from rmlora_jax.adapters import registry
 from rmlora_jax.models import hub
 from rmlora_jax.models import torch_port
 
@@ -97,8 +98,6 @@ _TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_o
 # The heads each PEFT task type may be loaded into.
 _TASK_HEADS = {"SEQ_CLS": ("classification", "regression"), "QUESTION_ANS": ("qa",), "CAUSAL_LM": ("causal_lm",)}
 
-_LORA_FACTORS = frozenset({"a", "b"})
-_ADALORA_FACTORS = frozenset({"p", "lam", "q"})
 # base_model.model.<module>.lora_A.weight (LoRA) or .lora_A (AdaLoRA).
 _ADAPTER_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>A|B|E)(?P<weight>\.weight)?")
 
@@ -246,11 +245,12 @@ def _model_name(name_or_path: str | os.PathLike | None) -> str | None:
   return name
 
 
-def _family(adapters: Mapping[str, Mapping[str, Any]]) -> frozenset[str] | None:
-  kinds = {frozenset(ad) for ad in adapters.values()}
-  if len(kinds) > 1:
-    raise ValueError(f"save_peft: adapters mix families {sorted(sorted(k) for k in kinds)}")
-  return next(iter(kinds), None)
+def _peft_type(adapters: Mapping[str, Mapping[str, Any]]) -> str | None:
+  """The ``peft_type`` the adapters' one family saves as unfolded (None: folded into LoRA factors)."""
+  families = registry.families_of(adapters)
+  if len(families) > 1:
+    raise ValueError(f"save_peft: adapters mix families {[f.name for f in families]}")
+  return families[0].peft_type if families else None
 
 
 def target_suffixes(adapted: Iterable[str], modules: Iterable[str]) -> list[str]:
@@ -349,9 +349,9 @@ def save_peft(
   trained = dict(trained or {})
   flat = paths_lib.flatten_with_paths(base.with_head(params, trained))
   modules = {path: layout.kernel_module(path, where="save_peft") for path in adapters}
-  kind = _family(adapters)
+  kind = _peft_type(adapters)
   tensors: dict[str, np.ndarray] = {}
-  if kind == _LORA_FACTORS and not fold:
+  if kind == "LORA" and not fold:
     peft_type = "LORA"
     fields = {"r": spec.rank, "lora_alpha": _number(spec.alpha), "rank_pattern": {}, "alpha_pattern": {}}
     for path, ad in adapters.items():
@@ -359,7 +359,7 @@ def save_peft(
         raise ValueError(f"save_peft: adapter {path!r} has rank {ad['a'].shape[0]}, the spec {spec.rank}")
       tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(ad["a"], None)
       tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(ad["b"], None)
-  elif kind == _ADALORA_FACTORS and not fold:
+  elif kind == "ADALORA" and not fold:
     r = spec.rank
     pattern = {}
     for path, ad in adapters.items():
@@ -413,7 +413,7 @@ def folded_factors(params: Any, adapters: Mapping[str, Mapping[str, Any]],
                    spec: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Each adapter as ``(left, right)`` of its active rank with ``left @ right == dW`` (scale folded in).
 
-  From the family's registered factors (`lora.attach`): directions whose
+  From the family's factored form (`registry.attach`): directions whose
   left column or right row is zero (a pruned singular value, a closed gate)
   are dropped, which leaves the product exactly as it was.
 
@@ -422,12 +422,12 @@ def folded_factors(params: Any, adapters: Mapping[str, Mapping[str, Any]],
   """
   flat = paths_lib.flatten_with_paths(params)
   kernels = {path: flat[path] for path in adapters}
-  attached = lora_lib.attach(kernels, adapters, spec)
+  attached = registry.attach(kernels, adapters, spec)
   out = {}
   for path in adapters:
     kernel = attached[path]
     if not hasattr(kernel, "left"):
-      raise ValueError(f"folded_factors: the family of {path!r} registers no factors (lora.register_adapter_kind)")
+      raise ValueError(f"folded_factors: the family of {path!r} has no factored form (Family.factored)")
     left, right = np.asarray(kernel.left, np.float32), np.asarray(kernel.right, np.float32)
     keep = np.any(left != 0, axis=0) & np.any(right != 0, axis=1)
     out[path] = (left[:, keep], right[keep])
@@ -732,7 +732,7 @@ def save_merged(
     params: the base parameters (or every parameter, for full fine-tuning).
     hf_config: the base checkpoint's transformers config.
     head: the head ``params`` were built with.
-    adapters, spec: adapters of any family, merged (`lora.merge`); None: none.
+    adapters, spec: adapters of any family, merged (`registry.merge`); None: none.
     trained: ``{path: value}`` trained beside the adapters (the head).
     tokenizer: a tokenizer or image processor, saved with ``save_pretrained`` when given.
 
@@ -747,7 +747,7 @@ def save_merged(
   layout = torch_layout(hf_config, head=head, num_labels=num_labels_of(params, head))
   full = base.with_head(params, dict(trained or {}))
   if adapters:
-    full = lora_lib.merge(full, adapters, spec)
+    full = registry.merge(full, adapters, spec)
   flat = paths_lib.flatten_with_paths(full)
   paths = layout.paths
   state = {}

@@ -36,8 +36,7 @@ from rmlora_jax import analysis
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import training
-from rmlora_jax.adapters import lora as lora_lib
-from rmlora_jax.adapters import lora2 as lora2_lib
+from rmlora_jax.adapters import registry
 from rmlora_jax.tasks import base as tasks_base
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -386,12 +385,12 @@ def _add_scalars(writer, prefix: str, scalars: Mapping[str, float], step: int) -
 def _results(task, method, settings, trainable, history, train_time, steps) -> dict[str, Any]:
   adapters = method.adapters(trainable)
   # Factors, not dense dW: each spectrum from rank-sized QRs (analysis.factored_singular_values).
-  deltas = lora_lib.delta_factors(adapters, method.settings.spec) if adapters else {}
+  deltas = registry.delta_factors(adapters, method.settings.spec) if adapters else {}
   counts = accounting.param_counts(trainable)
   evals = history["eval"]
   ranks = {k: int(v) for k, v in method.ranks(trainable).items()}
   spec = method.settings.spec
-  initial_rank = 0 if spec is None else (spec.r if isinstance(spec, lora2_lib.Lora2Spec) else spec.rank)
+  initial_rank = 0 if spec is None else spec.rank
   return {
       "task": task.name,
       "method": method.settings.name,
@@ -449,8 +448,8 @@ def _plots(workdir: pathlib.Path, history, method, trainable, task_name: str) ->
   if not adapters:
     return
   spec = method.settings.spec
-  rank = spec.r if isinstance(spec, lora2_lib.Lora2Spec) else spec.rank
-  deltas = lora_lib.delta_factors(adapters, spec)
+  rank = spec.rank
+  deltas = registry.delta_factors(adapters, spec)
   kinds = sorted({re.sub(r"layer_\d+/", "", p) for p in deltas})
   cols = min(3, len(kinds))
   rows = -(-len(kinds) // cols)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import rmlora_jax as rl
-from rmlora_jax import experiment, methods, trainer
+from rmlora_jax import methods, trainer
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax.adapters import base
 from rmlora_jax.nnx_module import NnxModule
 from tests.test_trainer import Toy
@@ -57,8 +58,8 @@ def test_nnx_and_linen_models_train_to_the_same_losses_and_adapters(name, tmp_pa
   losses = lambda r: np.asarray([h["loss"] for h in r["history"]["train"]])
   np.testing.assert_allclose(losses(got), losses(want), rtol=1e-6, atol=1e-6)
   assert losses(got)[-1] < losses(got)[0]
-  ours, _ = experiment.trained_state(tmp_path / "nnx")
-  ref, _ = experiment.trained_state(tmp_path / "linen")
+  ours, _ = run_lib.trained_state(tmp_path / "nnx")
+  ref, _ = run_lib.trained_state(tmp_path / "linen")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), ours, ref)
   # Merged back into an nnx.Module, it gives the trained model's outputs.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), jnp.float32)

@@ -193,8 +193,8 @@ def test_k_micro_batches_make_the_same_step_as_one_batch_of_k_times_the_size(nam
   np.testing.assert_allclose([e["neg_mse"] for e in split["history"]["eval"]],
                              [e["neg_mse"] for e in whole["history"]["eval"]], rtol=1e-5)
   assert split["ranks"] == whole["ranks"]
-  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
-  got, want = experiment.trained_state(tmp_path / "split")[0], experiment.trained_state(tmp_path / "whole")[0]
+  from rmlora_jax.recipes import run as run_lib  # pylint: disable=g-import-not-at-top
+  got, want = run_lib.trained_state(tmp_path / "split")[0], run_lib.trained_state(tmp_path / "whole")[0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
   # Killed in the middle of an optimizer step (micro-batch 26 of step 7), resumed from step 5's checkpoint.
   with pytest.raises(RuntimeError, match="went away"):

@@ -31,6 +31,7 @@ import optax
 
 from rmlora_jax import budget as budget_lib
 from rmlora_jax.adapters import base
+from rmlora_jax.adapters import family as family_lib
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty
@@ -40,8 +41,6 @@ Array = jax.Array
 ADALORA_FACTORS = frozenset({"p", "lam", "q"})
 ADALORA = budget_lib.TripletFamily(name="AdaLoRA", factors=ADALORA_FACTORS, rank_axes={"p": 1, "q": 0})
 
-lora.register_adapter_kind(ADALORA_FACTORS, lambda ad: (ad["p"] * ad["lam"]) @ ad["q"],
-                           lambda ad: (ad["p"] * ad["lam"], ad["q"]))
 
 
 def init_adalora(key: Array, params: Any, spec: lora.LoraSpec) -> dict[str, dict[str, Array]]:
@@ -209,14 +208,14 @@ class AdaLoraOptions(BudgetOptions):
   t_final_ratio: float = 0.44
 
 
-def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, initial_rank: int,
-                  init_adapters, penalty, pruning, ranks) -> base.Method:
+def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, family: family_lib.Family,
+                  initial_rank: int, init_adapters, penalty, pruning, ranks) -> base.Method:
   """A method pruned to a rank budget: ``options.ortho_weight * penalty`` (plain norms,
   averaged, PEFT's form) in the loss; gradients clipped, then ``pruning`` around AdamW, so
   the importance scores see the clipped gradients the optimizer steps with (as PEFT's)."""
   schedule = options.schedule(initial_rank, settings.total_steps)
   return lora.adapter_method(
-      settings, init_adapters=init_adapters,
+      settings, family=family, init_adapters=init_adapters,
       penalty=lambda ads: options.ortho_weight * penalty(ads, squared=False, reduction="mean"),
       optimizer=lambda lr: base.settings_optimizer(settings, lr, wrap=lambda inner: pruning(inner, schedule)),
       ranks=ranks)
@@ -225,6 +224,13 @@ def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, init
 def build(settings: base.MethodSettings) -> base.Method:
   """AdaLoRA: SVD-form adapters, PEFT's penalty (plain norms, averaged), budget pruning."""
   opts = settings.with_options(AdaLoraOptions, method=settings.name)
-  return budget_method(settings, opts, initial_rank=settings.spec.rank, init_adapters=init_adalora,
+  return budget_method(settings, opts, family=FAMILY, initial_rank=settings.spec.rank, init_adapters=init_adalora,
                        penalty=adalora_penalty, pruning=adalora_pruning, ranks=adalora_ranks)
+
+
+FAMILY = family_lib.Family(
+    name="adalora", factors=ADALORA_FACTORS, product=lambda ad: (ad["p"] * ad["lam"]) @ ad["q"],
+    factored=lambda ad: (ad["p"] * ad["lam"], ad["q"]), counts=family_lib.gated_counts("lam", "q", "p"),
+    gate="lam", options=AdaLoraOptions, config_section="adalora", peft_type="ADALORA", methods={"adalora": build},
+)
 

@@ -44,7 +44,7 @@ class MethodSettings:
   # Optimizer steps of the run; budget schedules (AdaLoRA, LoRA²) need it.
   total_steps: int = 0
   # How adapters reach the model: "merge" (kernels W0 + dW, any Flax model)
-  # or "low_rank" (`lora.attach`: `rmlora_jax.low_rank.LowRankKernel`s, which
+  # or "low_rank" (`rmlora_jax.attach`: `rmlora_jax.low_rank.LowRankKernel`s, which
   # the models of rmlora_jax.models apply as x W0 + (x a^T) b^T s without a
   # (d_in, d_out) weight gradient; the same numbers).
   adapter_apply: str = "merge"

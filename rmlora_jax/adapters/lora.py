@@ -9,8 +9,9 @@ Flax kernel is ``W0 + dW.T``.
 A whole model's adapters are one flat dict from the adapted leaf's "/"-path to
 its adapter, e.g. ``{"encoder/layer_0/attention/query/kernel": {"a": ..., "b": ...}}``.
 Other adapter families (AdaLoRA, SoRA, LoRA²) use the same flat dict with
-their own factor names; `delta_weights` and `merge` understand all of them
-through `adapter_product`.
+their own factor names; this module's `merge`, `attach` and `delta_weights`
+take LoRA adapters, `rmlora_jax.merge` and the rest (`adapters.registry`)
+those of every family. ``FAMILY`` describes the family.
 
 The methods (`build`): LoRA trains the adapters and the head; R-LoRA adds the
 orthogonality penalty (`rmlora_jax.penalty`) to the loss, GM-LoRA masks all
@@ -22,6 +23,7 @@ frame the other families (AdaLoRA, SoRA, LoRA²) build theirs on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +36,7 @@ from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib
 from rmlora_jax.adapters import base
-from rmlora_jax.low_rank import LowRankKernel
+from rmlora_jax.adapters import family as family_lib
 
 Array = jax.Array
 Adapter = Mapping[str, Array]
@@ -173,139 +175,35 @@ def init_lora(key: Array, params: Any, spec: LoraSpec) -> dict[str, dict[str, Ar
   return adapters
 
 
-# Each adapter family registers how its factors multiply into an unscaled
-# (d_out, d_in) update, keyed by its exact set of factor names, and how to
-# write that update as left (d_out, r') @ right (r', d_in) for `attach`.
-_PRODUCTS: dict[frozenset[str], Callable[[Adapter], Array]] = {}
-_FACTORS: dict[frozenset[str], Callable[[Adapter], tuple[Array, Array]]] = {}
-
-
-def register_adapter_kind(
-    names: frozenset[str] | set[str],
-    product: Callable[[Adapter], Array],
-    factors: Callable[[Adapter], tuple[Array, Array]] | None = None,
-) -> None:
-  """Teaches `delta_weights`, `merge` and `attach` a new adapter family.
-
-  Args:
-    names: the exact keys of the family's adapter dicts, e.g. ``{"a", "b"}``.
-    product: maps one adapter to its unscaled update of shape (d_out, d_in).
-    factors: maps one adapter to ``(left, right)`` of shapes (d_out, r') and
-      (r', d_in) with ``left @ right == product(adapter)`` and r' small; by
-      default ``(product(adapter), identity)``, which `attach` then merges.
-  """
-  _PRODUCTS[frozenset(names)] = product
-  if factors is not None:
-    _FACTORS[frozenset(names)] = factors
-
-
-def adapter_product(adapter: Adapter, *, path: str = "<adapter>") -> Array:
-  """The unscaled update (d_out, d_in) of one adapter of any registered family."""
-  names = frozenset(adapter)
-  if names not in _PRODUCTS:
-    known = ", ".join(sorted("{" + ", ".join(sorted(k)) + "}" for k in _PRODUCTS))
-    raise ValueError(
-        f"adapter at {path!r} has factors {sorted(names)}, which match no known "
-        f"adapter family ({known})"
-    )
-  return _PRODUCTS[names](adapter)
-
-
-register_adapter_kind({"a", "b"}, lambda ad: ad["b"] @ ad["a"], lambda ad: (ad["b"], ad["a"]))
-
-
 def delta_weights(adapters: Adapters, spec: LoraSpec) -> dict[str, Array]:
-  """The weight updates ``dW = (alpha / rank) * b @ a``, each (d_out, d_in).
+  """The weight updates ``dW = (alpha / rank) * b @ a`` of LoRA adapters, each (d_out, d_in).
 
-  Works for every registered adapter family (LoRA, AdaLoRA, SoRA, LoRA²).
+  `rmlora_jax.delta_weights` takes the adapters of every family.
   """
-  return {
-      path: spec.scale * adapter_product(ad, path=path) for path, ad in adapters.items()
-  }
+  return family_lib.delta_weights(adapters, spec, (FAMILY,))
 
 
-def delta_factors(adapters: Adapters, spec: LoraSpec) -> dict[str, Array | tuple[Array, Array]]:
-  """Each update as ``(left, right)`` with ``dW = left @ right`` (the scale in ``left``).
-
-  What `rmlora_jax.delta_report` measures without forming dW; the same
-  updates as `delta_weights`. A family registered without factors gives
-  its dense dW instead.
-  """
-  out = {}
-  for path, ad in adapters.items():
-    factors = _FACTORS.get(frozenset(ad))
-    if factors is None:
-      out[path] = spec.scale * adapter_product(ad, path=path)
-    else:
-      left, right = factors(ad)
-      out[path] = (spec.scale * left, right)
-  return out
-
-
-def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
-  """Raises ValueError unless an update (d_out, d_in) fits the kernel at ``path``."""
-  if path not in flat:
-    raise ValueError(
-        f"{where}: adapter path {path!r} is not a parameter path; adapters must "
-        f"come from init_* on the same parameter tree"
-    )
-  w_shape = tuple(flat[path].shape)
-  if w_shape != update_shape[::-1]:
-    raise ValueError(
-        f"{where}: adapter at {path!r} gives an update of shape (d_out, d_in)="
-        f"{update_shape}, which does not fit the kernel of shape {w_shape}"
-    )
+def delta_factors(adapters: Adapters, spec: LoraSpec) -> dict[str, tuple[Array, Array]]:
+  """Each LoRA update as ``(left, right) = (scale * b, a)``; `rmlora_jax.delta_factors` takes every family."""
+  return family_lib.delta_factors(adapters, spec, (FAMILY,))
 
 
 def merge(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
-  """Returns ``params`` with each adapted kernel replaced by ``W0 + dW.T``.
+  """``params`` with each kernel adapted by LoRA replaced by ``W0 + dW.T``.
 
-  Pure, jittable and differentiable with respect to ``adapters``; leaves
-  without an adapter are returned as they are (same objects).
+  Pure, jittable and differentiable with respect to ``adapters``;
+  `rmlora_jax.merge` takes the adapters of every family.
 
   Raises:
-    ValueError: an adapter names a path that is not in ``params``, or its
-      update's shape does not fit the kernel there.
+    ValueError: an adapter that is not LoRA's, names a path that is not in
+      ``params``, or whose update does not fit the kernel there.
   """
-  deltas = delta_weights(adapters, spec)
-  flat = paths_lib.flatten_with_paths(params)
-  for path, d in deltas.items():
-    _check_fits(flat, path, tuple(d.shape), where="merge")
-
-  def merge_leaf(key_path, w):
-    path = paths_lib.path_str(key_path)
-    if path not in deltas:
-      return w
-    return (w + deltas[path].T).astype(w.dtype)
-
-  return jax.tree_util.tree_map_with_path(merge_leaf, params)
+  return family_lib.merge(params, adapters, spec, (FAMILY,))
 
 
 def attach(params: Any, adapters: Adapters, spec: LoraSpec) -> Any:
-  """Like `merge`, but leaves each adapted kernel as a `LowRankKernel`.
-
-  The forward pass of a model whose Dense layers use `dense_apply` is then
-  numerically equal to its forward on ``merge(params, adapters, spec)`` (up
-  to float rounding) and cheaper to differentiate. Families registered
-  without factors are merged into a plain kernel here.
-
-  Raises:
-    ValueError: as `merge`.
-  """
-  flat = paths_lib.flatten_with_paths(params)
-  kernels = {}
-  for path, ad in adapters.items():
-    factors = _FACTORS.get(frozenset(ad))
-    if factors is not None:
-      left, right = factors(ad)
-      _check_fits(flat, path, (left.shape[0], right.shape[-1]), where="attach")
-      kernels[path] = LowRankKernel(flat[path], spec.scale * left, right)
-  merged = merge(params, {p: ad for p, ad in adapters.items() if p not in kernels}, spec)
-
-  def leaf(key_path, w):
-    return kernels.get(paths_lib.path_str(key_path), w)
-
-  return jax.tree_util.tree_map_with_path(leaf, merged)
+  """Like `merge`, but leaves each adapted kernel as a `LowRankKernel`; `rmlora_jax.attach` takes every family."""
+  return family_lib.attach(params, adapters, spec, (FAMILY,))
 
 
 MASK_MODES = ("update", "gradient")
@@ -373,6 +271,7 @@ class RmOptions:
 def adapter_method(
     settings: base.MethodSettings,
     *,
+    family: family_lib.Family,
     init_adapters: Callable[[Array, Any, Any], Adapters],
     penalty: Callable[[Adapters], Array] | None = None,
     optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
@@ -382,6 +281,7 @@ def adapter_method(
 
   Args:
     settings: the method's settings; ``settings.spec`` places the adapters.
+    family: the adapters' family (how they merge into the kernels).
     init_adapters: ``(key, params, spec) -> adapters`` of the family.
     penalty: ``adapters -> scalar`` added to the loss; None: none.
     optimizer: ``learning_rate -> GradientTransformation``; None: clipping
@@ -393,7 +293,7 @@ def adapter_method(
   if s.spec is None:
     raise ValueError(f"method {s.name!r} needs an adapter spec (MethodSettings.spec)")
   spec = s.spec
-  combine = attach if s.adapter_apply == "low_rank" else merge
+  combine = family_lib.attach if s.adapter_apply == "low_rank" else family_lib.merge
 
   def init(key, params):
     flat = paths_lib.flatten_with_paths(params)
@@ -401,7 +301,7 @@ def adapter_method(
     return {"adapters": init_adapters(key, params, spec), "head": head}
 
   def assemble(trainable, frozen):
-    return combine(base.with_head(frozen, trainable["head"]), trainable["adapters"], spec)
+    return combine(base.with_head(frozen, trainable["head"]), trainable["adapters"], spec, (family,))
 
   full_rank = getattr(spec, "rank", None)
   return base.Method(
@@ -446,5 +346,22 @@ def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Met
     tx = base.settings_optimizer(s, lr, between=(directions(),))  # clip, mask, AdamW
     return optax.chain(tx, directions()) if mask and opts.mask_mode == "update" else tx
 
-  return adapter_method(s, init_adapters=init_lora, penalty=penalty, optimizer=optimizer)
+  return adapter_method(s, family=FAMILY, init_adapters=init_lora, penalty=penalty, optimizer=optimizer)
+
+
+def _counts(ad: Adapter) -> tuple[int, int]:
+  r, d_in = ad["a"].shape
+  n = r * (d_in + ad["b"].shape[0])
+  return n, n
+
+
+FAMILY = family_lib.Family(
+    name="lora", factors=frozenset({"a", "b"}), product=lambda ad: ad["b"] @ ad["a"],
+    factored=lambda ad: (ad["b"], ad["a"]), counts=_counts, options=RmOptions, config_section="rm",
+    peft_type="LORA",
+    methods={"lora": functools.partial(build, ortho=False, mask=False),
+             "r_lora": functools.partial(build, ortho=True, mask=False),
+             "gm_lora": functools.partial(build, ortho=False, mask=True),
+             "rm_lora": functools.partial(build, ortho=True, mask=True)},
+)
 

@@ -30,6 +30,7 @@ import optax
 from rmlora_jax import budget as budget_lib
 from rmlora_jax.adapters import adalora
 from rmlora_jax.adapters import base
+from rmlora_jax.adapters import family as family_lib
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty
@@ -41,10 +42,6 @@ LORA2 = budget_lib.TripletFamily(name="LoRA²", factors=LORA2_FACTORS, rank_axes
 # The penalty's factor pairs (paper Section 3.1); its ablation (Table 3) drops some.
 LORA2_PENALTY_TERMS = ("UV", "uv", "PQ")
 
-lora.register_adapter_kind(
-    LORA2_FACTORS, lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"]),
-    lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]),
-)
 
 
 @jax.tree_util.register_static
@@ -92,6 +89,11 @@ class Lora2Spec:
   def scale(self) -> float:
     """The factor alpha / r applied to every update."""
     return self.alpha / self.r
+
+  @property
+  def rank(self) -> int:
+    """The rank pruning starts from (r), as `LoraSpec.rank` is LoRA's."""
+    return self.r
 
 
 def init_lora2(key: Array, params: Any, spec: Lora2Spec) -> dict[str, dict[str, Array]]:
@@ -254,6 +256,23 @@ def build(settings: base.MethodSettings) -> base.Method:
   if not isinstance(s.spec, Lora2Spec):
     raise ValueError(f"method {s.name!r} needs a Lora2Spec, got {type(s.spec).__name__}")
   pen = lora2_released_penalty if opts.variant == "released" else lora2_penalty
-  return adalora.budget_method(s, opts, initial_rank=s.spec.r, init_adapters=init_lora2, penalty=pen,
+  return adalora.budget_method(s, opts, family=FAMILY, initial_rank=s.spec.r, init_adapters=init_lora2, penalty=pen,
                                pruning=lora2_pruning, ranks=lora2_ranks)
+
+
+def _counts(ad) -> tuple[int, int]:
+  """k d + r (2k + 1) trained; k d + kept (2k + 1) at inference, 0 when nothing is kept."""
+  d_out, k = ad["U"].shape
+  d_in = ad["V"].shape[1]
+  r = ad["lam"].shape[0]
+  kept = family_lib.nonzero(ad["lam"])
+  outer = k * (d_in + d_out)
+  return outer + r * (2 * k + 1), outer + kept * (2 * k + 1) if kept else 0
+
+
+FAMILY = family_lib.Family(
+    name="lora2", factors=LORA2_FACTORS, product=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"]),
+    factored=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]), counts=_counts, gate="lam",
+    options=Lora2Options, config_section="lora2", methods={"lora2": build},
+)
 

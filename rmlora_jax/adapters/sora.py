@@ -29,6 +29,7 @@ import optax
 
 from rmlora_jax import budget as budget_lib
 from rmlora_jax.adapters import base
+from rmlora_jax.adapters import family as family_lib
 from rmlora_jax.adapters import lora
 from rmlora_jax import paths as paths_lib
 
@@ -36,8 +37,6 @@ Array = jax.Array
 
 SORA_FACTORS = frozenset({"a", "b", "g"})
 
-lora.register_adapter_kind(SORA_FACTORS, lambda ad: (ad["b"] * ad["g"]) @ ad["a"],
-                           lambda ad: (ad["b"] * ad["g"], ad["a"]))
 
 
 GATE_INITS = ("ones", "normal")
@@ -228,5 +227,12 @@ def build(settings: base.MethodSettings) -> base.Method:
                        sora_proximal(xi, rule="released" if released else "soft"))
 
   init = lambda key, params, spec: init_sora(key, params, spec, gate_init="normal" if released else "ones")
-  return lora.adapter_method(s, init_adapters=init, optimizer=optimizer, ranks=sora_ranks)
+  return lora.adapter_method(s, family=FAMILY, init_adapters=init, optimizer=optimizer, ranks=sora_ranks)
+
+
+FAMILY = family_lib.Family(
+    name="sora", factors=SORA_FACTORS, product=lambda ad: (ad["b"] * ad["g"]) @ ad["a"],
+    factored=lambda ad: (ad["b"] * ad["g"], ad["a"]), counts=family_lib.gated_counts("g", "a", "b"),
+    gate="g", options=SoraOptions, config_section="sora", methods={"sora": build},
+)
 

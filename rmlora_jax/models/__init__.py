@@ -1,4 +1,4 @@
-"""Flax encoders (BERT/RoBERTa, DeBERTa-v2, ViT) and decoders (Llama, Qwen2) from Hugging Face checkpoints.
+"""Flax encoders (BERT/RoBERTa, DeBERTa-v2, ViT) and decoders (Llama, Qwen2, Gemma) from Hugging Face checkpoints.
 
 Example::
 

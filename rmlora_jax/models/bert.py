@@ -110,7 +110,7 @@ class BertArch:
 
 
 def _dense(features: int, arch: BertArch, name: str, dtype: Any, param_dtype: Any) -> torch_port.Dense:
-  # Takes a LowRankKernel too (rmlora_jax.adapters.lora.attach): LoRA without merging.
+  # Takes a LowRankKernel too (rmlora_jax.attach): LoRA without merging.
   return torch_port.dense(features, init=torch_port.weight_init(arch.initializer_range),
                           dtype=dtype, param_dtype=param_dtype, name=name)
 

@@ -181,7 +181,7 @@ def dense_params(features: int, arch: Any, name: str, use_bias: bool,
 def dense_layer(features: int, arch: Any, name: str, use_bias: bool, dtype: Any,
                 param_dtype: Any) -> torch_port.Dense:
   """A projection to ``features`` (a `torch_port.Dense`), initialised as `dense_params` is."""
-  # Takes a LowRankKernel too (rmlora_jax.adapters.lora.attach): LoRA without merging.
+  # Takes a LowRankKernel too (rmlora_jax.attach): LoRA without merging.
   return torch_port.dense(features, init=torch_port.weight_init(arch.initializer_range), dtype=dtype,
                           param_dtype=param_dtype, use_bias=use_bias, name=name)
 

@@ -361,7 +361,7 @@ class Dense(nn.Module):
   """``nn.Dense`` (same parameters, same numbers) that also takes a low-rank kernel.
 
   When the params hold a `rmlora_jax.low_rank.LowRankKernel` at ``kernel`` (what
-  `rmlora_jax.adapters.lora.attach` builds), the layer computes
+  `rmlora_jax.attach` builds), the layer computes
   ``x @ w0 + (x @ right.T) @ left.T`` instead of ``x @ kernel``.
   """
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from rmlora_jax import metrics as metrics_lib
-from rmlora_jax.data import glue
+from rmlora_jax.data import batching
 from rmlora_jax.data import sft
 from rmlora_jax.models import llama
 from rmlora_jax.tasks import base
@@ -90,10 +90,10 @@ class InstructionTuning:
   def num_train_batches(self, batch_size: int) -> int:
     if self.train is None:
       raise ValueError(f"task {self.name!r} was built without training rows (InstructionTuning.train)")
-    return glue.num_batches(len(self.train), batch_size, drop_remainder=False)
+    return batching.num_batches(len(self.train), batch_size, drop_remainder=False)
 
   def _width(self, longest: int) -> int:
-    return glue.bucket_for(longest, sorted({*self.buckets, self.train_width}))
+    return batching.bucket_for(longest, sorted({*self.buckets, self.train_width}))
 
   @property
   def train_width(self) -> int:
@@ -101,7 +101,7 @@ class InstructionTuning:
 
   def train_batches(self, batch_size: int, *, seed: int, epoch: int, start: int) -> Iterator[base.Batch]:
     f = self.train
-    for idx in glue.batch_plan(f.lengths, batch_size, seed=seed, epoch=epoch, shuffle=True)[start:]:
+    for idx in batching.batch_plan(f.lengths, batch_size, seed=seed, epoch=epoch, shuffle=True)[start:]:
       real = len(idx)
       idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
       width = self._width(int(f.lengths[idx].max()))
@@ -132,7 +132,7 @@ class InstructionTuning:
   def prompt_batches(self, batch_size: int) -> Iterator[base.Batch]:
     """The evaluation prompts, left-padded to a bucket, ``batch_size`` rows (fill rows at weight 0)."""
     f = self.eval
-    for idx in glue.batch_plan(f.prompt_lengths, batch_size, seed=0, epoch=0, shuffle=False):
+    for idx in batching.batch_plan(f.prompt_lengths, batch_size, seed=0, epoch=0, shuffle=False):
       real = len(idx)
       idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
       width = self._width(int(f.prompt_lengths[idx].max()))

@@ -1,7 +1,7 @@
 """Sequence classification and regression over tokenised text (the GLUE tasks).
 
 `TextClassification` is a `rmlora_jax.tasks.base.Task`: length-bucketed
-batches of a `rmlora_jax.data.glue.TokenizedSplit`, an encoder with a
+batches of a `rmlora_jax.data.batching.TokenizedSplit`, an encoder with a
 classification or regression head, weighted cross-entropy or squared error,
 and the GLUE metrics of its `rmlora_jax.data.glue.GlueTask` description.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from rmlora_jax import metrics as metrics_lib
+from rmlora_jax.data import batching
 from rmlora_jax.data import glue
 from rmlora_jax.tasks import base
 
@@ -34,7 +35,7 @@ class TextClassification:
   Example::
 
     task = TextClassification(spec=glue.get_task("rte"), train=train, evals={"validation": dev},
-                              buckets=glue.bucket_lengths(128))
+                              buckets=batching.bucket_lengths(128))
   """
 
   # What is predicted and how it is scored: labels, regression or not, metrics.
@@ -43,10 +44,10 @@ class TextClassification:
   buckets: tuple[int, ...]
   # The tokenised training examples; None: a task that only scores batches
   # given to it (forward, loss, predict), as the benchmark's.
-  train: glue.TokenizedSplit | None = None
+  train: batching.TokenizedSplit | None = None
   # Evaluation splits by name; the first one's metrics keep their names,
   # later ones' get the split's last word as a suffix (MNLI: "accuracy_mismatched").
-  evals: Mapping[str, glue.TokenizedSplit] = dataclasses.field(default_factory=dict)
+  evals: Mapping[str, batching.TokenizedSplit] = dataclasses.field(default_factory=dict)
   # The tokenizer's padding id.
   pad_id: int = 0
 
@@ -61,10 +62,10 @@ class TextClassification:
   def num_train_batches(self, batch_size: int) -> int:
     if self.train is None:
       raise ValueError(f"task {self.name!r} was built without training data (TextClassification.train)")
-    return glue.num_batches(len(self.train), batch_size, drop_remainder=False)
+    return batching.num_batches(len(self.train), batch_size, drop_remainder=False)
 
   def train_batches(self, batch_size: int, *, seed: int, epoch: int, start: int) -> Iterator[base.Batch]:
-    return glue.batches(self.train, batch_size, seed=seed, epoch=epoch, shuffle=True, buckets=self.buckets,
+    return batching.batches(self.train, batch_size, seed=seed, epoch=epoch, shuffle=True, buckets=self.buckets,
                         pad_id=self.pad_id, start=start)
 
   def example_batches(self, batch_size: int, *, training: bool) -> list[base.Batch]:
@@ -75,8 +76,8 @@ class TextClassification:
       splits = list(self.evals.values())
     counts: dict[int, int] = {}
     for split in splits:
-      for length in glue.batch_max_lengths(split.lengths(), batch_size, shuffle=training):
-        bucket = glue.bucket_for(int(length), self.buckets)
+      for length in batching.batch_max_lengths(split.lengths(), batch_size, shuffle=training):
+        bucket = batching.bucket_for(int(length), self.buckets)
         counts[bucket] = counts.get(bucket, 0) + 1
     if not counts:
       return []
@@ -109,7 +110,7 @@ class TextClassification:
     """The GLUE metrics of every evaluation split."""
     out = {}
     for i, (name, split) in enumerate(self.evals.items()):
-      batches = glue.batches(split, batch_size, seed=0, epoch=0, shuffle=False, buckets=self.buckets,
+      batches = batching.batches(split, batch_size, seed=0, epoch=0, shuffle=False, buckets=self.buckets,
                              pad_id=self.pad_id)
       predictions, seen = base.run_predictions(predict, batches)
       m = metrics_lib.glue_metrics(self.spec, np.concatenate(predictions),

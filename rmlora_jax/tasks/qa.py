@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from rmlora_jax import metrics as metrics_lib
-from rmlora_jax.data import glue
+from rmlora_jax.data import batching
 from rmlora_jax.data import squad
 from rmlora_jax.tasks import base
 from rmlora_jax.tasks import classification
@@ -36,7 +36,7 @@ def gather(features: squad.QAFeatures, idx: np.ndarray, batch_size: int, buckets
   real = len(idx)
   idx = np.concatenate([idx, np.full(batch_size - real, idx[0], idx.dtype)])
   # The full window width is the last bucket, whatever ``buckets`` holds.
-  length = glue.bucket_for(int(features.lengths[idx].max()), sorted({*buckets, features.input_ids.shape[1]}))
+  length = batching.bucket_for(int(features.lengths[idx].max()), sorted({*buckets, features.input_ids.shape[1]}))
   batch = {k: getattr(features, k)[idx, :length] for k in _TOKEN_FIELDS}
   weights = np.zeros(batch_size, np.float32)
   weights[:real] = 1.0
@@ -73,10 +73,10 @@ class ExtractiveQA:
   def num_train_batches(self, batch_size: int) -> int:
     if self.train is None:
       raise ValueError(f"task {self.name!r} was built without training windows (ExtractiveQA.train)")
-    return glue.num_batches(len(self.train), batch_size, drop_remainder=False)
+    return batching.num_batches(len(self.train), batch_size, drop_remainder=False)
 
   def train_batches(self, batch_size: int, *, seed: int, epoch: int, start: int) -> Iterator[base.Batch]:
-    plan = glue.batch_plan(self.train.lengths, batch_size, seed=seed, epoch=epoch, shuffle=True)
+    plan = batching.batch_plan(self.train.lengths, batch_size, seed=seed, epoch=epoch, shuffle=True)
     for idx in plan[start:]:
       yield gather(self.train, idx, batch_size, self.buckets)
 
@@ -107,7 +107,7 @@ class ExtractiveQA:
   def logits(self, predict: Callable[[base.Batch], Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits (F, L) of every evaluation window (-inf beyond a batch's length)."""
     f = self.eval_features
-    plan = glue.batch_plan(f.lengths, batch_size, seed=0, epoch=0, shuffle=False)
+    plan = batching.batch_plan(f.lengths, batch_size, seed=0, epoch=0, shuffle=False)
     predictions, batches = base.run_predictions(
         predict, (gather(f, idx, batch_size, self.buckets) for idx in plan))
     start = np.full(f.input_ids.shape, -np.inf, np.float32)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from rmlora_jax.tasks import glue as glue_task
+from rmlora_jax.recipes import glue as glue_task
 from tests.experiments.test_glue import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -54,6 +54,27 @@ def test_meshes_give_the_single_device_loss_curve_and_adapters(tiny_bert_one_lay
       for name, want in ref.items():
         have = got[f"{method}/{mesh}/{name}"]
         np.testing.assert_allclose(have, want, atol=1e-5, rtol=0, err_msg=f"{method} mesh {mesh}: {name}")
+
+
+# One sharded_steps run on the 1x4x2 mesh with the model blind to its "model"
+# axis (column_shards() == 1), so the grouped Q/K/V columns are laid out end to
+# end; prints the step's count from sharded_steps.group_collectives.
+_END_TO_END = ("import sys\n"
+               "from rmlora_jax import partitioning\n"
+               "from tests.distributed import sharded_steps\n"
+               "partitioning.column_shards = lambda: 1\n"
+               "print('group_collectives', sharded_steps.run(sys.argv[1], 'rm_lora', (1, 4, 2))[-1])\n")
+
+
+def test_group_collective_counter_finds_the_end_to_end_layouts_collectives(tiny_bert_one_layer):
+  # The counter behind the zeros above, on the same step and mesh with the
+  # group laid out end to end: each device must trade kernel columns, and the
+  # counter sees it. Without this the zeros could mean it matches nothing.
+  proc = subprocess.run([sys.executable, "-c", _END_TO_END, tiny_bert_one_layer], cwd=ROOT, env=_env(8),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+  moved = int(proc.stdout.split("group_collectives")[-1])
+  assert moved > 0, proc.stdout[-2000:]
 
 
 def _free_port():

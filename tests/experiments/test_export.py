@@ -17,11 +17,12 @@ import rmlora_jax as rl
 from tests.experiments.conftest import set_overrides
 from tests.experiments.test_glue import tiny_config
 from rmlora_jax import cli
-from rmlora_jax import experiment
+from rmlora_jax.recipes import export as export_lib
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax import paths
 from rmlora_jax.adapters import base
 from rmlora_jax.data import glue as glue_data
-from rmlora_jax.tasks import glue as glue_task
+from rmlora_jax.recipes import glue as glue_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 README_WORKDIR = "runs/rte_lora"
@@ -54,8 +55,8 @@ def dev_batch(config):
 
 def our_logits(config, batch):
   """The run's model on ``batch``: base weights as loaded for training, adapters and head from the checkpoint."""
-  module, params, _, _, _ = experiment.load_model(config, "classification", 2)
-  trainable, _ = experiment.trained_state(config.workdir)
+  module, params, _, _, _ = run_lib.load_model(config, "classification", 2)
+  trainable, _ = run_lib.trained_state(config.workdir)
   spec = rl.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=(".*",))
   merged = rl.merge(base.with_head(params, trainable["head"]), trainable["adapters"], spec)
   return np.asarray(module.apply({"params": merged}, batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -88,7 +89,7 @@ def test_export_after_a_glue_run_scores_as_the_run_in_pytorch(run, tmp_path):
   accuracy = float(np.mean(with_peft.argmax(-1) == labels))
   assert accuracy == pytest.approx(results["metrics"]["accuracy"], abs=1e-9)
 
-  experiment.export_run(workdir, fmt="merged", out=tmp_path / "merged")
+  export_lib.export_run(workdir, fmt="merged", out=tmp_path / "merged")
   merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
   np.testing.assert_allclose(torch_logits(merged, batch), expected, atol=1e-4, rtol=0)
 
@@ -99,14 +100,14 @@ def test_export_after_a_glue_run_scores_as_the_run_in_pytorch(run, tmp_path):
 
 def test_a_run_starts_from_a_peft_adapter(run, tiny_bert, tiny_glue, tmp_path):
   config, _ = run
-  folder = experiment.export_run(config.workdir, fmt="peft", out=tmp_path / "peft")
+  folder = export_lib.export_run(config.workdir, fmt="peft", out=tmp_path / "peft")
   # One step at a negligible learning rate: the adapters must still be those of the first run.
   second = tiny_config(tiny_bert, tiny_glue, tmp_path / "second", method="lora", init_adapters=str(folder), max_steps=1,
                         learning_rate=1e-9)
   results = glue_task.train_and_evaluate(second, second.workdir)
   assert results["config"]["init_adapters"] == str(folder)
-  before, _ = experiment.trained_state(config.workdir)
-  after, _ = experiment.trained_state(second.workdir)
+  before, _ = run_lib.trained_state(config.workdir)
+  after, _ = run_lib.trained_state(second.workdir)
   flat_before, flat_after = paths.flatten_with_paths(before), paths.flatten_with_paths(after)
   assert set(flat_before) == set(flat_after)
   assert max(np.abs(flat_before[p] - flat_after[p]).max() for p in flat_before) < 1e-6
@@ -117,4 +118,4 @@ def test_a_run_starts_from_a_peft_adapter(run, tiny_bert, tiny_glue, tmp_path):
   with pytest.raises(ValueError, match=r"config.init_adapters='/nonexistent' is not a folder"):
     glue_task.train_and_evaluate(set_overrides(second, {"init_adapters": "/nonexistent"}), str(tmp_path / "fourth"))
   with pytest.raises(ValueError, match=r"has no checkpoints folder"):
-    experiment.export_run(tmp_path, fmt="peft")
+    export_lib.export_run(tmp_path, fmt="peft")

@@ -10,11 +10,13 @@ import torch
 import transformers
 
 from configs import cifar10_transfer
-from rmlora_jax import experiment
+from rmlora_jax.recipes import export as export_lib
+from rmlora_jax.recipes import run as run_lib
 from rmlora_jax import paths
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora
-from rmlora_jax.tasks import cifar
+from rmlora_jax.adapters import registry
+from rmlora_jax.recipes import vision as cifar
 from tests.data.test_images import write_folder
 from tests.experiments.test_vision import CLASSES, TINY_VIT, tiny
 from tests.test_peft_format import pixel_peft_model
@@ -59,12 +61,12 @@ def ours(config):
   _, test = cifar.load_splits(config, model.image_size)
   task = cifar.build_task(config, model, test, test, features=False)
   (batch,) = task.eval_batches("test", len(test))
-  trainable, _ = experiment.trained_state(config.workdir)
+  trainable, _ = run_lib.trained_state(config.workdir)
   if "params" in trainable:
     params = base.with_head(model.params, paths.flatten_with_paths(trainable["params"]))
   else:
     spec = lora.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=(".*",))
-    params = lora.merge(base.with_head(model.params, trainable["head"]), trainable["adapters"], spec)
+    params = registry.merge(base.with_head(model.params, trainable["head"]), trainable["adapters"], spec)
   forward = jax.jit(lambda p: model.module.apply({"params": p}, batch["pixel_values"])["logits"])
   return batch["pixel_values"], batch["labels"], np.asarray(forward(params)), np.asarray(forward(model.params))
 
@@ -85,7 +87,7 @@ def test_classifier_lora_on_frozen_features_exports_merged_with_the_new_head(bac
   pixels, labels, expected, initial = ours(config)
   assert np.abs(expected - initial).max() > 1e-2  # the trained dW matters
 
-  out = experiment.export_run(config.workdir, fmt="merged")
+  out = export_lib.export_run(config.workdir, fmt="merged")
   assert out == pathlib.Path(config.workdir) / "merged"
   merged, info = transformers.AutoModelForImageClassification.from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info
@@ -98,7 +100,7 @@ def test_classifier_lora_on_frozen_features_exports_merged_with_the_new_head(bac
 
   with pytest.raises(ValueError, match=r"adapter on 'classifier/kernel', whose W0 the run initialised itself "
                                        r"\(not in the base checkpoint .*\), .*; use --format=merged"):
-    experiment.export_run(config.workdir, fmt="peft")
+    export_lib.export_run(config.workdir, fmt="peft")
 
 
 def test_attention_mlp_run_exports_for_peft_and_merged(backbone, folder, tmp_path):
@@ -106,7 +108,7 @@ def test_attention_mlp_run_exports_for_peft_and_merged(backbone, folder, tmp_pat
   assert not results["frozen_features"]
   pixels, labels, expected, _ = ours(config)
 
-  out = experiment.export_run(config.workdir, fmt="peft")
+  out = export_lib.export_run(config.workdir, fmt="peft")
   adapter = json.loads((out / "adapter_config.json").read_text())
   assert adapter["task_type"] is None and adapter["modules_to_save"] == ["classifier"]
   base_model = transformers.AutoModelForImageClassification.from_pretrained(backbone, num_labels=3)
@@ -115,6 +117,6 @@ def test_attention_mlp_run_exports_for_peft_and_merged(backbone, folder, tmp_pat
   assert float(np.mean(got.argmax(-1) == labels)) == pytest.approx(results["metrics"]["accuracy"], abs=1e-6)
   assert adapter["base_model_name_or_path"] == str(pathlib.Path(backbone).resolve())
 
-  merged = transformers.AutoModelForImageClassification.from_pretrained(experiment.export_run(config.workdir,
+  merged = transformers.AutoModelForImageClassification.from_pretrained(export_lib.export_run(config.workdir,
                                                                                              fmt="merged"))
   np.testing.assert_allclose(logits(merged, pixels), expected, atol=TOL, rtol=0)

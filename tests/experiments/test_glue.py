@@ -1,7 +1,6 @@
 """The GLUE entry point end to end on a tiny random BERT and a tiny RTE folder."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,11 +12,10 @@ import pytest
 
 from configs import rte
 from tests.experiments.conftest import WORDS, set_overrides
-from rmlora_jax import experiment
-from rmlora_jax import trainer
+from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import training
 from rmlora_jax.data import glue as glue_data
-from rmlora_jax.tasks import glue as glue_task
+from rmlora_jax.recipes import glue as glue_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -301,20 +299,20 @@ def test_failed_checkpoint_save_is_a_clear_error_and_leaves_no_half_checkpoint(t
 
 def test_adalora_budget_is_2r_to_r_unless_set(tmp_path):
   config = tiny_config("unused", str(tmp_path), tmp_path, method="adalora", **{"lora.rank": 8})
-  settings = experiment.method_settings(config, default_targets=(".*kernel",))
+  settings = settings_lib.method_settings(config, default_targets=(".*kernel",))
   assert (settings.spec.rank, settings.options.target_rank) == (16, 8)
   # The AdaLoRA authors' scripts: alpha / r = 8 over the initial rank, weight 0.1, window 12% / 44%.
   assert settings.spec.alpha == 8 * 16 and settings.spec.scale == 8.0
   assert (settings.options.ortho_weight, settings.options.t_init_ratio, settings.options.t_final_ratio) == (
       0.3, 0.12, 0.44)  # RTE's weight
   config.adalora.init_rank, config.adalora.target_rank = 12, 6
-  settings = experiment.method_settings(config, default_targets=(".*kernel",))
+  settings = settings_lib.method_settings(config, default_targets=(".*kernel",))
   assert (settings.spec.rank, settings.options.target_rank, settings.spec.alpha) == (12, 6, 96.0)
   config.adalora.alpha_over_rank = -1.0  # the LoRA family's alpha, as before
-  assert experiment.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
+  assert settings_lib.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
   config.method = "lora"  # the ratio is AdaLoRA's alone
   config.adalora.alpha_over_rank = 8.0
-  assert experiment.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
+  assert settings_lib.method_settings(config, default_targets=(".*kernel",)).spec.alpha == config.lora.alpha
   from configs import rte, stsb, sst2  # pylint: disable=g-import-not-at-top
   assert [m.get_config().adalora.ortho_weight for m in (rte, stsb, sst2)] == [0.3, 0.3, 0.1]
 

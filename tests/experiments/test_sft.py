@@ -13,7 +13,7 @@ from rmlora_jax import metrics as metrics_lib
 from rmlora_jax.data import sft
 from rmlora_jax.models import load_pretrained
 from rmlora_jax.tasks import causal_lm
-from rmlora_jax.tasks import sft as sft_task
+from rmlora_jax.recipes import sft as sft_task
 from tests.experiments.conftest import WORDS, set_overrides
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -255,9 +255,9 @@ def test_lora_from_peft_initialisation_trains_step_by_step_as_peft_does(
   # The trained adapters too: ours, exported in PEFT's format, against the
   # file PEFT saved after the same six steps, tensor by tensor (each moved ~0.06).
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from rmlora_jax import experiment  # pylint: disable=g-import-not-at-top
+  from rmlora_jax.recipes import export as export_lib  # pylint: disable=g-import-not-at-top
 
-  out = experiment.export_run(config.workdir, fmt="peft")
+  out = export_lib.export_run(config.workdir, fmt="peft")
   peft_trained = load_file(tmp_path / "peft" / "adapter" / "adapter_model.safetensors")
   exported = load_file(out / "adapter_model.safetensors")
   assert set(exported) == set(peft_trained) and len(exported) == 2 * 7 * 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import squad as squad_config
-from rmlora_jax.tasks import squad as squad_task
+from rmlora_jax.recipes import squad as squad_task
 from tests.experiments.conftest import WORDS, set_overrides
 
 

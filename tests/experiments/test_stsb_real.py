@@ -25,7 +25,7 @@ import pathlib
 import pytest
 
 from configs import stsb
-from rmlora_jax.tasks import glue as glue_task
+from rmlora_jax.recipes import glue as glue_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHARED_GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10_transfer, vit_pretrain
-from rmlora_jax.tasks import cifar
+from rmlora_jax.recipes import vision as cifar
 from tests.data.test_images import write_folder
 from tests.experiments.conftest import set_overrides
 
@@ -65,9 +65,9 @@ def test_pretraining_trains_every_weight_and_saves_a_folder_transformers_loads(p
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
   # And the folder is the trained model: the run's checkpoint gives transformers' features (the patch
   # kernel once came back with its height and width swapped, which a read-back alone cannot see).
-  from rmlora_jax import experiment
+  from rmlora_jax.recipes import run as run_lib
   from rmlora_jax.models import vit
-  trainable, _ = experiment.trained_state(config.workdir)
+  trainable, _ = run_lib.trained_state(config.workdir)
   trained = vit.module_from_hf_config(hf_config, head="image_classification", num_labels=3)
   ours = np.asarray(trained.apply({"params": trainable["params"]}, x)["last_hidden_state"])
   np.testing.assert_allclose(ours, theirs, atol=1e-4)

@@ -29,14 +29,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from rmlora_jax import experiment
-from rmlora_jax import partitioning
+from rmlora_jax.recipes import run as run_lib
+from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import trainer
 from rmlora_jax.data import sft
 from rmlora_jax.data import squad
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import causal_lm
-from rmlora_jax.tasks import squad as squad_task
+from rmlora_jax.recipes import squad as squad_task
 
 
 def _subset(examples: list, n: int, rng: np.random.Generator) -> list:
@@ -87,8 +87,8 @@ def load_examples(config: ml_collections.ConfigDict) -> tuple[list[sft.SftExampl
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every setting of an SFT run, checked before anything is loaded."""
-  experiment.validate(config)
-  experiment.check_positive_ints(config, ("max_new_tokens", "data.dev_articles"))
+  settings_lib.validate(config)
+  settings_lib.check_positive_ints(config, ("max_new_tokens", "data.dev_articles"))
   if not config.temperature >= 0:
     raise ValueError(f"config.temperature must be >= 0 (0: greedy), got {config.temperature!r}")
   if not 0 < config.top_p <= 1:
@@ -117,18 +117,13 @@ def build_task(config: ml_collections.ConfigDict, tokenizer: Any, train: list[sf
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   """Runs (or resumes) one SFT run and returns its results dict."""
   validate(config)
-  experiment.initialize_distributed(config)
-  mesh = partitioning.make_mesh(config.mesh.to_dict())
-  partitioning.check_batch_size(config.batch_size, mesh)
+  mesh = run_lib.start(config)
   train, dev, source = load_examples(config)
-  workdir = experiment.resolve_workdir(config, workdir, task="sft")
-  with jax.default_device(partitioning.host_device()):
-    module, params, tokenizer, hf_config, _ = experiment.load_model(config, "causal_lm", 1)
-  param_specs = partitioning.match_partition_rules(
-      params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
+  workdir = run_lib.resolve_workdir(config, workdir, task="sft")
+  module, params, tokenizer, hf_config, _, param_specs = run_lib.load_sharded_model(config, "causal_lm", 1)
   task = build_task(config, tokenizer, train, dev)
-  method = experiment.method_settings(config, default_targets=hub.default_lora_targets(hf_config))
-  summary = {**experiment.summary(config), "data": source, "train_examples": len(task.train),
+  method = settings_lib.method_settings(config, default_targets=hub.default_lora_targets(hf_config))
+  summary = {**settings_lib.summary(config), "data": source, "train_examples": len(task.train),
              "eval_examples": len(task.eval), "dropped_long": {"train": task.train.dropped, "eval": task.eval.dropped}}
   results_file = os.path.join(workdir, "results.json")
   if config.eval_base and not os.path.exists(results_file):
@@ -143,9 +138,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
         os.makedirs(workdir, exist_ok=True)
         with open(base_file, "w", encoding="utf-8") as f:
           json.dump(summary["base"], f)
-  init_trainable = experiment.initial_trainable(config, params, hf_config, "causal_lm", method)
-  with experiment.config_errors():
-    return trainer.train_and_evaluate(task, module, params, method, experiment.trainer_settings(config), workdir,
+  init_trainable = run_lib.initial_trainable(config, params, hf_config, "causal_lm", method)
+  with settings_lib.config_errors():
+    return trainer.train_and_evaluate(task, module, params, method, settings_lib.trainer_settings(config), workdir,
                                       mesh=mesh, param_specs=param_specs, extra_results=summary,
                                       init_trainable=init_trainable)
 

@@ -52,13 +52,15 @@ import ml_collections
 import numpy as np
 
 from rmlora_jax import analysis
-from rmlora_jax import experiment
+from rmlora_jax.recipes import run as run_lib
+from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import trainer
 from rmlora_jax.adapters import base as adapters_base
 from rmlora_jax.adapters import lora as lora_lib
+from rmlora_jax.adapters import registry
 from rmlora_jax.data import cache as cache_lib
 from rmlora_jax.data import images as images_lib
 from rmlora_jax.models import hub
@@ -100,7 +102,7 @@ def targets_and_head(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...]
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every setting of an image run, checked before anything is loaded."""
-  experiment.validate(config)
+  settings_lib.validate(config)
   targets_and_head(config)
   d = config.data
   if d.dir and not os.path.isdir(d.dir):
@@ -108,7 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{d.train_split}/<class>/*.jpg and {d.test_split}/<class>/*.jpg)")
   if isinstance(d.classes, str) or not all(isinstance(c, str) for c in d.classes):
     raise ValueError(f"config.data.classes must be a tuple of class names, got {d.classes!r}")
-  experiment.check_positive_ints(config, ("data.feature_views",))
+  settings_lib.check_positive_ints(config, ("data.feature_views",))
   if isinstance(d.crop_padding, bool) or not isinstance(d.crop_padding, int) or d.crop_padding < 0:
     raise ValueError(f"config.data.crop_padding must be a non-negative integer, got {d.crop_padding!r}")
   if not 0 < config.analysis.rank_rtol < 1:
@@ -153,7 +155,7 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int) -> LoadedMode
     mean, std = tuple(config.data.mean), tuple(config.data.std)
   else:
     check_is_vit(config.model.name_or_path)
-    module, params, processor, hf_config, report = experiment.load_model(config, HEAD, num_labels)
+    module, params, processor, hf_config, report = run_lib.load_model(config, HEAD, num_labels)
     missing = report.missing
     mean = tuple(getattr(processor, "image_mean", None) or config.data.mean)
     std = tuple(getattr(processor, "image_std", None) or config.data.std)
@@ -239,7 +241,7 @@ def evaluate_params(task: Any, module: Any, params: Any, batch_size: int) -> dic
 
 def adapter_measures(adapters: Any, spec: Any, rtol: float) -> dict[str, Any]:
   """rank(dW), ``||dW dW^T - I||_F^2`` and the singular values of every adapter (host arrays)."""
-  report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
+  report = analysis.delta_report(registry.delta_factors(adapters, spec), rtol=rtol, spectra=True)
   return report["per_matrix"]
 
 
@@ -285,10 +287,8 @@ def save_backbone(folder: pathlib.Path, params: Any, model: LoadedModel) -> path
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   """Runs (or resumes) one image-classification run and returns its results dict."""
   validate(config)
-  experiment.initialize_distributed(config)
-  mesh = partitioning.make_mesh(config.mesh.to_dict())
-  partitioning.check_batch_size(config.batch_size, mesh)
-  workdir = experiment.resolve_workdir(config, workdir, task=config.task)
+  mesh = run_lib.start(config)
+  workdir = run_lib.resolve_workdir(config, workdir, task=config.task)
   num_classes = len(config.data.classes) or None
   if num_classes is None:  # every class of the source: count them before building the classifier
     d = config.data
@@ -297,9 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   with jax.default_device(partitioning.host_device()):
     model = load_model(config, num_classes)
   targets, head = targets_and_head(config)
-  method = experiment.method_settings(config, default_targets=targets, head_patterns=head)
+  method = settings_lib.method_settings(config, default_targets=targets, head_patterns=head)
   if method.spec is not None:
-    with experiment.config_errors():  # a rank larger than the layer allows, a target matching nothing
+    with settings_lib.config_errors():  # a rank larger than the layer allows, a target matching nothing
       lora_lib.select_targets(model.params, method.spec, where="config.lora.targets")
   train, test = load_splits(config, model.image_size)
   features = bool(config.frozen_features) and trains_classifier_only(method, config.adapt)
@@ -310,10 +310,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
     params = {"classifier": params["classifier"]}
   param_specs = partitioning.match_partition_rules(params, partitioning.rules_for("vit"),
                                                    where="partition rules of vit") if not features else None
-  settings = experiment.trainer_settings(config)
+  settings = settings_lib.trainer_settings(config)
   spec = None if method.spec is None else methods_lib.make_method(method).settings.spec
   rtol = config.analysis.rank_rtol
-  summary = {**experiment.summary(config), "classes": list(train.class_names), "train_images": len(train),
+  summary = {**settings_lib.summary(config), "classes": list(train.class_names), "train_images": len(train),
              "test_images": len(test), "frozen_features": features, "adapt": config.adapt,
              "rank_rtol": rtol}
   if config.score_initial:
@@ -329,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
       adapters = jax.tree.map(np.asarray, trainable["adapters"])
       # One factored SVD of each update gives the last history entry, the
       # spectra and results["adapters"] (its measures without the spectra).
-      report = analysis.delta_report(lora_lib.delta_factors(adapters, spec), rtol=rtol, spectra=True)
+      report = analysis.delta_report(registry.delta_factors(adapters, spec), rtol=rtol, spectra=True)
       history = results["history"].setdefault("adapter", [])
       if not history or history[-1]["step"] != results["steps"]:
         history.append({"step": results["steps"], **report["per_matrix"]})
@@ -350,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
 
   per_epoch = config.analysis.per_epoch and spec is not None
   hooks = trainer.Hooks(after_eval=after_eval if per_epoch else None, at_end=at_end)
-  with experiment.config_errors():
+  with settings_lib.config_errors():
     return trainer.train_and_evaluate(task, module, params, method, settings, workdir, mesh=mesh,
                                       param_specs=param_specs, extra_results=summary, hooks=hooks)
 
@@ -359,7 +359,7 @@ def _merged_params(params: Any, trainable: Any, method: methods_lib.MethodSettin
   """The whole trained model: full fine-tuning's params, or W0 with the head and adapters merged in."""
   if "params" in trainable:
     return jax.tree.map(np.asarray, trainable["params"])
-  merged = lora_lib.merge(adapters_base.with_head(params, trainable["head"]), trainable["adapters"], method.spec)
+  merged = registry.merge(adapters_base.with_head(params, trainable["head"]), trainable["adapters"], method.spec)
   return jax.tree.map(np.asarray, merged)
 
 

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rmlora_jax import experiment
-from rmlora_jax import partitioning
+from rmlora_jax.recipes import run as run_lib
+from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import trainer
 from rmlora_jax.data import cache as cache_lib
+from rmlora_jax.data import batching
 from rmlora_jax.data import glue
 from rmlora_jax.models import hub
 from rmlora_jax.tasks import classification
@@ -38,7 +39,7 @@ HEAD_PATTERNS = (r"classifier/.*",)
 
 def validate(config: ml_collections.ConfigDict) -> glue.GlueTask:
   """Every setting of a GLUE run, checked before anything is loaded; the task's description."""
-  experiment.validate(config)
+  settings_lib.validate(config)
   task = glue.get_task(config.task)
   data_dir = glue.resolve_data_source(config.data.dir)
   if data_dir is not None and not os.path.isdir(data_dir):
@@ -46,7 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> glue.GlueTask:
     raise ValueError(f"{source}={data_dir!r} is not a directory (expected the GLUE layout, e.g. RTE/train.tsv)")
   if config.head_bias not in ("label_mean", "zero"):
     raise ValueError(f"config.head_bias must be 'label_mean' or 'zero', got {config.head_bias!r}")
-  experiment.check_positive_ints(config, ("data.num_buckets", "data.bucket_multiple"))
+  settings_lib.check_positive_ints(config, ("data.num_buckets", "data.bucket_multiple"))
   if config.data.bucketing not in ("fit", "geometric"):
     raise ValueError(f"config.data.bucketing must be 'fit' or 'geometric', got {config.data.bucketing!r}")
   return task
@@ -98,20 +99,20 @@ def set_output_bias(params: Any, value: float, new_paths: tuple[str, ...]) -> An
       lambda kp, w: jnp.full_like(w, value) if paths_lib.path_str(kp) == candidates[0] else w, params)
 
 
-def buckets_for(config: ml_collections.ConfigDict, train: glue.TokenizedSplit,
-                evals: dict[str, glue.TokenizedSplit]) -> tuple[int, ...]:
+def buckets_for(config: ml_collections.ConfigDict, train: batching.TokenizedSplit,
+                evals: dict[str, batching.TokenizedSplit]) -> tuple[int, ...]:
   """The padded lengths of the run's batches (``config.data.bucketing``).
 
   "fit": the ``num_buckets`` multiples of ``bucket_multiple`` that pad this
-  data's batches least (`glue.fit_buckets` over the first epoch's training
+  data's batches least (`batching.fit_buckets` over the first epoch's training
   batches and the evaluation batches); "geometric": halvings up to
-  ``max_seq_len`` (`glue.bucket_lengths`), whatever the data.
+  ``max_seq_len`` (`batching.bucket_lengths`), whatever the data.
   """
   if config.data.bucketing == "geometric":
-    return glue.bucket_lengths(config.max_seq_len, config.data.num_buckets)
-  longest = [glue.batch_max_lengths(train.lengths(), config.batch_size, seed=config.seed, shuffle=True)]
-  longest += [glue.batch_max_lengths(split.lengths(), config.batch_size, shuffle=False) for split in evals.values()]
-  return glue.fit_buckets(np.concatenate(longest), config.data.num_buckets, multiple=config.data.bucket_multiple,
+    return batching.bucket_lengths(config.max_seq_len, config.data.num_buckets)
+  longest = [batching.batch_max_lengths(train.lengths(), config.batch_size, seed=config.seed, shuffle=True)]
+  longest += [batching.batch_max_lengths(split.lengths(), config.batch_size, shuffle=False) for split in evals.values()]
+  return batching.fit_buckets(np.concatenate(longest), config.data.num_buckets, multiple=config.data.bucket_multiple,
                           max_len=config.max_seq_len)
 
 
@@ -124,26 +125,20 @@ def pad_id(tokenizer: Any) -> int:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   """Runs (or resumes) one GLUE fine-tuning run and returns its results dict."""
   spec = validate(config)
-  experiment.initialize_distributed(config)
-  mesh = partitioning.make_mesh(config.mesh.to_dict())
-  partitioning.check_batch_size(config.batch_size, mesh)
-  workdir = experiment.resolve_workdir(config, workdir, task=config.task)
+  mesh = run_lib.start(config)
+  workdir = run_lib.resolve_workdir(config, workdir, task=config.task)
   head = "regression" if spec.is_regression else "classification"
-  # Read into host memory, then each device receives only its own slices.
-  with jax.default_device(partitioning.host_device()):
-    module, params, tokenizer, hf_config, report = experiment.load_model(config, head, spec.num_labels)
-  param_specs = partitioning.match_partition_rules(
-      params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
+  module, params, tokenizer, hf_config, report, param_specs = run_lib.load_sharded_model(config, head, spec.num_labels)
   train, evals = load_data(config, spec, tokenizer)
   if spec.is_regression and config.head_bias == "label_mean":
     params = set_output_bias(params, float(np.mean(train.labels)), report.missing)
   task = classification.TextClassification(
       spec=spec, train=train, evals=evals, pad_id=pad_id(tokenizer), buckets=buckets_for(config, train, evals))
   head_patterns = HEAD_PATTERNS + tuple(re.escape(p) for p in report.missing)
-  method = experiment.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
+  method = settings_lib.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
                                       head_patterns=head_patterns)
-  init_trainable = experiment.initial_trainable(config, params, hf_config, head, method)
-  with experiment.config_errors():
-    return trainer.train_and_evaluate(task, module, params, method, experiment.trainer_settings(config), workdir,
-                                      mesh=mesh, param_specs=param_specs, extra_results=experiment.summary(config),
+  init_trainable = run_lib.initial_trainable(config, params, hf_config, head, method)
+  with settings_lib.config_errors():
+    return trainer.train_and_evaluate(task, module, params, method, settings_lib.trainer_settings(config), workdir,
+                                      mesh=mesh, param_specs=param_specs, extra_results=settings_lib.summary(config),
                                       init_trainable=init_trainable)

@@ -22,12 +22,11 @@ import pathlib
 import re
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from rmlora_jax import experiment
-from rmlora_jax import partitioning
+from rmlora_jax.recipes import run as run_lib
+from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import trainer
 from rmlora_jax.data import cache as cache_lib
 from rmlora_jax.data import squad
@@ -75,8 +74,8 @@ def folder_files(data_dir: str) -> tuple[str, str | None]:
 
 def validate(config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
   """Every setting of a SQuAD run, checked before anything is loaded; the data files."""
-  experiment.validate(config)
-  experiment.check_positive_ints(config, ("doc_stride", "n_best", "max_answer_len", "data.dev_articles"))
+  settings_lib.validate(config)
+  settings_lib.check_positive_ints(config, ("doc_stride", "n_best", "max_answer_len", "data.dev_articles"))
   if config.doc_stride >= config.max_seq_len:
     raise ValueError(f"config.doc_stride={config.doc_stride} must be below config.max_seq_len={config.max_seq_len}")
   return data_files(config)
@@ -117,22 +116,17 @@ def build_task(config: ml_collections.ConfigDict, tokenizer: Any, train_file: st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> dict[str, Any]:
   """Runs (or resumes) one SQuAD fine-tuning run and returns its results dict."""
   train_file, dev_file = validate(config)
-  experiment.initialize_distributed(config)
-  mesh = partitioning.make_mesh(config.mesh.to_dict())
-  partitioning.check_batch_size(config.batch_size, mesh)
-  workdir = experiment.resolve_workdir(config, workdir, task="squad")
-  with jax.default_device(partitioning.host_device()):
-    module, params, tokenizer, hf_config, report = experiment.load_model(config, "qa", 2)
-  param_specs = partitioning.match_partition_rules(
-      params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
+  mesh = run_lib.start(config)
+  workdir = run_lib.resolve_workdir(config, workdir, task="squad")
+  module, params, tokenizer, hf_config, report, param_specs = run_lib.load_sharded_model(config, "qa", 2)
   task = build_task(config, tokenizer, train_file, dev_file)
-  method = experiment.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
+  method = settings_lib.method_settings(config, default_targets=hub.default_lora_targets(hf_config),
                                       head_patterns=HEAD_PATTERNS + tuple(re.escape(p) for p in report.missing))
-  summary = {**experiment.summary(config), "train_questions": int(len(np.unique(task.train.example_index))),
+  summary = {**settings_lib.summary(config), "train_questions": int(len(np.unique(task.train.example_index))),
              "eval_questions": len(task.eval_examples), "train_windows": len(task.train),
              "eval_windows": len(task.eval_features)}
-  init_trainable = experiment.initial_trainable(config, params, hf_config, "qa", method)
-  with experiment.config_errors():
-    return trainer.train_and_evaluate(task, module, params, method, experiment.trainer_settings(config), workdir,
+  init_trainable = run_lib.initial_trainable(config, params, hf_config, "qa", method)
+  with settings_lib.config_errors():
+    return trainer.train_and_evaluate(task, module, params, method, settings_lib.trainer_settings(config), workdir,
                                       mesh=mesh, param_specs=param_specs, extra_results=summary,
                                       init_trainable=init_trainable)

