@@ -1,10 +1,11 @@
-"""Adapters and trained heads as PEFT adapter folders; whole models as Hugging Face folders.
+"""Adapters and trained heads as PEFT adapter folders, both ways.
 
 `save_peft` writes our adapters (`rmlora_jax.adapters`) and the leaves
 trained beside them (the task head) as the folder PEFT's
 ``PeftModel.from_pretrained`` reads, `load_peft` reads such a folder (ours, or
-one PEFT wrote) back, and `save_merged` writes the model with ``dW`` merged
-into the base weights as a folder ``AutoModelFor*.from_pretrained`` loads.
+one PEFT wrote) back, and `start_from` makes it a run's starting point.
+Whole models with ``dW`` merged are `rmlora_jax.hf_layout.save_merged`'s
+(also importable from here).
 
 On disk (checked against peft 0.21 and transformers 5):
 
@@ -23,7 +24,7 @@ On disk (checked against peft 0.21 and transformers 5):
 
 ``<module>`` is the module's name in the transformers model of the same head
 (``bert.encoder.layer.0.attention.self.query``), found by inverting the
-architecture's weight converter (`rmlora_jax.models.torch_port.state_dict_sources`).
+architecture's weight converter (`rmlora_jax.hf_layout.torch_layout`).
 
 LoRA, R-, GM- and RM-LoRA differ only in training and export as PEFT LoRA;
 AdaLoRA as PEFT AdaLoRA; SoRA and LoRA² (and any family with ``fold=True``)
@@ -50,7 +51,6 @@ device, for its names and shapes only).
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 import json
 import math
@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rmlora_jax import hf_layout
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax.adapters import base
@@ -75,7 +76,6 @@ from rmlora_jax.models import torch_port
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODEL_WEIGHTS = "model.safetensors"
 # Every key of a PEFT adapter file starts so (the PeftModel around the transformers model).
 PEFT_PREFIX = "base_model.model."
 # PEFT's AdaLoRA divides by ranknum + this (ranknum: the initial rank, never saved).
@@ -83,16 +83,11 @@ ADALORA_EPS = 1e-5
 # The PEFT types `load_peft` reads.
 LOADABLE_TYPES = ("LORA", "ADALORA")
 
-# Our heads -> the transformers auto class and PEFT's task type. PEFT has no
-# task type for images: its image-classification guide leaves task_type unset
-# (a plain PeftModel) and lists the classifier in modules_to_save.
-AUTO_CLASSES = {"base": "AutoModel", "classification": "AutoModelForSequenceClassification",
-                "regression": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering",
-                "image_classification": "AutoModelForImageClassification", "causal_lm": "AutoModelForCausalLM"}
+# Our heads -> PEFT's task type. PEFT has none for images: its
+# image-classification guide leaves task_type unset (a plain PeftModel) and
+# lists the classifier in modules_to_save.
 TASK_TYPES = {"base": "FEATURE_EXTRACTION", "classification": "SEQ_CLS", "regression": "SEQ_CLS",
               "qa": "QUESTION_ANS", "image_classification": None, "causal_lm": "CAUSAL_LM"}
-# Heads whose classifier has num_labels outputs.
-_CLASSIFIER_HEADS = ("classification", "regression", "image_classification")
 # The head modules PEFT adds to modules_to_save itself for a task type; saved whole.
 _TASK_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # The heads each PEFT task type may be loaded into.
@@ -102,132 +97,6 @@ _TASK_HEADS = {"SEQ_CLS": ("classification", "regression"), "QUESTION_ANS": ("qa
 _ADAPTER_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>A|B|E)(?P<weight>\.weight)?")
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchLayout:
-  """Our model's parameters under their names in the transformers model with the same head."""
-
-  # The transformers class, e.g. "BertForSequenceClassification".
-  model_class: str
-  # Its config: the checkpoint's, with num_labels and architectures set.
-  hf_config: Any
-  # flax path -> (state dict key, axes): the leaf is the entry with its axes permuted
-  # (`torch_port.from_state`; None: as is, (1, 0): a Linear weight's kernel).
-  sources: Mapping[str, tuple[str, tuple[int, ...] | None]]
-  # Every entry of the transformers model's state dict and its shape.
-  shapes: Mapping[str, tuple[int, ...]]
-  # Every module name of the transformers model.
-  modules: tuple[str, ...]
-  # Each ``nn.Linear`` module's name -> the flax path of its kernel.
-  linear: Mapping[str, str]
-  # State dict key -> the name ``save_pretrained`` writes it under, where they
-  # differ (transformers 5 renames some modules in memory, e.g. ViT's q_proj,
-  # and writes the checkpoint's names back).
-  saved_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  # State dict keys that are another entry's parameter again (a tied LM head,
-  # ``lm_head.weight`` = the embedding): ``save_pretrained`` leaves them out and
-  # ``from_pretrained`` ties them back.
-  tied: frozenset[str] = frozenset()
-
-  @property
-  def paths(self) -> dict[str, str]:
-    """state dict key -> flax path."""
-    return {key: path for path, (key, _) in self.sources.items()}
-
-  def kernel_module(self, path: str, *, where: str) -> str:
-    """The name of the ``nn.Linear`` whose weight is the kernel at ``path``."""
-    key, _ = self.sources.get(path, ("", None))
-    module = key.removesuffix(".weight")
-    if self.linear.get(module) != path:
-      raise ValueError(f"{where}: {path!r} is not the kernel of a linear layer of {self.model_class}")
-    return module
-
-
-def torch_layout(hf_config: Any, *, head: str, num_labels: int) -> TorchLayout:
-  """Names and shapes of the transformers model of ``hf_config`` with ``head``, and our paths for them.
-
-  Args:
-    hf_config: the checkpoint's transformers config (as `hub.load_pretrained` returns).
-    head: "base", "classification", "regression", "qa", "image_classification" (ViT) or
-      "causal_lm" (the decoders).
-    num_labels: outputs of a classification or regression head.
-
-  Raises:
-    ValueError: a head without a transformers auto class, or an unsupported model type.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  if head not in AUTO_CLASSES:
-    raise ValueError(f"torch_layout: head {head!r} has no transformers model; one of {tuple(AUTO_CLASSES)}")
-  arch = hub.architecture(hf_config.model_type)
-  cfg = copy.deepcopy(hf_config)
-  if head in _CLASSIFIER_HEADS:
-    cfg.num_labels = num_labels  # keeps the config's id2label when it has num_labels entries
-    if head == "regression":
-      cfg.problem_type = "regression"
-  with torch.device("meta"):
-    model = getattr(transformers, AUTO_CLASSES[head]).from_config(cfg)
-  cfg.architectures = [type(model).__name__]
-  shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-  sources = torch_port.state_dict_sources(lambda state: arch.params_from_state_dict(state, cfg, head=head)[0],
-                                          shapes)
-  linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-  tied = _tied_output_embedding(model)
-  linear = {key.removesuffix(".weight"): path for path, (key, _) in sources.items()
-            if key.endswith(".weight") and key.removesuffix(".weight") in linear_names}
-  return TorchLayout(model_class=type(model).__name__, hf_config=cfg, sources=sources, shapes=shapes,
-                     modules=tuple(n for n, _ in model.named_modules() if n), linear=linear,
-                     saved_names=_saved_names(model), tied=tied)
-
-
-def _tied_output_embedding(model: Any) -> frozenset[str]:
-  """``{"lm_head.weight"}`` (the output embedding's name) when it is the input embedding again, else empty."""
-  out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-  inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-  if out is None or inp is None or out.weight is not inp.weight:
-    return frozenset()
-  return frozenset(f"{name}.weight" for name, module in model.named_modules() if module is out)
-
-
-def _saved_names(model: Any) -> dict[str, str]:
-  """State dict key -> the key transformers' ``save_pretrained`` writes, for the keys it renames.
-
-  transformers 5 maps checkpoint names to its in-memory ones on loading and
-  back on saving (``revert_weight_conversion``); writing the checkpoint's
-  names keeps a merged folder readable by older transformers. Empty where
-  the version has no such mapping, or the mapping does more than rename.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    from transformers.core_model_loading import revert_weight_conversion  # pylint: disable=g-import-not-at-top
-  except ImportError:  # transformers 4: the names in memory are the checkpoint's
-    return {}
-  state = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
-  owners = {id(v): k for k, v in state.items()}
-  reverted = revert_weight_conversion(model, dict(state))
-  names = {owners[id(v)]: k for k, v in reverted.items() if id(v) in owners}
-  if len(names) != len(state):  # a converter that splits or fuses tensors: keep the in-memory names
-    return {}
-  return {k: v for k, v in names.items() if k != v}
-
-
-def num_labels_of(params: Any, head: str) -> int:
-  """The outputs of ``params``' classification head (1 for regression, 2 otherwise unused)."""
-  if head == "regression":
-    return 1
-  if head not in ("classification", "image_classification"):
-    return 2
-  flat = paths_lib.flatten_with_paths(params)
-  for path in ("classifier/out_proj/kernel", "classifier/kernel"):
-    if path in flat:
-      return int(flat[path].shape[-1])
-  raise ValueError("num_labels_of: params have no classifier/kernel or classifier/out_proj/kernel")
-
-
-def _to_torch(value: Any, axes: tuple[int, ...] | None) -> np.ndarray:
-  return np.ascontiguousarray(torch_port.to_state(np.asarray(value, np.float32), axes))
 
 
 def _number(x: float) -> int | float:
@@ -273,7 +142,7 @@ def target_suffixes(adapted: Iterable[str], modules: Iterable[str]) -> list[str]
   return sorted(out)
 
 
-def _head_modules(layout: TorchLayout, trained: Iterable[str], task_type: str | None,
+def _head_modules(layout: hf_layout.TorchLayout, trained: Iterable[str], task_type: str | None,
                   adapted: set[str]) -> list[str]:
   """The modules_to_save holding ``trained`` leaves: the task's head module whole, else each leaf's module."""
   out = set()
@@ -344,7 +213,7 @@ def save_peft(
       leaf inside an adapted module.
   """
   folder = pathlib.Path(folder)
-  layout = torch_layout(hf_config, head=head, num_labels=num_labels_of(params, head))
+  layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(params, head))
   task_type = TASK_TYPES[head]
   trained = dict(trained or {})
   flat = paths_lib.flatten_with_paths(base.with_head(params, trained))
@@ -357,8 +226,8 @@ def save_peft(
     for path, ad in adapters.items():
       if ad["a"].shape[0] != spec.rank:
         raise ValueError(f"save_peft: adapter {path!r} has rank {ad['a'].shape[0]}, the spec {spec.rank}")
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(ad["a"], None)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(ad["b"], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = hf_layout.to_torch(ad["a"], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = hf_layout.to_torch(ad["b"], None)
   elif kind == "ADALORA" and not fold:
     r = spec.rank
     pattern = {}
@@ -369,9 +238,9 @@ def save_peft(
         pattern[f"{modules[path]}.lora_E"] = keep.tolist()
       # Ours: alpha / r * p diag(lam) q; PEFT's: alpha / (r + 1e-5) * B diag(E) A.
       e = lam[keep] * np.float32((r + ADALORA_EPS) / r)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A"] = _to_torch(np.asarray(ad["q"])[keep], None)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_E"] = _to_torch(e[:, None], None)
-      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B"] = _to_torch(np.asarray(ad["p"])[:, keep], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A"] = hf_layout.to_torch(np.asarray(ad["q"])[keep], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_E"] = hf_layout.to_torch(e[:, None], None)
+      tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B"] = hf_layout.to_torch(np.asarray(ad["p"])[:, keep], None)
     peft_type = "ADALORA"
     fields = {"init_r": r, "target_r": r, "lora_alpha": _number(spec.alpha), "total_step": 1, "tinit": 0, "tfinal": 0,
               "deltaT": 1, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5, "rank_pattern": pattern or None}
@@ -380,8 +249,8 @@ def save_peft(
     for path, (left, right) in folded_factors(params, adapters, spec).items():
       if left.shape[1]:
         ranks[path] = left.shape[1]
-        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = _to_torch(right, None)
-        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = _to_torch(left, None)
+        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_A.weight"] = hf_layout.to_torch(right, None)
+        tensors[f"{PEFT_PREFIX}{modules[path]}.lora_B.weight"] = hf_layout.to_torch(left, None)
     if not ranks:
       raise ValueError("save_peft: every adapter has rank 0 (all gates or singular values are zero)")
     modules = {p: modules[p] for p in ranks}
@@ -397,7 +266,7 @@ def save_peft(
       if key.startswith(module + "."):
         if key not in paths:
           raise ValueError(f"save_peft: {layout.model_class} weight {key!r} of {module!r} has no counterpart here")
-        tensors[PEFT_PREFIX + key] = _to_torch(flat[paths[key]], layout.sources[paths[key]][1])
+        tensors[PEFT_PREFIX + key] = hf_layout.to_torch(flat[paths[key]], layout.sources[paths[key]][1])
   config = _adapter_config(peft_type, task_type=task_type, targets=target_suffixes(adapted, layout.modules),
                            modules_to_save=head_modules, base_model=_model_name(base_model_name_or_path), **fields)
   config.update(extra_config or {})
@@ -540,7 +409,7 @@ def load_peft(folder: str | os.PathLike, params: Any, hf_config: Any, *, head: s
   config, state = _read_folder(folder)
   config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
   peft_type = _check_config(config, config_file, head)
-  layout = torch_layout(hf_config, head=head, num_labels=num_labels_of(params, head))
+  layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(params, head))
   flat = paths_lib.flatten_with_paths(params)
   described = (f"this {hf_config.model_type} model ({layout.model_class}, modules named like "
                f"{next(iter(layout.linear))!r})")
@@ -707,65 +576,10 @@ def start_from(loaded: PeftAdapter, method: methods_lib.MethodSettings) -> Calla
   return init
 
 
-def save_merged(
-    folder: str | os.PathLike,
-    *,
-    params: Any,
-    hf_config: Any,
-    head: str,
-    adapters: Mapping[str, Mapping[str, Any]] | None = None,
-    spec: Any = None,
-    trained: Mapping[str, Any] | None = None,
-    tokenizer: Any = None,
-) -> pathlib.Path:
-  """Writes the model with ``dW`` merged into ``W0`` as a Hugging Face folder.
-
-  ``AutoModelForSequenceClassification`` (``AutoModelForQuestionAnswering``
-  for head "qa", ``AutoModelForImageClassification`` for a ViT's
-  "image_classification", ``AutoModelForCausalLM`` for a decoder's "causal_lm",
-  ``AutoModel`` for "base") ``.from_pretrained(folder)``
-  loads it with no missing or unexpected weights.
-
-  Args:
-    folder: created if needed; gets ``config.json``, ``model.safetensors``
-      and, with ``tokenizer``, the tokenizer's (or image processor's) files.
-    params: the base parameters (or every parameter, for full fine-tuning).
-    hf_config: the base checkpoint's transformers config.
-    head: the head ``params`` were built with.
-    adapters, spec: adapters of any family, merged (`registry.merge`); None: none.
-    trained: ``{path: value}`` trained beside the adapters (the head).
-    tokenizer: a tokenizer or image processor, saved with ``save_pretrained`` when given.
-
-  Returns:
-    ``folder``.
-
-  Raises:
-    ValueError: the transformers model has a weight ``params`` do not
-      provide, or of another shape.
-  """
-  folder = pathlib.Path(folder)
-  layout = torch_layout(hf_config, head=head, num_labels=num_labels_of(params, head))
-  full = base.with_head(params, dict(trained or {}))
-  if adapters:
-    full = registry.merge(full, adapters, spec)
-  flat = paths_lib.flatten_with_paths(full)
-  paths = layout.paths
-  state = {}
-  for key, shape in layout.shapes.items():
-    if key in layout.tied:  # the tied LM head: transformers ties it to the embedding on loading
-      continue
-    if key not in paths or paths[key] not in flat:
-      raise ValueError(f"save_merged: {layout.model_class} has weight {key!r}, which these params do not provide")
-    value = _to_torch(flat[paths[key]], layout.sources[paths[key]][1])
-    if value.shape != shape:
-      raise ValueError(f"save_merged: {paths[key]!r} gives {key!r} the shape {value.shape}, "
-                       f"{layout.model_class} needs {shape}")
-    state[layout.saved_names.get(key, key)] = value
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  folder.mkdir(parents=True, exist_ok=True)
-  save_file(state, str(folder / MODEL_WEIGHTS), metadata={"format": "pt"})
-  layout.hf_config.save_pretrained(folder)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(folder)
-  return folder
+# Moved to rmlora_jax.hf_layout; importable from here as before.
+save_merged = hf_layout.save_merged
+torch_layout = hf_layout.torch_layout
+TorchLayout = hf_layout.TorchLayout
+num_labels_of = hf_layout.num_labels_of
+AUTO_CLASSES = hf_layout.AUTO_CLASSES
+MODEL_WEIGHTS = hf_layout.MODEL_WEIGHTS

@@ -42,8 +42,8 @@ without merging. Parameter paths ("/"-joined)::
 checkpoint's weight ``w`` itself; the norm multiplies by ``1 + w``.
 
 The module's call and its KV cache (the flax ``"cache"`` collection) are
-those of `rmlora_jax.models.llama.LlamaForCausalLM`, so `llama.generate` and
-`llama.init_cache` serve it unchanged (re-exported here as `generate` and
+those of `rmlora_jax.models.llama.LlamaForCausalLM`, so `generate_lib.generate` and
+`generate_lib.init_cache` serve it unchanged (re-exported here as `generate` and
 `init_cache`).
 
 Example::
@@ -65,7 +65,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmlora_jax.models import llama, torch_port
+from rmlora_jax.models import decoder
+from rmlora_jax.models import generate as generate_lib
+from rmlora_jax.models import llama
+from rmlora_jax.models import torch_port
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
 HEADS = ("causal_lm",)
@@ -77,21 +80,21 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = llama.DEFAULT_LORA_TARGETS
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 # The decoder contract is Llama's: same call, same cache layout.
-generate = llama.generate
-init_cache = llama.init_cache
+generate = generate_lib.generate
+init_cache = generate_lib.init_cache
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rope:
-  """One RoPE's settings; the field names are those `llama.rope_inv_freq` reads."""
+  """One RoPE's settings; the field names are those `decoder.rope_inv_freq` reads."""
 
   # Width D of one head (the rotated width).
   head_dim: int
   # Base wavelength.
   rope_theta: float
-  # One of `llama.ROPE_TYPES`.
+  # One of `decoder.ROPE_TYPES`.
   rope_type: str = "default"
   # "linear" and "llama3": frequencies divided by it.
   rope_factor: float = 1.0
@@ -170,8 +173,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     """(..., N) -> (..., N) in ``dtype``, normalised over the last axis."""
     scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    normed = decoder.rms_normalise(x, self.epsilon)
     return (normed * (1.0 + jnp.asarray(scale, jnp.float32))).astype(self.dtype)
 
 
@@ -184,30 +186,30 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); position_ids: (B, T); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     b, t, _ = x.shape
     n, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
     q, k, v = torch_port.dense_group(x, [
-        llama.dense_params(n * d, a, "q_proj", a.attention_bias, pdt),
-        llama.dense_params(kv * d, a, "k_proj", a.attention_bias, pdt),
-        llama.dense_params(kv * d, a, "v_proj", a.attention_bias, pdt),
+        decoder.dense_params(n * d, a, "q_proj", a.attention_bias, pdt),
+        decoder.dense_params(kv * d, a, "k_proj", a.attention_bias, pdt),
+        decoder.dense_params(kv * d, a, "v_proj", a.attention_bias, pdt),
     ], dt)
     q, k, v = q.reshape(b, t, n, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
     if a.qk_norm:
       q = RMSNorm(a.rms_norm_eps, dt, pdt, name="q_norm")(q)
       k = RMSNorm(a.rms_norm_eps, dt, pdt, name="k_norm")(k)
-    inv_freq = llama.rope_inv_freq(a.rope(self.layer))
-    q = llama.apply_rope(q, position_ids, inv_freq)
-    k = llama.apply_rope(k, position_ids, inv_freq)
+    inv_freq = decoder.rope_inv_freq(a.rope(self.layer))
+    q = decoder.apply_rope(q, position_ids, inv_freq)
+    k = decoder.apply_rope(k, position_ids, inv_freq)
     # llama.Attention's cache, masks and grouped heads, with Gemma's scale and soft-cap.
-    ctx = llama.grouped_attention(self, q, k, v, slots, scale=a.query_pre_attn_scalar**-0.5,
+    ctx = decoder.grouped_attention(self, q, k, v, slots, scale=a.query_pre_attn_scalar**-0.5,
                                   window=a.window(self.layer), dropout_rate=a.attention_dropout,
                                   decode=decode, deterministic=deterministic, dtype=dt,
                                   logit_softcap=a.attn_logit_softcap)
-    return llama.dense_layer(a.hidden_size, a, "o_proj", a.attention_bias, dt, pdt)(ctx)
+    return decoder.dense_layer(a.hidden_size, a, "o_proj", a.attention_bias, dt, pdt)(ctx)
 
 
 class Mlp(nn.Module):
@@ -222,11 +224,11 @@ class Mlp(nn.Module):
     """(B, T, H) -> (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     gate, up = torch_port.dense_group(x, [
-        llama.dense_params(a.intermediate_size, a, "gate_proj", False, pdt),
-        llama.dense_params(a.intermediate_size, a, "up_proj", False, pdt),
+        decoder.dense_params(a.intermediate_size, a, "gate_proj", False, pdt),
+        decoder.dense_params(a.intermediate_size, a, "up_proj", False, pdt),
     ], dt)
     y = torch_port.activation(a.hidden_act, where="hidden_activation")(gate) * up
-    return llama.dense_layer(a.hidden_size, a, "down_proj", False, dt, pdt)(y)
+    return decoder.dense_layer(a.hidden_size, a, "down_proj", False, dt, pdt)(y)
 
 
 class DecoderLayer(nn.Module):
@@ -238,7 +240,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
+  def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """x: (B, T, H); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -266,7 +268,7 @@ class GemmaModel(nn.Module):
     self.layers = [DecoderLayer(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = RMSNorm(a.rms_norm_eps, dt, pdt)
 
-  def __call__(self, input_ids: Array, position_ids: Array, slots: llama.Slots, *, decode: bool,
+  def __call__(self, input_ids: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """Returns the final-normed hidden states (B, T, H)."""
     # The normaliser is rounded to the compute dtype first, as transformers
@@ -324,16 +326,16 @@ class GemmaForCausalLM(nn.Module):
       (B, T, vocab) float32 logits, soft-capped where the config says so.
     """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
-    # The cache layout of llama.LlamaForCausalLM, so llama.generate serves this module.
-    input_ids, position_ids, slots = llama.decoder_inputs(self, input_ids, attention_mask, position_ids,
+    # The cache layout of llama.LlamaForCausalLM, so generate_lib.generate serves this module.
+    input_ids, position_ids, slots = decoder.decoder_inputs(self, input_ids, attention_mask, position_ids,
                                                           decode=decode, where="GemmaForCausalLM")
     model = GemmaModel(a, dt, pdt, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)
     else:
-      logits = llama.dense_layer(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
-    return llama.softcap(logits.astype(jnp.float32), a.final_logit_softcap)
+      logits = decoder.dense_layer(a.vocab_size, a, "lm_head", False, dt, pdt)(x)
+    return decoder.softcap(logits.astype(jnp.float32), a.final_logit_softcap)
 
 
 # --------------------------------------------------------------------------- transformers configs and weights
@@ -352,7 +354,7 @@ def _field(hf_config: Any, name: str, default: Any) -> Any:
 
 def _rope(settings: Mapping[str, Any], where: str, head_dim: int, max_positions: Any) -> Rope:
   """A `Rope` from one rope-parameters dict, read and checked by llama's reader."""
-  fields = llama.rope_settings(
+  fields = decoder.rope_settings(
       {"rope_parameters": dict(settings), "max_position_embeddings": max_positions}, where=where)
   return Rope(head_dim=head_dim, **fields)
 
@@ -429,7 +431,7 @@ def arch_from_hf_config(hf_config: Any) -> GemmaArch:
   where = f"{model_type} config"
   if get("use_bidirectional_attention", False):
     raise ValueError(f"{where}: use_bidirectional_attention=True is not supported (causal attention only)")
-  hidden, heads, kv_heads, head_dim = llama.attention_heads(hf_config, where=where)
+  hidden, heads, kv_heads, head_dim = decoder.attention_heads(hf_config, where=where)
   num_layers = int(get("num_hidden_layers"))
   gemma2 = model_type == "gemma2"
   global_rope, local_rope = _ropes(hf_config, model_type, head_dim, where)
@@ -490,7 +492,7 @@ def params_from_state_dict(
   """
   torch_port.validate_head(head, where="gemma.params_from_state_dict", heads=HEADS)
   arch = arch_from_hf_config(hf_config)
-  return llama.decoder_params_from_state_dict(
+  return decoder.decoder_params_from_state_dict(
       state, arch,
       layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm"),
@@ -499,4 +501,4 @@ def params_from_state_dict(
 
 def dummy_inputs(hf_config: Any, batch: int = 2, seq: int = 8) -> dict:
   """Keyword inputs of the right shapes and dtypes for ``init``/``eval_shape``."""
-  return llama.dummy_inputs(hf_config, batch, seq)
+  return decoder.dummy_inputs(hf_config, batch, seq)

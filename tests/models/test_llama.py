@@ -13,7 +13,7 @@ from transformers import modeling_rope_utils
 import rmlora_jax as rl
 from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
-from rmlora_jax.models import default_lora_targets, hub, llama, load_pretrained
+from rmlora_jax.models import decoder, default_lora_targets, hub, llama, load_pretrained
 
 TOL = 1e-4
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -67,9 +67,9 @@ def test_logits_match_transformers(case, checkpoints, decoder_batch, torch_logit
 def test_rope_llama3_matches_transformers():
   _, config = _config("llama3-untied-gqa")
   ref, _ = modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](config)
-  ours = llama.rope_inv_freq(llama.arch_from_hf_config(config))
+  ours = decoder.rope_inv_freq(llama.arch_from_hf_config(config))
   np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
-  assert not np.allclose(ours, llama.rope_inv_freq(llama.arch_from_hf_config(
+  assert not np.allclose(ours, decoder.rope_inv_freq(llama.arch_from_hf_config(
       transformers.LlamaConfig(**TINY))))  # the scaling did something
 
 
