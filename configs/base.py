@@ -65,6 +65,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   name = args.get("model", "deberta")
   c.model.name_or_path = MODEL_ALIASES.get(name, name)  # hub id, local HF folder, or alias "minilm-l6"
   c.model.dtype = "float32"  # computation dtype: float32 or bfloat16
+  # QLoRA for every method (docs/QLORA.md): "" keeps the frozen base in float;
+  # "int8" or "fp8" (channel-wise scales), "nf4" or "int4" (a scale per 64
+  # values) store every transformer-block kernel quantised after loading.
+  c.model.quantize = ""
+  # Values of d_in per scale: -1 the format's default (64 for nf4 and int4, one
+  # scale per output column for int8 and fp8), 0 per column, else a block that
+  # divides every quantised kernel's d_in.
+  c.model.quantize_block = -1
 
   c.data = config_dict.ConfigDict()
   # GLUE folder in the official layout; unset: $GLUE_DIR, else the hub copy below.

@@ -13,6 +13,7 @@ from rmlora_jax.adapters.registry import (FAMILIES, adapter_product, attach, del
 from rmlora_jax.low_rank import LowRankKernel, dense_apply, dense_group_apply
 from rmlora_jax.masking import RandomDirectionMaskState, direction_mask, random_direction_mask
 from rmlora_jax.penalty import gram_deviation, ortho_penalty
+from rmlora_jax.quantize import QuantizeSpec, abstract_kernels, dequantize_base, quantize_base
 from rmlora_jax.accounting import ParamCounts, adapter_param_counts, param_counts
 from rmlora_jax.adapters.adalora import adalora_penalty, adalora_pruning, adalora_ranks, budget_ranks, init_adalora
 from rmlora_jax.budget import BudgetPruningState, BudgetSchedule, budget_schedule, is_pruning_step
@@ -32,8 +33,10 @@ __all__ = [
     "LoraSpec",
     "LowRankKernel",
     "ParamCounts",
+    "QuantizeSpec",
     "RandomDirectionMaskState",
     "SoraProximalState",
+    "abstract_kernels",
     "adalora_penalty",
     "adalora_pruning",
     "adalora_ranks",
@@ -48,6 +51,7 @@ __all__ = [
     "delta_weights",
     "dense_apply",
     "dense_group_apply",
+    "dequantize_base",
     "direction_mask",
     "effective_rank",
     "factored_singular_values",
@@ -66,6 +70,7 @@ __all__ = [
     "ortho_loss",
     "ortho_penalty",
     "param_counts",
+    "quantize_base",
     "random_direction_mask",
     "select_targets",
     "singular_values",

@@ -1,8 +1,12 @@
-"""Dense layers with a low-rank update kept apart: the kernel type models understand.
+"""Dense layers with a low-rank update kept apart: the kernel types models understand.
 
 `LowRankKernel` stands for ``w0 + (left @ right).T`` without forming it;
 `dense_apply` and `dense_group_apply` compute ``x @ kernel`` for plain and
-low-rank kernels. This module knows nothing of adapters: the models of
+low-rank kernels. A frozen kernel may also be a `qwix.QArray` (a base
+quantised by `rmlora_jax.quantize.quantize_base`), alone or as a
+`LowRankKernel`'s ``w0``: it is then read through qwix (`qwix.dot_general`,
+`qwix.dequantize`) in the computation dtype, and the low-rank branch stays
+float. This module knows nothing of adapters: the models of
 `rmlora_jax.models` import it, and the adapter families
 (`rmlora_jax.adapters`) build `LowRankKernel`s for them, so models never
 import adapter code.
@@ -18,8 +22,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 Array = jax.Array
+
+
+def is_quantized(kernel: Any) -> bool:
+  """Whether ``kernel`` is a quantised frozen kernel (a `qwix.QArray`)."""
+  return isinstance(kernel, qwix.QArray)
+
+
+def frozen_kernel(kernel: Array | qwix.QArray, dtype: Any = None) -> Array:
+  """A frozen kernel as a plain array in ``dtype`` (None: its own).
+
+  A `qwix.QArray` is dequantised in ``dtype`` (`qwix.dequantize` of the
+  array with its scale cast to it), anything else is cast.
+  """
+  if is_quantized(kernel):
+    return qwix.dequantize(kernel if dtype is None else kernel.astype(dtype))
+  return jnp.asarray(kernel, dtype)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +55,8 @@ class LowRankKernel:
   only the small ones of ``left`` and ``right``.
   """
 
-  # The frozen kernel (d_in, d_out).
-  w0: Array
+  # The frozen kernel (d_in, d_out), plain or quantised (a `qwix.QArray`).
+  w0: Array | qwix.QArray
   # (d_out, r'), the update's scale folded in.
   left: Array
   # (r', d_in).
@@ -49,16 +71,19 @@ class LowRankKernel:
     return self.w0.dtype
 
   def merged(self) -> Array:
-    """The equivalent dense kernel ``w0 + (left @ right).T``."""
-    return (self.w0 + (self.left @ self.right).T).astype(self.w0.dtype)
+    """The equivalent dense kernel ``w0 + (left @ right).T`` (a quantised ``w0`` dequantised)."""
+    return (frozen_kernel(self.w0) + (self.left @ self.right).T).astype(self.w0.dtype)
 
 
-def dense_apply(x: Array, kernel: Array | LowRankKernel, dtype: Any = None) -> Array:
-  """``x @ kernel`` over the last axis, for a plain or a `LowRankKernel` kernel.
+def dense_apply(x: Array, kernel: Array | qwix.QArray | LowRankKernel, dtype: Any = None) -> Array:
+  """``x @ kernel`` over the last axis, for a plain, quantised or `LowRankKernel` kernel.
+
+  A `qwix.QArray` goes through `qwix.dot_general` with its scale in
+  ``dtype`` (for a float ``x`` qwix dequantises the kernel, then multiplies).
 
   Args:
     x: (..., d_in) inputs.
-    kernel: a (d_in, d_out) array or a `LowRankKernel`.
+    kernel: a (d_in, d_out) array or `qwix.QArray`, or a `LowRankKernel`.
     dtype: the computation dtype; None: ``x``'s.
 
   Returns:
@@ -66,12 +91,15 @@ def dense_apply(x: Array, kernel: Array | LowRankKernel, dtype: Any = None) -> A
   """
   dtype = dtype or x.dtype
   x = jnp.asarray(x, dtype)
+  if is_quantized(kernel):
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    return qwix.dot_general(x, kernel.astype(dtype), contract).astype(dtype)
   if not isinstance(kernel, LowRankKernel):
     return x @ jnp.asarray(kernel, dtype)
   return dense_group_apply(x, [kernel], dtype)[0]
 
 
-def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype: Any = None, *,
+def dense_group_apply(x: Array, kernels: Sequence[Array | qwix.QArray | LowRankKernel], dtype: Any = None, *,
                       shards: int = 1) -> list[Array]:
   """``[x @ k for k in kernels]`` for projections that read the same input (Q, K, V).
 
@@ -97,9 +125,13 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
   ``[k_1 shard 0 | k_2 shard 0 | ... | k_1 shard 1 | ...]``, which every
   device assembles from the columns it holds. The result is the same.
 
+  Quantised frozen kernels (`qwix.QArray`s, also as a `LowRankKernel`'s
+  ``w0``) are dequantised in ``dtype`` (`frozen_kernel`) before the
+  concatenation; the low-rank branches are float as ever.
+
   Args:
     x: (..., d_in) inputs.
-    kernels: (d_in, d_out_i) arrays or `LowRankKernel`s.
+    kernels: (d_in, d_out_i) arrays, `qwix.QArray`s or `LowRankKernel`s.
     dtype: the computation dtype; None: ``x``'s.
     shards: how many devices split each kernel's d_out (the mesh's tensor
       parallel axis, `rmlora_jax.partitioning.column_shards`); a group with a
@@ -116,7 +148,7 @@ def dense_group_apply(x: Array, kernels: Sequence[Array | LowRankKernel], dtype:
     raise ValueError(f"dense_group_apply: shards must be a positive integer, got {shards!r}")
   if len(kernels) == 1 or any(w % shards for w in widths):
     shards = 1
-  y = x @ _concat_columns([jnp.asarray(w, dtype) for w in frozen], shards)
+  y = x @ _concat_columns([frozen_kernel(w, dtype) for w in frozen], shards)
   for k in kernels:
     if isinstance(k, LowRankKernel) and k.left.shape[-1] != k.right.shape[0]:
       raise ValueError(f"dense_group_apply: a LowRankKernel's left {k.left.shape} and right {k.right.shape} "

@@ -16,6 +16,13 @@ the first rule that ``re.fullmatch``es a path wins and a path that no rule
 covers is an error. A dimension that an axis does not divide (a vocabulary of
 30522 rows over 4 devices) is replicated along that axis instead.
 
+A quantised kernel (a `qwix.QArray`, `rmlora_jax.quantize`) takes its
+kernel's rule: its values the rule's spec, its scales (and zero points) the
+same spec with the axes along which they have one entry left out (a
+channel-wise scale (1, d_out) keeps only d_out's axis), so each device holds
+the scales of the values it holds, or the whole scale where an axis does not
+divide it (`fit_spec`).
+
 Everything derived from the parameters follows them (`follow_specs`): a LoRA
 ``a`` (rank, d_in) takes its kernel's d_in sharding, ``b`` (d_out, rank) its
 d_out sharding, the other families' factors likewise. Each optimizer state
@@ -32,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +52,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import quantize
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch dimension is split over these axes together.
@@ -257,12 +266,14 @@ def match_partition_rules(params: Any, rules: Rules, *, where: str = "partition 
   """The `PartitionSpec` of every leaf of ``params``: the first rule whose regex fullmatches.
 
   Args:
-    params: a parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
+    params: a parameter pytree (arrays or `jax.ShapeDtypeStruct`s; quantised
+      kernels as `qwix.QArray`s).
     rules: ``(regex, PartitionSpec)`` pairs, tried in order.
     where: names the rules in error messages.
 
   Returns:
-    A pytree of ``params``' structure holding PartitionSpecs.
+    A pytree of ``params``' structure holding PartitionSpecs; a `qwix.QArray`
+    becomes one holding its values' and scales' specs (`quantized_specs`).
 
   Raises:
     ValueError: a parameter no rule covers (all such paths are listed), or a
@@ -284,13 +295,35 @@ def match_partition_rules(params: Any, rules: Rules, *, where: str = "partition 
     uncovered.append(f"{path} {tuple(np.shape(leaf))}")
     return P()
 
-  specs = jax.tree_util.tree_map_with_path(spec_of, params)
+  def leaf_spec(key_path, leaf):
+    if quantize.is_quantized(leaf):
+      return quantized_specs(leaf, spec_of(key_path, leaf.qvalue))
+    return spec_of(key_path, leaf)
+
+  specs = jax.tree_util.tree_map_with_path(leaf_spec, params, is_leaf=quantize.is_quantized)
   if uncovered:
     raise ValueError(
         f"{where}: no rule covers {len(uncovered)} parameter(s): {', '.join(uncovered[:10])}"
         + (" ..." if len(uncovered) > 10 else "") + "; add a (regex, PartitionSpec) rule for them"
     )
   return specs
+
+
+def quantized_specs(kernel: Any, spec: P) -> Any:
+  """The specs of a `qwix.QArray`'s arrays from its kernel's ``spec``, as a QArray of specs.
+
+  The values take ``spec``; the scales (and zero points) take it without
+  the axes along which they have a single entry, so a channel-wise scale
+  (1, d_out) is split as d_out is, a block-wise one (d_in / block, d_out)
+  as the kernel is (`fit_spec` replicates it along an axis that does not
+  divide its length).
+  """
+  entries = tuple(spec) + (None,) * (len(kernel.shape) - len(spec))
+
+  def follow(x):
+    return None if x is None else P(*(e if n > 1 else None for e, n in zip(entries, np.shape(x))))
+
+  return dataclasses.replace(kernel, qvalue=spec, scale=follow(kernel.scale), zero_point=follow(kernel.zero_point))
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -372,8 +405,9 @@ def follow_specs(tree: Any, params: Any, param_specs: Any, *, where: str) -> Any
   Raises:
     ValueError: a leaf that follows no parameter.
   """
-  specs = paths_lib.flatten_with_paths(param_specs)
-  shapes = {p: tuple(np.shape(x)) for p, x in paths_lib.flatten_with_paths(params).items()}
+  # A quantised kernel counts as its kernel: its path, its shape, its values' spec.
+  specs = {p: s.qvalue if quantize.is_quantized(s) else s for p, s in quantize.flatten_kernels(param_specs).items()}
+  shapes = {p: tuple(np.shape(x)) for p, x in quantize.flatten_kernels(params).items()}
   orphans = []
 
   def one(key_path, leaf):

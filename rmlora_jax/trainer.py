@@ -35,6 +35,7 @@ from rmlora_jax import accounting
 from rmlora_jax import analysis
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
+from rmlora_jax import quantize
 from rmlora_jax import training
 from rmlora_jax.adapters import registry
 from rmlora_jax.tasks import base as tasks_base
@@ -224,6 +225,9 @@ def train_and_evaluate(
     task: what to train on (`rmlora_jax.tasks.base.Task`).
     module: the Flax module, run through ``task.forward``.
     params: its parameters (host or device arrays); placed by ``param_specs``.
+      Kernels may be quantised (`rmlora_jax.quantize.quantize_base`): the
+      method then trains over them, and results.json gets ``"quantize"``,
+      the frozen base's and all parameters' bytes before and after.
     method: the method's settings; ``total_steps`` is filled in here.
     settings: steps, learning rate, logging and checkpointing.
     workdir: checkpoints, results.json, TensorBoard scalars and plots go here.
@@ -252,6 +256,9 @@ def train_and_evaluate(
   steps_per_epoch = task.num_train_batches(settings.micro_batch_size)  # micro-batches
   total_steps = settings.total_steps(steps_per_epoch)  # optimizer steps
   method = methods_lib.make_method(dataclasses.replace(method, total_steps=total_steps))
+  quantized = quantize.has_quantized(params)
+  if quantized:  # the adapters are initialised from the quantised kernels' shapes
+    method = quantize.for_quantized_base(method)
   if init_trainable is not None:
     method = dataclasses.replace(method, init=lambda key, p, init=method.init: init_trainable(init(key, p)))
   tx = method.optimizer(lr_schedule(settings.learning_rate, total_steps, settings.warmup_ratio))
@@ -261,6 +268,15 @@ def train_and_evaluate(
                                         mesh=mesh, param_specs=param_specs)
   frozen = method.frozen(params)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  footprint = None
+  if quantized:
+    footprint = quantize.footprint(frozen, state.trainable,
+                                   exclude=methods_lib.head_paths(params, method.settings.train_patterns))
+    # Warning level, as "resumed from": the command lines log warnings only.
+    logging.warning("frozen base quantised (%s, %s, %d kernels): %.2f MiB -> %.2f MiB; all parameters "
+                    "%.2f MiB -> %.2f MiB", footprint["format"], footprint["scales"], footprint["kernels"],
+                    *(footprint[k] / 2**20 for k in ("base_bytes_before", "base_bytes_after",
+                                                      "param_bytes_before", "param_bytes_after")))
   del params
 
   fingerprint = json.loads(json.dumps(dict(settings.fingerprint)))
@@ -365,6 +381,8 @@ def train_and_evaluate(
   trainable = partitioning.gather(state.trainable)  # whole, on every process
   results = _results(task, method, settings, trainable, history, train_time, total_steps)
   results["nonfinite_steps"] = nonfinite.total
+  if footprint is not None:
+    results["quantize"] = footprint
   if k > 1:
     results["accumulate_steps"] = k
   results.update(extra_results or {})

@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmlora_jax import paths as paths_lib
+from rmlora_jax import low_rank
+from rmlora_jax import quantize
 from rmlora_jax.low_rank import LowRankKernel
 
 Array = jax.Array
@@ -150,24 +151,25 @@ def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]
   """Returns ``params`` with each adapted kernel replaced by ``W0 + dW.T``.
 
   Pure, jittable and differentiable with respect to ``adapters``; leaves
-  without an adapter are returned as they are (same objects).
+  without an adapter are returned as they are (same objects). A quantised
+  ``W0`` (a `qwix.QArray`, `rmlora_jax.quantize`) is dequantised and the
+  update merged into it: the merged kernel is float, in the scale's dtype.
 
   Raises:
     ValueError: an adapter of no family in ``families``, a path that is not
       in ``params``, or an update whose shape does not fit the kernel there.
   """
   deltas = delta_weights(adapters, spec, families)
-  flat = paths_lib.flatten_with_paths(params)
+  flat = quantize.flatten_kernels(params)
   for path, d in deltas.items():
     _check_fits(flat, path, tuple(d.shape), where="merge")
 
-  def merge_leaf(key_path, w):
-    path = paths_lib.path_str(key_path)
+  def merge_leaf(path, w):
     if path not in deltas:
       return w
-    return (w + deltas[path].T).astype(w.dtype)
+    return (low_rank.frozen_kernel(w) + deltas[path].T).astype(w.dtype)
 
-  return jax.tree_util.tree_map_with_path(merge_leaf, params)
+  return quantize.map_kernels(merge_leaf, params)
 
 
 def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]) -> Any:
@@ -178,10 +180,13 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
   rounding) and cheaper to differentiate. Adapters of a family without
   ``factored`` are merged into a plain kernel here.
 
+  A quantised ``W0`` (a `qwix.QArray`) stays quantised inside the
+  `LowRankKernel`; the low-rank factors are float.
+
   Raises:
     ValueError: as `merge`.
   """
-  flat = paths_lib.flatten_with_paths(params)
+  flat = quantize.flatten_kernels(params)
   kernels = {}
   for path, ad in adapters.items():
     family = family_of(ad, families, path=path)
@@ -191,7 +196,4 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
       kernels[path] = LowRankKernel(flat[path], spec.scale * left, right)
   merged = merge(params, {p: ad for p, ad in adapters.items() if p not in kernels}, spec, families)
 
-  def leaf(key_path, w):
-    return kernels.get(paths_lib.path_str(key_path), w)
-
-  return jax.tree_util.tree_map_with_path(leaf, merged)
+  return quantize.map_kernels(lambda path, w: kernels.get(path, w), merged)

@@ -2,6 +2,11 @@
 
 The run's base model is rebuilt from its saved config, its trained tree read
 from its latest checkpoint; ``python -m experiments.export`` is the command.
+A run over a quantised base (``config.model.quantize``) quantises the loaded
+base again as in training: ``merged`` merges the updates into those kernels
+dequantised and says so (a warning, and ``quantization.json`` in the
+folder); ``peft`` writes the adapters as they are, with a warning that PEFT
+applies them to the float base.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import peft_format
+from rmlora_jax import quantize
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.adapters import base as base_lib
 from rmlora_jax.data import glue as glue_data
@@ -27,7 +34,7 @@ from rmlora_jax.recipes import vision
 
 EXPORT_FORMATS = ("peft", "merged")
 # config.task of the image experiments (configs/cifar100.py, cifar10_transfer.py, vit_pretrain.py).
-VISION_TASKS = ("cifar100", "cifar10_transfer", "vit_pretrain")
+VISION_TASKS = settings_lib.VISION_TASKS
 IMAGE_HEAD = "image_classification"
 
 
@@ -75,12 +82,22 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
   head, num_labels = model_head(config)
   trainable, step = run.trained_state(workdir)
   out = pathlib.Path(out) if out else workdir / fmt
+  quantized = None
   if head == IMAGE_HEAD:
     params, processor, hf_config, new, default_targets = _image_model(
         config, workdir, num_labels or _classifier_outputs(trainable))
   else:
     _, params, processor, hf_config, report = run.load_model(config, head, num_labels)
     new, default_targets = report.missing, hub.default_lora_targets(hf_config)
+    quantized = run.quantize_spec(config, hf_config, report)
+    if quantized is not None:
+      # The base the run trained over: quantised as in training; a merged
+      # model gets it dequantised, a PEFT adapter (read for shapes) the float one.
+      base = run.quantized_base(config, params, hf_config, report)
+      note = _quantized_note(quantized, base, fmt)
+      logging.warning("%s", note["note"])
+      if fmt == "merged":
+        params = quantize.dequantize_base(base)
   if "params" in trainable:
     if fmt == "peft":
       raise ValueError(f"{str(workdir)!r} is a full fine-tuning run: it has no adapter to write in PEFT's format; "
@@ -90,8 +107,12 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
     return peft_format.save_merged(out, params=trained, hf_config=hf_config, head=head, tokenizer=processor)
   settings = settings_lib.method_settings(config, default_targets=default_targets)
   if fmt == "merged":
-    return peft_format.save_merged(out, params=params, hf_config=hf_config, head=head, adapters=trainable["adapters"],
-                                   spec=settings.spec, trained=trainable["head"], tokenizer=processor)
+    folder = peft_format.save_merged(out, params=params, hf_config=hf_config, head=head,
+                                     adapters=trainable["adapters"], spec=settings.spec, trained=trainable["head"],
+                                     tokenizer=processor)
+    if quantized is not None:
+      (pathlib.Path(folder) / "quantization.json").write_text(json.dumps(note, indent=2) + "\n")
+    return folder
   fresh = sorted(set(trainable["adapters"]) & set(new))
   if fresh:
     source = (f"not in the base checkpoint {config.model.name_or_path!r}" if config.model.name_or_path else
@@ -108,6 +129,20 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
   return peft_format.save_peft(out, params=params, adapters=trainable["adapters"], spec=settings.spec,
                                trained=trainable["head"], hf_config=hf_config, head=head,
                                base_model_name_or_path=config.model.name_or_path, extra_config=extra)
+
+
+def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str) -> dict[str, Any]:
+  """What an export of a run over a quantised base says about it: the format, the kernels, a sentence."""
+  kernels = sorted(p for p, x in quantize.flatten_kernels(base).items() if quantize.is_quantized(x))
+  scales = quantize.describe(quantize.flatten_kernels(base)[kernels[0]]).partition(", ")[2]
+  if fmt == "merged":
+    sentence = (f"the run trained over a {spec.format}-quantised base ({scales}): its {len(kernels)} quantised "
+                f"kernels are written dequantised, with the updates merged into them (not the original float "
+                f"weights)")
+  else:
+    sentence = (f"the run trained over a {spec.format}-quantised base ({scales}); the PEFT adapter applies to the "
+                f"float base model, which differs from it by the quantisation error")
+  return {"format": spec.format, "scales": scales, "kernels": kernels, "note": sentence}
 
 
 def _classifier_outputs(trainable: Mapping[str, Any]) -> int:

@@ -1,7 +1,9 @@
 """What every experiment does around the training loop.
 
 The workdir (`resolve_workdir`), `jax.distributed` (`initialize_distributed`),
-the pre-trained model (`load_model`), the PEFT anchor (`run_peft_anchor`),
+the pre-trained model (`load_model`; sharded and, with
+``config.model.quantize``, its frozen base quantised: `load_sharded_model`),
+the PEFT anchor (`run_peft_anchor`),
 the start from a PEFT folder (`initial_trainable`), and a finished run's
 config and trained parameters (`saved_config`, `trained_state`).
 """
@@ -26,6 +28,7 @@ from absl import logging
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import peft_format
+from rmlora_jax import quantize
 from rmlora_jax import training
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.models import hub
@@ -130,6 +133,9 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
   from rmlora_jax.recipes import peft_anchor  # pylint: disable=g-import-not-at-top  (torch is imported lazily there)
 
   peft_anchor_method(config)
+  if settings_lib.quantize_format(config):
+    raise ValueError(f"config.model.quantize={settings_lib.quantize_format(config)!r}: the PEFT anchor trains PEFT "
+                     f"on the float model; run it with config.model.quantize=''")
   settings = settings_lib.trainer_settings(config)
   adalora = None
   if config.method == "adalora":
@@ -154,7 +160,9 @@ def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config:
   if not folder:
     return None
   try:
-    return peft_format.start_from(peft_format.load_peft(folder, params, hf_config, head=head), method)
+    # load_peft reads shapes only: a quantised kernel stands in as its shape.
+    loaded = peft_format.load_peft(folder, quantize.abstract_kernels(params), hf_config, head=head)
+    return peft_format.start_from(loaded, method)
   except ValueError as e:
     raise ValueError(f"config.init_adapters={folder!r}: {e}") from e
 
@@ -220,11 +228,62 @@ def start(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
+# Heads stay float whatever the adapter targets say: the classifiers train, and
+# the output layer (lm_head) is the one QLoRA and bitsandbytes leave in float too.
+HEAD_PATHS = (r"(classifier|qa_outputs|lm_head)(/.*)?",)
+
+# QuantizeSpec's fields -> the config names they come from, for error messages.
+_QUANTIZE_NAMES = {"QuantizeSpec.format": "config.model.quantize", "QuantizeSpec.targets": "config.lora.targets",
+                   "QuantizeSpec.block_size": "config.model.quantize_block"}
+
+
+def quantize_spec(config: ml_collections.ConfigDict, hf_config: Any, report: Any) -> quantize.QuantizeSpec | None:
+  """The `quantize.QuantizeSpec` of ``config.model.quantize`` for a loaded model; None when it is off.
+
+  Quantised: every Dense kernel of the transformer blocks
+  (`quantize.BLOCK_KERNELS`) and every kernel the adapters target
+  (``config.lora.targets``, else the model's defaults). Left float:
+  embeddings, norms, biases, the pooler (unless adapted), the heads
+  (`HEAD_PATHS`), the weights the checkpoint lacked (``report.missing``)
+  and whatever ``config.lora.train_patterns`` trains.
+  """
+  fmt = settings_lib.quantize_format(config)
+  if not fmt:
+    return None
+  targets = tuple(dict.fromkeys(quantize.BLOCK_KERNELS + (tuple(config.lora.targets) or
+                                                          tuple(hub.default_lora_targets(hf_config)))))
+  exclude = HEAD_PATHS + tuple(re.escape(p) for p in report.missing) + tuple(config.lora.train_patterns)
+  with settings_lib.config_errors(_QUANTIZE_NAMES):
+    return quantize.QuantizeSpec(format=fmt, targets=targets, exclude=exclude,
+                                 block_size=config.model.get("quantize_block", -1))
+
+
+def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: Any, report: Any) -> Any:
+  """``params`` with the kernels of `quantize_spec` quantised; ``params`` itself when quantising is off.
+
+  Deterministic, so a resumed run (or an export) rebuilds the base its adapters trained over.
+  """
+  spec = quantize_spec(config, hf_config, report)
+  if spec is None:
+    return params
+  try:
+    with settings_lib.config_errors(_QUANTIZE_NAMES):
+      return quantize.quantize_base(params, spec)
+  except ValueError as e:
+    raise ValueError(f"config.model.quantize={spec.format!r}: {e}") from e
+
+
 def load_sharded_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
   """`load_model` into host memory (each device then receives only its own slices), with the
-  model's partition specs: ``(module, params, tokenizer, hf_config, report, param_specs)``."""
+  model's partition specs: ``(module, params, tokenizer, hf_config, report, param_specs)``.
+
+  With ``config.model.quantize`` the frozen base is quantised there, on the
+  host (`quantized_base`); the partition specs then cover the quantised
+  kernels' values and scales.
+  """
   with jax.default_device(partitioning.host_device()):
     module, params, tokenizer, hf_config, report = load_model(config, head, num_labels)
+    params = quantized_base(config, params, hf_config, report)
   param_specs = partitioning.match_partition_rules(
       params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
   return module, params, tokenizer, hf_config, report, param_specs

@@ -28,6 +28,7 @@ import ml_collections
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import peft_format
+from rmlora_jax import quantize as quantize_lib
 from rmlora_jax import trainer as trainer_lib
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.adapters import lora as lora_lib
@@ -140,7 +141,11 @@ def learning_rate(config: ml_collections.ConfigDict) -> float:
 # Keys added after runs were made, with the value that reproduces those runs:
 # a run's fingerprint leaves them out at that value, so its checkpoints resume.
 _LATER_KEYS = {"init_adapters": "", "preset": "", "optim.accumulate_steps": 1, "rm.mask_start_step": 0,
-               "rm.mask_sets": "shared", "rm.emulate_frozen_head": False, "lora2.variant": "paper"}
+               "rm.mask_sets": "shared", "rm.emulate_frozen_head": False, "lora2.variant": "paper",
+               "model.quantize": "", "model.quantize_block": -1}
+
+# config.task of the image experiments (configs/cifar100.py, cifar10_transfer.py, vit_pretrain.py).
+VISION_TASKS = ("cifar100", "cifar10_transfer", "vit_pretrain")
 
 
 def run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -255,6 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:
   check_positive_ints(config, ("batch_size", "max_seq_len", "lora.rank"))
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  check_quantize(config)
   trainer_settings(config)
   settings = method_settings(config, default_targets=(".*",))
   if config.get("init_adapters") and not os.path.isdir(config.init_adapters):
@@ -264,6 +270,36 @@ def validate(config: ml_collections.ConfigDict) -> methods_lib.MethodSettings:
     raise ValueError(
         f"config.rm.num_directions={config.rm.num_directions} must be in 1..config.lora.rank={config.lora.rank}")
   return settings
+
+def quantize_format(config: ml_collections.ConfigDict) -> str:
+  """``config.model.quantize``: "" (the frozen base stays float) or a `rmlora_jax.quantize.FORMATS` name."""
+  return config.model.get("quantize", "") or ""
+
+
+def check_quantize(config: ml_collections.ConfigDict) -> None:
+  """``config.model.quantize`` must name a format, for an adapter method and a text task.
+
+  Raises:
+    ValueError: an unknown format, a block size below -1
+      (``config.model.quantize_block``), full fine-tuning (it trains the
+      base weights) or an image task (its recipe does not quantise yet).
+  """
+  fmt = quantize_format(config)
+  block = config.model.get("quantize_block", -1)
+  if isinstance(block, bool) or not isinstance(block, int) or block < -1:
+    raise ValueError(f"config.model.quantize_block must be -1 (the format's default), 0 (one scale per output "
+                     f"column) or a positive block size, got {block!r}")
+  if not fmt:
+    return
+  if fmt not in quantize_lib.FORMATS:
+    raise ValueError(f"config.model.quantize must be '' (off) or one of {tuple(quantize_lib.FORMATS)}, got {fmt!r}")
+  if not methods_lib.get(config.method, where="config.method").adapts:
+    raise ValueError(f"config.model.quantize={fmt!r} quantises the frozen base, but config.method={config.method!r} "
+                     f"trains the base weights themselves; choose an adapter method or config.model.quantize=''")
+  if config.get("task") in VISION_TASKS:
+    raise ValueError(f"config.model.quantize={fmt!r}: the image recipe ({config.task}) does not quantise its base "
+                     f"yet; the GLUE, SQuAD and SFT recipes do")
+
 
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What results.json records of the config besides the trainer's own entries."""
