@@ -159,7 +159,10 @@ class AheadOfTime:
 
   The arguments before the batch (state, frozen weights) keep the shapes,
   dtypes and shardings they have when this is built; the batch is split
-  over the mesh's data axes, as `partitioning.put_batch` places it.
+  over the mesh's data axes, as `partitioning.put_batch` places it. Where
+  they hold sub-byte arrays (a 4-bit quantised base), the calls go through
+  the jitted function itself: an executable compiled ahead of time wants
+  those packed, and XLA:CPU places them unpacked.
 
   Example::
 
@@ -170,6 +173,7 @@ class AheadOfTime:
 
   def __init__(self, jitted: Any, *fixed: Any, mesh: Mesh):
     self._jitted = jitted
+    self._direct = any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(fixed))
     self._fixed = [jax.tree.map(_abstract, x) for x in fixed]
     self._sharding = data_sharded(mesh)
     self._futures: dict[tuple, concurrent.futures.Future] = {}
@@ -179,6 +183,8 @@ class AheadOfTime:
 
   def prepare(self, batches: Iterable[Mapping[str, Any]]) -> None:
     """Starts compiling, in the background and in order, for the shapes of ``batches`` (numpy or arrays)."""
+    if self._direct:
+      return
     for batch in batches:
       key = _batch_key(batch)
       with self._lock:
@@ -202,6 +208,8 @@ class AheadOfTime:
           future.set_exception(err)
 
   def __call__(self, *args: Any) -> Any:
+    if self._direct:
+      return self._jitted(*args)
     key = _batch_key(args[-1])
     with self._lock:
       future = self._futures.get(key)

@@ -374,6 +374,23 @@ def test_a_glue_run_over_an_int8_base_records_its_bytes_resumes_and_exports(tiny
 
 
 @pytest.mark.integration
+def test_a_glue_run_over_a_4_bit_base_runs_its_precompiled_steps(tiny_text, tmp_path):
+  # The GLUE task compiles its bucket shapes ahead of time from abstract
+  # arguments; 4-bit values are packed in memory, so those executables must
+  # be built for the packed layout or they refuse the placed kernels.
+  from rmlora_jax.recipes import glue
+  from tests.experiments.test_glue import tiny_config
+
+  model, data = tiny_text
+  for fmt in ("nf4", "int4"):
+    config = tiny_config(model, data, tmp_path / fmt, method="lora",
+                         **{"model.quantize": fmt, "model.quantize_block": 8})
+    results = glue.train_and_evaluate(config, config.workdir)
+    assert results["steps"] == 6 and results["quantize"]["kernels"] == 12
+    assert all(np.isfinite(h["loss"]) for h in results["history"]["train"])
+
+
+@pytest.mark.integration
 def test_quantised_kernels_shard_over_fsdp_and_model_axes_to_the_same_numbers():
   """On 4 fake CPU devices (fsdp 2 x model 2) the sharded forward with adapters equals the unsharded one."""
   script = """
