@@ -1,19 +1,22 @@
 """Pod plan: the RM-LoRA train step of Llama 2 7B and Llama 3 70B, compiled ahead of time.
 
-Nothing is allocated: the sharded step is lowered from shapes and compiled on
-fake CPU devices, and XLA's per-device memory and FLOPs are tabulated against
-TPU v5e and v5p chips. The argument after the colon picks the grid
-(default ``pod``)::
+Nothing is allocated: the sharded step is lowered from shapes and compiled,
+and XLA's per-chip memory and FLOPs are tabulated against the chips' HBM.
+The argument after the colon picks the grid (default ``pod``)::
 
-  python -m experiments.plan --config=configs/plan.py
-  python -m experiments.plan --config=configs/plan.py --config.output=runs/plan.json
-  python -m experiments.plan --config=configs/plan.py:tiny     # the test's grid, seconds
+  scripts/tpu_env.sh install                      # once: the TPU compiler into .tpu_compiler/
+  scripts/tpu_env.sh python -m experiments.plan --config=configs/plan.py:tpu
+  scripts/tpu_env.sh python -m experiments.plan --config=configs/plan.py:tiny_tpu  # the test's, seconds
+  python -m experiments.plan --config=configs/plan.py          # fake CPU devices, no libtpu
+  python -m experiments.plan --config=configs/plan.py:tiny     # the CPU test's grid, seconds
 
-``compile_layers=(2, 4)`` compiles each case at 2 and 4 layers (full widths)
-and extrapolates memory and FLOPs linearly to the full depth; the cases of
-``verify`` are also compiled at full depth, and the table says which rows
-are compiled and which extrapolated. ``--config.compile_layers='()'``
-compiles every case at full depth (slow on a CPU).
+``tpu`` (any non-empty ``topology``) compiles every case at full depth with
+the TPU compiler for real slices (``--config.topology='("v5e:16x16",)'``).
+Without a topology the step is compiled by XLA:CPU on fake devices;
+``compile_layers=(2, 4)`` then compiles each case at 2 and 4 layers (full
+widths) and extrapolates memory and FLOPs linearly to the full depth; the
+cases of ``verify`` are also compiled at full depth, and the table says
+which rows are compiled and which extrapolated.
 """
 
 from ml_collections import config_dict
@@ -30,12 +33,15 @@ ARCHS = {
     "tiny": dict(vocab_size=256, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                  head_dim=16, intermediate_size=128, rms_norm_eps=1e-5, rope_theta=10000.0),
 }
-# HBM per chip (GiB) and dense bf16 peak (TFLOP/s), from Google's TPU pages.
+# HBM per chip (GiB) and dense bf16 peak (TFLOP/s), from the Google Cloud TPU
+# docs (system architecture pages of v5e, v5p and v6e). The names are the
+# prefixes of `topology` entries.
 CHIPS = {
     "v5e": dict(hbm_gib=16.0, peak_tflops=197.0),
     "v5p": dict(hbm_gib=95.0, peak_tflops=459.0),
+    "v6e": dict(hbm_gib=32.0, peak_tflops=918.0),
 }
-GRIDS = ("pod", "tiny")
+GRIDS = ("pod", "tiny", "tpu", "tiny_tpu")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -48,13 +54,20 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.grid = grid
   c.models = ("llama2-7b", "llama3-70b")  # names of `archs`
   c.archs = config_dict.ConfigDict({k: v for k, v in ARCHS.items() if k != "tiny"})
-  c.devices = (64, 128, 256)  # device counts planned; the largest is faked on the CPU
+  # TPU slices compiled for by libtpu ("v5e:16x16", "v5p:4x4x4", "v6e:16x16",
+  # ...; the chip before the colon names a `chips` entry), every case at full
+  # depth. Empty: fake CPU devices (`devices`) and XLA:CPU.
+  c.topology = ()
+  c.devices = (64, 128, 256)  # device counts planned without a topology; the largest is faked on the CPU
   c.model_axis = (1, 4, 8)  # tensor-parallel sizes tried; fsdp = devices / data / model
   c.data_axis = 1  # plain data parallelism (weights replicated along it)
   c.seq_lens = (2048, 4096)
   c.sequences_per_shard = 1  # global batch = this x data x fsdp sequences
   c.dtype = "bfloat16"  # computation and frozen-weight dtype (adapters stay float32)
-  c.remat = True  # rematerialise each decoder layer
+  # What each decoder layer keeps for the backward pass, one row per entry:
+  # "none" (everything), "full" (its input only; the layer is recomputed),
+  # "dots" (its input and matmul outputs: jax.checkpoint_policies.dots_saveable).
+  c.remat = ("full",)
   # "batch": the hidden states between layers are constrained to the batch
   # split over data x fsdp; "none": left to XLA's sharding propagation.
   c.activation_sharding = "batch"
@@ -83,7 +96,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # the HLO passes, buffer assignment and cost analysis are the same, only faster.
   c.fast_compile = True
   c.output = "runs/plan/plan.json"  # the results JSON ("" : none); the Markdown goes next to it
-  if grid == "tiny":
+  if grid in ("tpu", "tiny_tpu"):
+    c.topology = ("v5e:16x16", "v5p:4x4x4")
+    c.models = ("llama2-7b",)
+    c.model_axis = (1,)
+    c.compile_layers = ()
+    c.output = "runs/plan/tpu.json"
+  if grid == "tiny_tpu":
+    c.topology = ("v5e:4x4",)
+    c.output = ""
+  if grid in ("tiny", "tiny_tpu"):
     c.models = ("tiny",)
     c.archs = config_dict.ConfigDict({"tiny": ARCHS["tiny"]})
     c.devices = (8,)

@@ -194,8 +194,12 @@ class _PositionalLayer(DecoderLayer):
     return super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic)
 
 
+# What a rematerialised layer keeps for the backward pass: "full" only its
+# input (everything else recomputed), "dots" also its matmul outputs.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
 # Counting ``self`` as 0: decode (4) and deterministic (5) are Python bools.
-_RematLayer = nn.remat(_PositionalLayer, static_argnums=(4, 5))
+_REMAT_LAYERS = {name: nn.remat(_PositionalLayer, static_argnums=(4, 5), policy=policy)
+                 for name, policy in REMAT_POLICIES.items()}
 
 
 class LlamaModel(nn.Module):
@@ -207,6 +211,8 @@ class LlamaModel(nn.Module):
   # Rematerialise each decoder layer: keep only its input for the backward
   # pass and recompute the rest. Same parameters and paths.
   remat: bool = False
+  # What a rematerialised layer keeps (`REMAT_POLICIES`): "full" or "dots".
+  remat_policy: str = "full"
   # A sharding (or PartitionSpec, under a mesh context) the hidden states
   # (B, T, H) are constrained to between layers; None: left to XLA.
   activation_sharding: Any = None
@@ -218,7 +224,10 @@ class LlamaModel(nn.Module):
                                  embedding_init=torch_port.weight_init(a.initializer_range),
                                  dtype=dt, param_dtype=pdt)
     # A list attribute: flax names its entries layers_0, layers_1, ...
-    self.layers = [(_RematLayer if self.remat else DecoderLayer)(a, i, dt, pdt) for i in range(a.num_layers)]
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"LlamaModel.remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
+    layer = _REMAT_LAYERS[self.remat_policy] if self.remat else DecoderLayer
+    self.layers = [layer(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = decoder.RMSNorm(a.rms_norm_eps, dt, pdt)
 
   def __call__(self, input_ids: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
@@ -254,6 +263,9 @@ class LlamaForCausalLM(nn.Module):
     remat: rematerialise each decoder layer in the backward pass (`nn.remat`):
       activation memory of one layer plus each layer's input, for a second
       forward pass of the layers; the same parameters and results.
+    remat_policy: with ``remat``, "full" (keep each layer's input only) or
+      "dots" (also its matmul outputs, `jax.checkpoint_policies.dots_saveable`:
+      more memory, less recomputation).
     activation_sharding: None, or the sharding of the hidden states (B, T, H)
       between layers (e.g. batch over the data axes,
       ``NamedSharding(mesh, P(("data", "fsdp")))``), so that XLA's sharding
@@ -265,6 +277,7 @@ class LlamaForCausalLM(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = "full"
   activation_sharding: Any = None
 
   @nn.compact
@@ -298,7 +311,8 @@ class LlamaForCausalLM(nn.Module):
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     input_ids, position_ids, slots = decoder.decoder_inputs(self, input_ids, attention_mask, position_ids,
                                                     decode=decode, where="LlamaForCausalLM")
-    model = LlamaModel(a, dt, pdt, remat=self.remat, activation_sharding=self.activation_sharding, name="model")
+    model = LlamaModel(a, dt, pdt, remat=self.remat, remat_policy=self.remat_policy,
+                       activation_sharding=self.activation_sharding, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)

@@ -1,19 +1,23 @@
 """The pod plan compiles the sharded RM-LoRA step ahead of time and counts what each device holds.
 
 One subprocess with 8 fake CPU devices runs the plan's entry point on the
-tiny grid (a 1-layer Llama, meshes 1x8x1 and 1x4x2). The compiled step's
-per-device argument memory is checked against a count written out here with
-NumPy from the architecture's shapes, the partition rules' layout and the
-mesh sizes, without JAX.
+tiny grid (a 1-layer Llama, meshes 1x8x1 and 1x4x2); another, where the TPU
+compiler is installed (``scripts/tpu_env.sh install``), compiles it for a
+v5e:4x4 slice. The compiled step's per-device argument memory is checked
+against a count written out here with NumPy from the architecture's shapes,
+the partition rules' layout and the mesh sizes (and, for the TPU, its tiled
+layouts), without JAX.
 """
 
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from configs import plan as plan_config
 from experiments import plan
@@ -27,8 +31,12 @@ def _shard(shape, axes, mesh):
   return int(np.prod([d // (mesh[a] if a else 1) for d, a in zip(shape, axes)]))
 
 
-def expected_argument_bytes(arch, mesh, seq_len, rank, sequences_per_shard):
-  """Bytes per device of the frozen weights, adapters, Adam moments, counters and batch.
+def _shard_shape(shape, axes, mesh):
+  return tuple(d // (mesh[a] if a else 1) for d, a in zip(shape, axes))
+
+
+def argument_shards(arch, mesh, seq_len, rank, sequences_per_shard):
+  """(shard shape, bytes per element) of each argument leaf one device holds.
 
   Layout (the Megatron layout of partitioning.DECODER_RULES, kernels (d_in, d_out)):
   q/k/v/gate/up (fsdp, model), o/down (model, fsdp), embedding (model, fsdp),
@@ -41,17 +49,47 @@ def expected_argument_bytes(arch, mesh, seq_len, rank, sequences_per_shard):
   column, row = ("fsdp", "model"), ("model", "fsdp")
   kernels = [((h, q), column), ((h, kv), column), ((h, kv), column), ((q, h), row),
              ((h, i), column), ((h, i), column), ((i, h), row)] * arch["num_layers"]
-  frozen = sum(_shard(s, ax, mesh) for s, ax in kernels)
-  frozen += _shard((v, h), row, mesh) + _shard((h, v), column, mesh)
-  frozen += (2 * arch["num_layers"] + 1) * h  # RMSNorm scales
-  adapters = sum(_shard((rank, s[0]), (None, ax[0]), mesh) + _shard((s[1], rank), (ax[1], None), mesh)
-                 for s, ax in kernels)
+  leaves = [(_shard_shape(s, ax, mesh), BF16) for s, ax in kernels]
+  leaves += [(_shard_shape((v, h), row, mesh), BF16), (_shard_shape((h, v), column, mesh), BF16)]
+  leaves += [((h,), BF16)] * (2 * arch["num_layers"] + 1)  # RMSNorm scales
+  for s, ax in kernels:  # adapters, then AdamW's mu and nu
+    leaves += [(_shard_shape((rank, s[0]), (None, ax[0]), mesh), F32),
+               (_shard_shape((s[1], rank), (ax[1], None), mesh), F32)] * 3
   # Replicated int32 scalars: the step, the two direction-mask counts (before
   # and after AdamW, mask_mode="update"), Adam's count.
-  counters = 4
+  leaves += [((), I32)] * 4
   rows = sequences_per_shard  # per device: its data x fsdp shard's sequences
-  batch = 3 * rows * seq_len * I32 + rows * F32  # input_ids, attention_mask, loss_mask; weights
-  return BF16 * frozen + 3 * F32 * adapters + I32 * counters + batch
+  leaves += [((rows, seq_len), I32)] * 3 + [((rows,), F32)]  # input_ids, attention_mask, loss_mask; weights
+  return leaves
+
+
+def expected_argument_bytes(arch, mesh, seq_len, rank, sequences_per_shard):
+  """Bytes per device of the frozen weights, adapters, Adam moments, counters and batch."""
+  return sum(int(np.prod(s)) * item for s, item in argument_shards(arch, mesh, seq_len, rank, sequences_per_shard))
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def tpu_buffer_bytes(shape, itemsize):
+  """Bytes of one array in TPU HBM: tiled layouts, whole 512-byte blocks.
+
+  The minor dimension is padded to 128 lanes; the second-minor to 1, 2 or 4
+  rows when it is that small, else to a multiple of 8; the compiler lays a
+  two-dimensional argument out with whichever dimension minor wastes less
+  (a LoRA ``b`` of shape (d, 8) goes column-major). A vector is padded to
+  128 elements.
+  """
+  sublanes = lambda r: r if r in (1, 2, 4) else 4 if r == 3 else _round_up(r, 8)
+  if not shape:
+    elements = 1
+  elif len(shape) == 1:
+    elements = _round_up(shape[0], 128)
+  else:
+    r, c = shape[-2:]
+    elements = math.prod(shape[:-2]) * min(sublanes(r) * _round_up(c, 128), sublanes(c) * _round_up(r, 128))
+  return _round_up(elements * itemsize, 512)
 
 
 def test_plan_compiles_the_tiny_grid_and_counts_argument_memory(tmp_path):
@@ -76,11 +114,47 @@ def test_plan_compiles_the_tiny_grid_and_counts_argument_memory(tmp_path):
     # The donated state comes back in its own buffers.
     assert r["alias"] == r["counted_bytes"]["state"]
     assert r["temp"] > 0 and r["flops"] > r["model_flops_per_device"] > 0
-    assert set(r["chips"]) == {"v5e", "v5p"} and all(c["fits"] for c in r["chips"].values())
-  assert {(r["chip"], r["mesh"]["model"]) for r in results["recommended"]} == {("v5e", 1), ("v5p", 1)}
+    assert set(r["chips"]) == {"v5e", "v5p", "v6e"} and all(c["fits"] for c in r["chips"].values())
+  assert {(r["chip"], r["mesh"]["model"]) for r in results["recommended"]} == {("v5e", 1), ("v5p", 1), ("v6e", 1)}
   table = output.with_suffix(".md").read_text()
-  assert "| tiny | 32 | 8 | 1×8×1 | 8 | compiled |" in table
-  assert "| tiny | 32 | 8 | 1×4×2 | 4 | compiled |" in table
+  assert "| tiny | 32 | 8 | 1×8×1 | full | 8 | compiled |" in table
+  assert "| tiny | 32 | 8 | 1×4×2 | full | 4 | compiled |" in table
+  assert table in proc.stdout
+
+
+TPU_LIBRARY = pathlib.Path(os.environ.get("RMLORA_TPU_COMPILER", ROOT / ".tpu_compiler")) / "libtpu" / "libtpu.so"
+
+
+@pytest.mark.integration  # a subprocess loading libtpu; about 40 s on 2 busy cores
+@pytest.mark.skipif(not TPU_LIBRARY.is_file(), reason="no TPU compiler: run scripts/tpu_env.sh install")
+def test_plan_compiles_the_tiny_grid_for_a_tpu_slice(tmp_path):
+  config = plan_config.get_config("tiny_tpu")
+  output = tmp_path / "plan.json"
+  # libtpu is loaded in the subprocess only (scripts/tpu_env.sh puts it on
+  # the path): this process never imports it.
+  proc = subprocess.run(["scripts/tpu_env.sh", sys.executable, "-m", "experiments.plan",
+                         "--config=configs/plan.py:tiny_tpu", f"--config.output={output}"], cwd=ROOT,
+                        env=dict(os.environ, RMLORA_TPU_COMPILER=str(TPU_LIBRARY.parents[1])),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+  assert "libtpu" not in sys.modules
+  results = json.loads(output.read_text())
+  assert results["environment"]["compiler"] == "TPU (libtpu)"
+  rows = results["rows"]
+  assert [(r["topology"], r["devices"], r["mesh"]["fsdp"], r["mesh"]["model"]) for r in rows] == [
+      ("v5e:4x4", 16, 16, 1), ("v5e:4x4", 16, 8, 2)]
+  arch = config.archs.tiny.to_dict()
+  for r in rows:
+    assert r["device_kind"] == "TPU v5 lite" and r["layers"] == arch["num_layers"] and r["source"] == "compiled"
+    shards = argument_shards(arch, r["mesh"], r["seq_len"], config.rank, config.sequences_per_shard)
+    # What the shardings alone give, and what the TPU's tiled layouts make of it.
+    assert sum(r["counted_bytes"].values()) == expected_argument_bytes(
+        arch, r["mesh"], r["seq_len"], config.rank, config.sequences_per_shard)
+    assert r["argument"] == sum(tpu_buffer_bytes(s, item) for s, item in shards), (r["mesh"], r["argument"])
+    assert r["alias"] > 0 and r["flops"] > r["model_flops_per_device"] > 0
+    assert set(r["chips"]) == {"v5e"} and r["chips"]["v5e"]["fits"]
+  table = output.with_suffix(".md").read_text()
+  assert "| v5e:4x4 | 16 | tiny | 32 | full | 1×16×1 | 16 |" in table
   assert table in proc.stdout
 
 
@@ -121,15 +195,15 @@ def test_memory_that_falls_with_depth_gives_no_estimate_and_no_recommendation():
   results = {"config": config.to_dict(), "rows": [fsdp_only, tensor], "recommended": list(recommended.values()),
              "extrapolation_checks": []}
   table = plan.markdown(results)
-  assert "| m | 2048 | 64 | 1×64×1 | 64 | extrapolated (memory unknown†) | 32.00 | 0.00 | ? |" in table
-  assert "| m | 2048 | 64 | v5e | none fits (model=1: unknown) |" in table
-  assert "| m | 2048 | 64 | v5p | 1×16×4 |" in table and "extrapolated; model=1 unknown |" in table
+  assert "| m | 2048 | 64 | 1×64×1 | full | 64 | extrapolated (memory unknown†) | 32.00 | 0.00 | ? |" in table
+  assert "| m | 2048 | 64 | full | v5e | none fits (model=1: unknown) |" in table
+  assert "| m | 2048 | 64 | full | v5p | 1×16×4 |" in table and "extrapolated; model=1 unknown |" in table
 
 
 def test_a_case_whose_memory_falls_with_depth_is_compiled_at_full_depth(monkeypatch):
   compiled = []
 
-  def fake_compile(config, model, sizes, seq_len, num_layers):
+  def fake_compile(config, model, sizes, seq_len, num_layers, remat):
     compiled.append(num_layers)
     return _compiled(num_layers, temp={2: 10.0, 4: 6.0}.get(num_layers, 20.0))
 

@@ -248,3 +248,24 @@ def test_smollm2_matches_transformers(torch_logits):
   new = np.asarray(llama.generate(module, params, ids, max_new_tokens=16))[0]
   np.testing.assert_array_equal(new, ref[0, ids.shape[1]:].numpy())
   assert tokenizer.decode(new).startswith("The capital of France is Paris.<|im_end|>")
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+  # Rematerialising (keeping each layer's input, or its matmul outputs too)
+  # changes what the backward pass stores, never the numbers.
+  arch = llama.arch_from_hf_config({**TINY, "model_type": "llama"})
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, arch.vocab_size, (2, 7)), jnp.int32)
+  base = llama.LlamaForCausalLM(arch=arch)
+  params = base.init(jax.random.key(0), ids)["params"]
+
+  def grads(module):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(module.apply({"params": p}, ids))[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want = grads(base)
+  for policy in ("full", "dots"):
+    got_loss, got = grads(llama.LlamaForCausalLM(arch=arch, remat=True, remat_policy=policy))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    llama.LlamaForCausalLM(arch=arch, remat=True, remat_policy="some").init(jax.random.key(0), ids)
