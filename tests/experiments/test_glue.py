@@ -14,6 +14,7 @@ from configs import rte
 from tests.experiments.conftest import WORDS, set_overrides
 from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import training
+from rmlora_jax.data import batching
 from rmlora_jax.data import glue as glue_data
 from rmlora_jax.recipes import glue as glue_task
 
@@ -234,7 +235,7 @@ def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path)
 def test_poisoned_batch_is_skipped_and_counted(tiny_bert, tiny_glue, tmp_path, monkeypatch):
   # Step 3's batch gets a label that makes its loss nan: that one update is
   # skipped, the run goes on and its parameters stay finite.
-  real_batches = glue_data.batches
+  real_batches = batching.batches
   counter = {"n": 0}
 
   def poisoned(*args, **kwargs):
@@ -245,7 +246,7 @@ def test_poisoned_batch_is_skipped_and_counted(tiny_bert, tiny_glue, tmp_path, m
           batch = {**batch, "weights": batch["weights"] * np.float32("nan")}
       yield batch
 
-  monkeypatch.setattr(glue_data, "batches", poisoned)
+  monkeypatch.setattr(batching, "batches", poisoned)
   config = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=6)
   results = glue_task.train_and_evaluate(config, config.workdir)
   assert results["nonfinite_steps"] == 1
