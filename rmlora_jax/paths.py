@@ -28,9 +28,9 @@ def path_str(key_path: Iterable[Any]) -> str:
   return "/".join(key_name(k) for k in key_path)
 
 
-def flatten_with_paths(tree: Any) -> dict[str, Any]:
-  """Maps each leaf's "/"-path to the leaf, in tree order."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+def flatten_with_paths(tree: Any, *, is_leaf: Any = None) -> dict[str, Any]:
+  """Maps each leaf's "/"-path to the leaf, in tree order (``is_leaf`` as `jax.tree_util`'s)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return {path_str(kp): leaf for kp, leaf in leaves}
 
 

@@ -115,8 +115,7 @@ def quantize_kernel(kernel: jax.Array, *, qtype: Any, block: int) -> qwix.QArray
 
 def flatten_kernels(tree: Any) -> dict[str, Any]:
   """`paths.flatten_with_paths` with each `qwix.QArray` one leaf at its kernel's path."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-  return {paths_lib.path_str(kp): leaf for kp, leaf in leaves}
+  return paths_lib.flatten_with_paths(tree, is_leaf=is_quantized)
 
 
 def map_kernels(fn, tree: Any) -> Any:
@@ -228,20 +227,9 @@ def describe(kernel: qwix.QArray) -> str:
   return f"{format_of(kernel)}, {scales}"
 
 
-def _bits(dtype: Any) -> int:
-  """Storage bits per value: 4 for int4, uint4 (nf4) and float4, else the item size."""
-  dtype = jnp.dtype(dtype)
-  for info in (jnp.iinfo, jnp.finfo):
-    try:
-      return int(info(dtype).bits)
-    except ValueError:
-      pass
-  return 8 * dtype.itemsize
-
-
 def array_bytes(x: Any) -> int:
   """Bytes of one array stored at its dtype's bits (4-bit values packed two to a byte)."""
-  return math.ceil(math.prod(np.shape(x)) * _bits(x.dtype) / 8)
+  return math.ceil(math.prod(np.shape(x)) * jax.dtypes.itemsize_bits(x.dtype) / 8)
 
 
 def tree_bytes(tree: Any) -> int:

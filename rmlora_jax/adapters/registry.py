@@ -29,25 +29,34 @@ FAMILIES: tuple[Family, ...] = (lora.FAMILY, adalora.FAMILY, sora.FAMILY, lora2.
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodEntry:
-  """One method: its family and how it is built."""
+  """One method: how it is built, and its family."""
 
-  # The adapter family's name ("lora", "adalora", ...; "full" for full_ft).
-  family: str
   # ``MethodSettings -> Method``.
   build: Callable[[MethodSettings], Method]
-  # The type of ``MethodSettings.options`` it takes (None: none).
-  options: type | None
-  # Whether it adapts (needs ``MethodSettings.spec``) or trains the weights themselves.
-  adapts: bool = True
-  # Its family (None for full_ft).
+  # Its adapter family; None for full_ft, which trains the weights themselves.
   definition: Family | None = None
+
+  @property
+  def family(self) -> str:
+    """The family's name ("lora", "adalora", ...; "full" for full_ft)."""
+    return "full" if self.definition is None else self.definition.name
+
+  @property
+  def options(self) -> type | None:
+    """The type of ``MethodSettings.options`` it takes (None: none)."""
+    return None if self.definition is None else self.definition.options
+
+  @property
+  def adapts(self) -> bool:
+    """Whether it adapts (needs ``MethodSettings.spec``)."""
+    return self.definition is not None
 
 
 def _methods() -> dict[str, MethodEntry]:
-  out = {"full_ft": MethodEntry(family="full", build=full.build, options=None, adapts=False)}
+  out = {"full_ft": MethodEntry(build=full.build)}
   for fam in FAMILIES:
     for name, build in fam.methods.items():
-      out[name] = MethodEntry(family=fam.name, build=build, options=fam.options, definition=fam)
+      out[name] = MethodEntry(build=build, definition=fam)
   return out
 
 

@@ -158,16 +158,13 @@ class GemmaArch:
     return self.global_rope if self.window(layer) is None else self.local_rope
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(decoder.RMSNorm):
   """Gemma's RMSNorm: ``x / sqrt(mean(x²) + eps) * (1 + scale)``, all in float32.
 
-  Unlike Llama's, the product is taken in float32 before the cast to
-  ``dtype`` (transformers' Gemma2RMSNorm); ``scale`` starts at zero.
+  Llama's fields (`decoder.RMSNorm`); unlike Llama's, the product is taken in
+  float32 before the cast to ``dtype`` (transformers' Gemma2RMSNorm), and
+  ``scale`` starts at zero.
   """
-
-  epsilon: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
