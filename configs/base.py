@@ -73,6 +73,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # scale per output column for int8 and fp8), 0 per column, else a block that
   # divides every quantised kernel's d_in.
   c.model.quantize_block = -1
+  # Decoders only (Llama, Qwen2, Gemma): run the layers as one nn.scan over
+  # stacked weights, compiled once at any depth, with the same results and one
+  # adapter per layer (docs/MODELS.md). Unset (configs/sft.py): scanned on a
+  # GPU or TPU, unrolled on a CPU, where XLA compiles the unrolled layers faster.
+  c.model.scan_layers = False
 
   c.data = config_dict.ConfigDict()
   # GLUE folder in the official layout; unset: $GLUE_DIR, else the hub copy below.

@@ -84,8 +84,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # PEFT's default)
   c.targets = "all"
   # rmlora_jax methods timed, besides the floor and PEFT; "name@merge" or
-  # "name@low_rank" overrides adapter_apply for that runner.
+  # "name@low_rank" overrides adapter_apply for that runner, "name@scan" or
+  # "name@unrolled" scan_layers (e.g. "lora@scan,lora@unrolled").
   c.methods = METHODS
+  # Decoder shapes: the layers as one nn.scan over stacked weights (what the
+  # SFT experiment does on a GPU or TPU); False: unrolled (what it does on a CPU).
+  c.scan_layers = False
   # How adapters reach the model (MethodSettings.adapter_apply): "low_rank" or "merge".
   c.adapter_apply = "low_rank"
   # The families' settings, as the GLUE experiment reads them (its defaults):

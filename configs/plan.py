@@ -68,6 +68,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # "none" (everything), "full" (its input only; the layer is recomputed),
   # "dots" (its input and matmul outputs: jax.checkpoint_policies.dots_saveable).
   c.remat = ("full",)
+  # The decoder layers as one nn.scan over stacked weights (compile time flat
+  # in depth); False: unrolled, each layer compiled on its own.
+  c.scan_layers = True
+  # QLoRA (docs/QLORA.md): "" keeps the frozen kernels in `dtype`; "int8",
+  # "fp8", "nf4" or "int4" stores every transformer-block kernel quantised.
+  c.quantize = ""
   # "batch": the hidden states between layers are constrained to the batch
   # split over data x fsdp; "none": left to XLA's sharding propagation.
   c.activation_sharding = "batch"

@@ -28,6 +28,9 @@ def get_config(arg=None):
   del config.head_bias  # regression heads only
   if "model" not in args:
     config.model.name_or_path = "smollm2"
+  # The layers as one nn.scan on a GPU or TPU (one layer to compile, not 30),
+  # unrolled on a CPU; True or False forces either.
+  config.model.scan_layers = config_dict.placeholder(bool)
   # Sized for a CPU (about 15 s a step for SmolLM2-135M on 2 cores); on an
   # accelerator raise batch_size, max_steps and max_seq_len.
   config.max_seq_len = 256  # prompt + response tokens; longer examples are left out (and counted)

@@ -59,6 +59,8 @@ FLOOR_TRAINED = (r"classifier/.*", r"embeddings/layer_norm/bias")
 # embedding table itself would add a (vocab, H) weight gradient (tied: the LM
 # head's too) that no adapter method computes.
 DECODER_FLOOR_TRAINED = (r"model/norm/scale", r"model/layers_0/input_layernorm/scale")
+# Scanned layers are one stacked leaf: every layer's input norm (L x H values, as little work).
+DECODER_FLOOR_TRAINED_SCANNED = (r"model/norm/scale", r"model/layers/input_layernorm/scale")
 # Our decoder's "qv" targets; "all" is `llama.DEFAULT_LORA_TARGETS`.
 DECODER_QV = (r"model/layers_\d+/self_attn/(q|v)_proj/kernel",)
 
@@ -147,7 +149,7 @@ def _decoder_batch(config, rng) -> dict[str, Any]:
 
 
 def _settings(config, entry: str):
-  """MethodSettings for ``entry`` (a method name, or ``name@merge`` / ``name@low_rank``).
+  """MethodSettings for ``entry`` (a method name, or ``name@merge`` / ``name@low_rank``; see `variant`).
 
   Built by the GLUE experiment's own `rmlora_jax.recipes.settings.method_settings`
   from its default config, with this config's rank, alpha, targets, seed and
@@ -159,7 +161,7 @@ def _settings(config, entry: str):
   from configs import base  # pylint: disable=g-import-not-at-top
   from rmlora_jax.recipes import settings as settings_lib  # pylint: disable=g-import-not-at-top
 
-  name, _, apply = entry.partition("@")
+  name, apply, _ = variant(entry)
   glue = base.get_config()
   glue.method, glue.seed = name, config.seed
   glue.lora.rank, glue.lora.alpha = config.rank, config.alpha
@@ -170,6 +172,25 @@ def _settings(config, entry: str):
                                         head_patterns=() if _decoder(config) else HEAD)
   return dataclasses.replace(settings, total_steps=1000, adapter_apply="merge" if settings.spec is None else (
       apply or config.adapter_apply))
+
+
+def variant(entry: str) -> tuple[str, str, bool | None]:
+  """``(method, adapter_apply or "", scan_layers or None)`` of a runner name such as ``lora@merge@unrolled``.
+
+  The suffixes: ``@merge`` / ``@low_rank`` override ``config.adapter_apply``,
+  ``@scan`` / ``@unrolled`` ``config.scan_layers`` (decoders only).
+  """
+  name, *suffixes = entry.split("@")
+  apply, scan = "", None
+  for suffix in suffixes:
+    if suffix in ("merge", "low_rank"):
+      apply = suffix
+    elif suffix in ("scan", "unrolled"):
+      scan = suffix == "scan"
+    else:
+      raise ValueError(f"config.methods entry {entry!r}: suffix @{suffix} is not one of @merge, @low_rank, "
+                       f"@scan, @unrolled")
+  return name, apply, scan
 
 
 def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0,
@@ -363,6 +384,7 @@ def benchmark(config) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import stacking  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import bert  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
 
@@ -374,6 +396,8 @@ def benchmark(config) -> dict[str, Any]:
   if decoder:
     module = llama.LlamaForCausalLM(arch=llama.arch_from_hf_config(hf_config), dtype=dtype)
     model_lib, head, floor_trained = llama, "causal_lm", DECODER_FLOOR_TRAINED
+    if config.scan_layers:
+      floor_trained = DECODER_FLOOR_TRAINED_SCANNED
   else:
     module = bert.Bert(arch=bert.arch_from_hf_config(hf_config), head="classification",
                        num_labels=NUM_LABELS, dtype=dtype)
@@ -387,11 +411,17 @@ def benchmark(config) -> dict[str, Any]:
 
   runners: dict[str, Callable[[], None]] = {}
   facts: dict[str, dict] = {}
-  for name in config.methods:  # "lora" or "lora@merge" (see _settings)
+  def layout(scan):
+    """The module and params of one runner: the decoder's layers scanned (stacked weights) or unrolled."""
+    scan = config.scan_layers if scan is None else scan
+    if not decoder or not scan:
+      return module, params
+    return module.clone(scan_layers=True), stacking.stack_layers(params)
+
+  for name in config.methods:  # "lora", "lora@merge", "lora@unrolled" (see variant)
     method = methods_lib.make_method(_settings(config, name))
-    runners[name], facts[name] = _jax_runner(config, module, params, method, batch)
-  runners["floor"], facts["floor"] = _jax_runner(config, module, params,
-                                                 floor_method(trained=floor_trained), batch)
+    runners[name], facts[name] = _jax_runner(config, *layout(variant(name)[2]), method, batch)
+  runners["floor"], facts["floor"] = _jax_runner(config, *layout(None), floor_method(trained=floor_trained), batch)
   if config.peft and torch_model is not None:
     import torch  # pylint: disable=g-import-not-at-top
 

@@ -225,7 +225,7 @@ def abstract_step(config, arch, mesh, seq_len: int, remat: str = "full"):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from rmlora_jax import partitioning, training  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import partitioning, quantize, training  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
 
   dtype = jnp.dtype(config.dtype)
@@ -235,12 +235,19 @@ def abstract_step(config, arch, mesh, seq_len: int, remat: str = "full"):
   hidden = None if config.activation_sharding == "none" else partitioning.batch_sharding(mesh)
   module = llama.LlamaForCausalLM(arch=arch, dtype=dtype, param_dtype=dtype, remat=remat != "none",
                                   remat_policy="full" if remat == "none" else remat,
-                                  activation_sharding=hidden)
+                                  activation_sharding=hidden, scan_layers=config.get("scan_layers", False))
   key = jax.random.key(config.seed)
   params = jax.eval_shape(module.init, key, jnp.ones((1, 8), jnp.int32))["params"]
+  method = make_method(config)
+  fmt = config.get("quantize", "")
+  if fmt:
+    # QLoRA: the frozen transformer-block kernels stored quantised (what
+    # config.model.quantize does in training), the adapters in float32.
+    spec = quantize.QuantizeSpec(format=fmt)
+    params = jax.eval_shape(lambda p: quantize.quantize_base(p, spec), params)
+    method = quantize.for_quantized_base(method)
   specs = partitioning.match_partition_rules(params, partitioning.DECODER_RULES, where="DECODER_RULES")
   param_sh = partitioning.named_shardings(params, specs, mesh)
-  method = make_method(config)
   tx = method.optimizer(config.learning_rate)
 
   def init(key, params):
@@ -270,7 +277,7 @@ def abstract_step(config, arch, mesh, seq_len: int, remat: str = "full"):
   info = {
       "global_batch": batch_size,
       "tokens": batch_size * seq_len,
-      "frozen_params": sum(math.prod(x.shape) for x in jax.tree.leaves(frozen)),
+      "frozen_params": sum(math.prod(x.shape) for x in jax.tree.leaves(quantize.abstract_kernels(frozen))),
       "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.trainable)),
       "counted_bytes": {name: shard_bytes(tree) for name, tree in zip(("state", "frozen", "batch"), args)},
   }
@@ -281,7 +288,9 @@ def shard_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  # Sub-byte values (nf4, int4) counted at their bits, packed.
+  return sum(math.ceil(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) / 8)
+             for x in jax.tree.leaves(tree))
 
 
 def compile_case(config, model: str, mesh_sizes: dict[str, int], seq_len: int, num_layers: int,
@@ -311,7 +320,8 @@ def compile_case(config, model: str, mesh_sizes: dict[str, int], seq_len: int, n
     if devices is None or "RESOURCE_EXHAUSTED" not in str(e):
       raise
     out = dict.fromkeys(LINEAR_FIELDS)
-    out.update(layers=num_layers, remat=remat, lower_s=lower_s, compile_s=time.perf_counter() - start,
+    out.update(layers=num_layers, remat=remat, scan_layers=bool(config.get("scan_layers", False)),
+               quantize=config.get("quantize", ""), lower_s=lower_s, compile_s=time.perf_counter() - start,
                out_of_memory=str(e).strip().splitlines()[0], **info)
     logging.warning("%s %s seq %d remat %s: the TPU compiler ran out of memory: %s", model, mesh_sizes, seq_len,
                     remat, out["out_of_memory"])
@@ -326,7 +336,8 @@ def compile_case(config, model: str, mesh_sizes: dict[str, int], seq_len: int, n
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
   out["flops"] = float(cost.get("flops", 0.0))
   out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-  out.update(layers=num_layers, remat=remat, lower_s=lower_s, compile_s=compile_s, **info)
+  out.update(layers=num_layers, remat=remat, scan_layers=bool(config.get("scan_layers", False)),
+             quantize=config.get("quantize", ""), lower_s=lower_s, compile_s=compile_s, **info)
   logging.info("compiled %s %s seq %d remat %s at %d layers on %s: lower %.1f s, compile %.1f s, total %.2f GiB",
                model, mesh_sizes, seq_len, remat, num_layers, mesh.devices.flat[0].device_kind, lower_s,
                compile_s, out["total"] / GIB)
@@ -611,16 +622,17 @@ def markdown_topologies(results: dict[str, Any]) -> str:
            f"{c['sequences_per_shard']} sequence(s) per data×fsdp shard). \"fits\": total ≤ "
            f"{c['hbm_fraction']:.0%} of the chip's HBM.",
            "",
-           "| topology | chips | model | seq | remat | mesh d×f×m | batch | arg GiB | out GiB | temp GiB | code MiB "
-           "| total GiB | HBM GiB | fits | TFLOP/chip (XLA) | TFLOP/chip (model) | GB accessed/chip | s @peak "
-           f"| s @{c['mfu']:.0%} | tokens/s/chip @{c['mfu']:.0%} | compile s |",
-           "|" + "---|" * 21]
+           "| topology | chips | model | base | seq | remat | mesh d×f×m | batch | arg GiB | out GiB | temp GiB "
+           "| code MiB | total GiB | HBM GiB | fits | TFLOP/chip (XLA) | TFLOP/chip (model) | GB accessed/chip "
+           f"| s @peak | s @{c['mfu']:.0%} | tokens/s/chip @{c['mfu']:.0%} | compile s |",
+           "|" + "---|" * 22]
   num = lambda v, scale, digits: "—" if v is None else f"{v / scale:.{digits}f}"
   for r in results["rows"]:
     chip, col = next(iter(r["chips"].items()))
     fits = "no (out of memory†)" if r.get("out_of_memory") else "yes" if col["fits"] else "no"
     lines.append(
-        f"| {r['topology']} | {r['devices']} | {r['model']} | {r['seq_len']} | {r['remat']} | "
+        f"| {r['topology']} | {r['devices']} | {r['model']} | {r.get('quantize') or c['dtype']} | {r['seq_len']} | "
+        f"{r['remat']} | "
         f"{_mesh_str(r['mesh'])} | {r['global_batch']} | {num(r['argument'], GIB, 2)} | {num(r['output'], GIB, 2)} | "
         f"{num(r['temp'], GIB, 2)} | {num(r['generated_code'], 2**20, 1)} | {num(r['total'], GIB, 2)} | "
         f"{c['chips'][chip]['hbm_gib']:g} | {fits} | {num(r['flops'], 1e12, 1)} | "

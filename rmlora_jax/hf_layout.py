@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import registry
 from rmlora_jax.models import hub
@@ -205,6 +206,7 @@ def save_merged(
   full = base.with_head(params, dict(trained or {}))
   if adapters:
     full = registry.merge(full, adapters, spec)
+  full = stacking.unstack_layers(full)  # a scanned model's layers, each under its own name
   flat = paths_lib.flatten_with_paths(full)
   paths = layout.paths
   state = {}

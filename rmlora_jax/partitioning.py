@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import quantize
+from rmlora_jax import stacking
 
 MESH_AXES = ("data", "fsdp", "model")
 # The batch dimension is split over these axes together.
@@ -274,6 +275,9 @@ def match_partition_rules(params: Any, rules: Rules, *, where: str = "partition 
   Returns:
     A pytree of ``params``' structure holding PartitionSpecs; a `qwix.QArray`
     becomes one holding its values' and scales' specs (`quantized_specs`).
+    A scanned model's stacked leaf (``model/layers/...``, `rmlora_jax.stacking`)
+    takes the rule of its layer 0 (``model/layers_0/...``) with an unsplit
+    leading layer axis, so the unrolled rules serve both layouts.
 
   Raises:
     ValueError: a parameter no rule covers (all such paths are listed), or a
@@ -282,18 +286,30 @@ def match_partition_rules(params: Any, rules: Rules, *, where: str = "partition 
   compiled = [(rx, spec) for rx, (_, spec) in zip(paths_lib.compile_patterns([r for r, _ in rules], where=where), rules)]
   uncovered = []
 
-  def spec_of(key_path, leaf):
-    path = paths_lib.path_str(key_path)
+  def rule_for(path, shape):
     for rx, spec in compiled:
       if rx.fullmatch(path):
-        if len(spec) > len(np.shape(leaf)):
+        if len(spec) > len(shape):
           raise ValueError(
-              f"{where}: rule {rx.pattern!r} gives {path!r} (shape {tuple(np.shape(leaf))}) "
+              f"{where}: rule {rx.pattern!r} gives {path!r} (shape {shape}) "
               f"the spec {spec}, which has more entries than the parameter has dimensions"
           )
         return spec
-    uncovered.append(f"{path} {tuple(np.shape(leaf))}")
-    return P()
+    return None
+
+  def spec_of(key_path, leaf):
+    path, shape = paths_lib.path_str(key_path), tuple(np.shape(leaf))
+    layer0 = stacking.layer_path(path, 0)
+    if layer0 is not None:
+      # A scanned model's stacked leaf: layer 0's rule, the layer axis unsplit.
+      spec = rule_for(layer0, shape[1:])
+      spec = None if spec is None else P(None, *spec)
+    else:
+      spec = rule_for(path, shape)
+    if spec is None:
+      uncovered.append(f"{path} {shape}")
+      return P()
+    return spec
 
   def leaf_spec(key_path, leaf):
     if quantize.is_quantized(leaf):
@@ -408,6 +424,12 @@ def follow_specs(tree: Any, params: Any, param_specs: Any, *, where: str) -> Any
   # A quantised kernel counts as its kernel: its path, its shape, its values' spec.
   specs = {p: s.qvalue if quantize.is_quantized(s) else s for p, s in quantize.flatten_kernels(param_specs).items()}
   shapes = {p: tuple(np.shape(x)) for p, x in quantize.flatten_kernels(params).items()}
+  # Adapters of a scanned model sit at its layers' paths: each layer of a stack counts as a parameter.
+  for path, shape in list(shapes.items()):
+    if stacking.layer_path(path, 0) is not None:
+      for i in range(shape[0]):
+        specs[stacking.layer_path(path, i)] = P(*tuple(specs[path])[1:])
+        shapes[stacking.layer_path(path, i)] = shape[1:]
   orphans = []
 
   def one(key_path, leaf):

@@ -68,6 +68,7 @@ from absl import logging
 from rmlora_jax import hf_layout
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import lora as lora_lib
 from rmlora_jax.adapters import registry
@@ -213,6 +214,7 @@ def save_peft(
       leaf inside an adapted module.
   """
   folder = pathlib.Path(folder)
+  params = stacking.unstack_layers(params)  # a scanned model's layers by their own paths, as the adapters'
   layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(params, head))
   task_type = TASK_TYPES[head]
   trained = dict(trained or {})
@@ -409,6 +411,8 @@ def load_peft(folder: str | os.PathLike, params: Any, hf_config: Any, *, head: s
   config, state = _read_folder(folder)
   config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
   peft_type = _check_config(config, config_file, head)
+  # A scanned model's stacked kernels are read layer by layer: the adapters get per-layer paths.
+  params = jax.eval_shape(stacking.unstack_layers, params)
   layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(params, head))
   flat = paths_lib.flatten_with_paths(params)
   described = (f"this {hf_config.model_type} model ({layout.model_class}, modules named like "

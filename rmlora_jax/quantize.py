@@ -42,6 +42,7 @@ import qwix
 
 from rmlora_jax import low_rank
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 
 # Format name -> qwix's qtype.
 FORMATS: dict[str, Any] = {"int8": jnp.int8, "nf4": "nf4", "int4": jnp.int4, "fp8": jnp.float8_e4m3fn}
@@ -109,8 +110,15 @@ class QuantizeSpec:
 
 @functools.partial(jax.jit, static_argnames=("qtype", "block"))
 def quantize_kernel(kernel: jax.Array, *, qtype: Any, block: int) -> qwix.QArray:
-  """One (d_in, d_out) kernel as a `qwix.QArray`: absmax scales per column, per ``block`` rows of it when > 0."""
-  return qwix.quantize(kernel, qtype, channelwise_axes=(1,), tiled_axes={0: block} if block else None)
+  """One (d_in, d_out) kernel as a `qwix.QArray`: absmax scales per column, per ``block`` rows of it when > 0.
+
+  A scanned model's stacked (L, d_in, d_out) kernel gets each layer's own
+  scales, (L, 1 or d_in / block, d_out): layer i's slice is the QArray of
+  its (d_in, d_out) kernel.
+  """
+  lead = kernel.ndim - 2
+  return qwix.quantize(kernel, qtype, channelwise_axes=tuple(range(lead)) + (lead + 1,),
+                       tiled_axes={lead: block} if block else None)
 
 
 def flatten_kernels(tree: Any) -> dict[str, Any]:
@@ -137,15 +145,22 @@ def select(params: Any, spec: QuantizeSpec) -> list[str]:
   """
   flat = flatten_kernels(params)
   excluded = paths_lib.compile_patterns(spec.exclude, where="QuantizeSpec.exclude")
+  # A scanned model's stacked kernel is matched by its layers' paths, and quantised whole or not at all.
+  view = stacking.layer_view(flat)
+  matched = set(paths_lib.match_paths(view, spec.targets, where="QuantizeSpec.targets"))
+  matched = {p for p in matched if not any(rx.fullmatch(p) for rx in excluded)}
   chosen = []
-  for path in paths_lib.match_paths(flat, spec.targets, where="QuantizeSpec.targets"):
-    if any(rx.fullmatch(path) for rx in excluded):
+  for path, leaf in flat.items():
+    layers = [stacking.layer_path(path, i) for i in range(np.shape(leaf)[0])] if stacking.layer_path(path, 0) else []
+    if layers and 0 < sum(p in matched for p in layers) < len(layers):
+      raise ValueError(f"QuantizeSpec selects some layers of {path!r} but not all ({sorted(set(layers) & matched)[:3]}"
+                       f" ...); the layers of a scanned model are stored stacked and quantised together")
+    if path not in matched and not (layers and layers[0] in matched):
       continue
-    leaf = flat[path]
     if is_quantized(leaf):
       raise ValueError(f"QuantizeSpec.targets selects {path!r}, which is quantised already ({describe(leaf)}); "
                        f"quantise the float parameters once")
-    shape = tuple(np.shape(leaf))
+    shape = tuple(np.shape(leaf))[1:] if layers else tuple(np.shape(leaf))
     if path.rpartition("/")[2] != "kernel":
       raise ValueError(f"QuantizeSpec.targets selects {path!r} with shape {shape}, which is not a Dense kernel "
                        f"(a leaf named 'kernel'); only those are read through the quantised path "
@@ -215,9 +230,9 @@ def format_of(kernel: qwix.QArray) -> str:
 
 
 def block_of(kernel: qwix.QArray) -> int:
-  """Values of d_in per scale of a quantised (d_in, d_out) kernel; 0: channel-wise."""
-  rows = kernel.scale.shape[0]
-  return 0 if rows == 1 else kernel.shape[0] // rows
+  """Values of d_in per scale of a quantised (d_in, d_out) kernel (or a stack of them); 0: channel-wise."""
+  rows = kernel.scale.shape[-2]
+  return 0 if rows == 1 else kernel.shape[-2] // rows
 
 
 def describe(kernel: qwix.QArray) -> str:

@@ -359,10 +359,13 @@ def tiny_decoder(folder, model_type):
   return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
-def test_every_decoder_both_ways_and_merged(model_type, tmp_path):
+# Scanned: the layers' weights stacked (one nn.scan); adapters and files are the same per layer.
+@pytest.mark.parametrize("model_type,scan", [("llama", False), ("qwen2", False), ("gemma2", False),
+                                             ("qwen2", True), ("gemma2", True)])
+def test_every_decoder_both_ways_and_merged(model_type, scan, tmp_path):
   batch = tiny_decoder(tmp_path / "base", model_type)
-  module, params, _, hf_config = hub.load_pretrained(tmp_path / "base", head="causal_lm")
+  module, params, _, hf_config = hub.load_pretrained(tmp_path / "base", head="causal_lm", scan_layers=scan)
+  assert ("layers" in params["model"]) == scan
   forward = jax.jit(lambda p: module.apply({"params": p}, batch["input_ids"], attention_mask=batch["attention_mask"]))
   load_torch = lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
   spec = rl.LoraSpec(rank=4, alpha=8.0, targets=hub.default_lora_targets(hf_config))

@@ -23,10 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rmlora_jax import low_rank
 from rmlora_jax import quantize
+from rmlora_jax import stacking
 from rmlora_jax.low_rank import LowRankKernel
 
 Array = jax.Array
@@ -147,6 +149,16 @@ def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...
     )
 
 
+def _stacked(paths: Sequence[str], flat: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+  """``{stacked kernel path: {layer: adapter path}}`` for adapters on layers of a scanned model's stacks."""
+  out: dict[str, dict[int, str]] = {}
+  for path in paths:
+    split = None if path in flat else stacking.split_path(path)
+    if split is not None and split[0] in flat:
+      out.setdefault(split[0], {})[split[1]] = path
+  return out
+
+
 def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]) -> Any:
   """Returns ``params`` with each adapted kernel replaced by ``W0 + dW.T``.
 
@@ -154,6 +166,9 @@ def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]
   without an adapter are returned as they are (same objects). A quantised
   ``W0`` (a `qwix.QArray`, `rmlora_jax.quantize`) is dequantised and the
   update merged into it: the merged kernel is float, in the scale's dtype.
+  Adapters at a layer's path (``model/layers_3/...``) of a scanned model's
+  stacked kernel (``model/layers/...``, `rmlora_jax.stacking`) are merged
+  into that layer of it.
 
   Raises:
     ValueError: an adapter of no family in ``families``, a path that is not
@@ -161,15 +176,38 @@ def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]
   """
   deltas = delta_weights(adapters, spec, families)
   flat = quantize.flatten_kernels(params)
+  view = stacking.layer_view(flat)
   for path, d in deltas.items():
-    _check_fits(flat, path, tuple(d.shape), where="merge")
+    _check_fits(flat if path in flat else view, path, tuple(d.shape), where="merge")
+  stacks = {}
+  for stacked, layers in _stacked(list(deltas), flat).items():
+    shape = tuple(np.shape(flat[stacked]))
+    zero = jnp.zeros((shape[2], shape[1]), next(iter(deltas[p] for p in layers.values())).dtype)
+    stacks[stacked] = jnp.stack([deltas[layers[i]] if i in layers else zero for i in range(shape[0])])
 
   def merge_leaf(path, w):
+    if path in stacks:
+      return (low_rank.frozen_kernel(w) + jnp.swapaxes(stacks[path], 1, 2)).astype(w.dtype)
     if path not in deltas:
       return w
     return (low_rank.frozen_kernel(w) + deltas[path].T).astype(w.dtype)
 
   return quantize.map_kernels(merge_leaf, params)
+
+
+def _stacked_factors(layers: Mapping[int, tuple[Array, Array]], num: int) -> tuple[Array, Array]:
+  """The layers' ``(left, right)`` stacked, zeros for layers without, padded to the largest rank."""
+  some_left, some_right = next(iter(layers.values()))
+  rank = max(left.shape[1] for left, _ in layers.values())
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, rank - x.shape[axis])
+    return jnp.pad(x, widths)
+
+  zero = (jnp.zeros((some_left.shape[0], rank), some_left.dtype), jnp.zeros((rank, some_right.shape[1]), some_right.dtype))
+  pairs = [(pad(layers[i][0], 1), pad(layers[i][1], 0)) if i in layers else zero for i in range(num)]
+  return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
 def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]) -> Any:
@@ -181,19 +219,28 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
   ``factored`` are merged into a plain kernel here.
 
   A quantised ``W0`` (a `qwix.QArray`) stays quantised inside the
-  `LowRankKernel`; the low-rank factors are float.
+  `LowRankKernel`; the low-rank factors are float. A scanned model's stacked
+  kernel gets one `LowRankKernel` holding its layers' factors stacked (zeros
+  for a layer without an adapter), which the scan hands to each layer.
 
   Raises:
     ValueError: as `merge`.
   """
   flat = quantize.flatten_kernels(params)
-  kernels = {}
+  view = stacking.layer_view(flat)
+  kernels, factors = {}, {}
   for path, ad in adapters.items():
     family = family_of(ad, families, path=path)
     if family.factored is not None:
       left, right = family.factored(ad)
-      _check_fits(flat, path, (left.shape[0], right.shape[-1]), where="attach")
-      kernels[path] = LowRankKernel(flat[path], spec.scale * left, right)
-  merged = merge(params, {p: ad for p, ad in adapters.items() if p not in kernels}, spec, families)
+      _check_fits(flat if path in flat else view, path, (left.shape[0], right.shape[-1]), where="attach")
+      factors[path] = (spec.scale * left, right)
+  for path, pair in factors.items():
+    if path in flat:
+      kernels[path] = LowRankKernel(flat[path], *pair)
+  for stacked, layers in _stacked(list(factors), flat).items():
+    left, right = _stacked_factors({i: factors[p] for i, p in layers.items()}, np.shape(flat[stacked])[0])
+    kernels[stacked] = LowRankKernel(flat[stacked], left, right)
+  merged = merge(params, {p: ad for p, ad in adapters.items() if p not in factors}, spec, families)
 
   return quantize.map_kernels(lambda path, w: kernels.get(path, w), merged)

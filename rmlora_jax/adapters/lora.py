@@ -35,6 +35,7 @@ import optax
 from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib
+from rmlora_jax import stacking
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import family as family_lib
 
@@ -116,7 +117,8 @@ def select_targets(
     ValueError: a pattern matches nothing, a selected leaf is not 2-D, or the
       rank exceeds ``min(d_in, d_out)`` of a selected leaf.
   """
-  flat = paths_lib.flatten_with_paths(params)
+  # A scanned model's stacked kernels are matched, and adapted, layer by layer.
+  flat = stacking.layer_view(paths_lib.flatten_with_paths(params))
   selected = paths_lib.match_paths(flat, spec.targets, where=where)
   out = {}
   for path in selected:

@@ -106,6 +106,36 @@ def dense_layer(features: int, arch: Any, name: str, use_bias: bool, dtype: Any,
                           param_dtype=param_dtype, use_bias=use_bias, name=name)
 
 
+def constrain(x: Array, sharding: Any) -> Array:
+  """``x`` constrained to ``sharding`` (`jax.lax.with_sharding_constraint`); as it is when None."""
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+# A layer's settings by default: its arch's for its index (`window(layer)`...); a scan passes them in.
+OWN_LAYER = object()
+# What a scanned layer gets for "no window": no key is this far back.
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+def layer_windows(arch: Any) -> Array | None:
+  """Each layer's sliding window as an int32 (L,) array to scan over; None when every layer attends fully."""
+  windows = [arch.window(i) for i in range(arch.num_layers)]
+  if all(w is None for w in windows):
+    return None
+  return jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
+
+
+def scanned(step: type[nn.Module], num_layers: int) -> type[nn.Module]:
+  """``step`` (a ``(x, per_layer, *broadcast) -> (x, None)`` layer) as one `nn.scan` over ``num_layers``.
+
+  Parameters and the KV cache get a leading layer axis (`rmlora_jax.stacking`),
+  each layer its own init and dropout keys; ``per_layer`` is scanned over,
+  the position ids, slots, ``decode`` and ``deterministic`` are broadcast.
+  """
+  return nn.scan(step, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers)
+
+
 # A pytree, so that it can cross `nn.remat` (jax.checkpoint) into a layer.
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

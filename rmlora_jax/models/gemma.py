@@ -184,9 +184,16 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
-               deterministic: bool) -> Array:
-    """x: (B, T, H); position_ids: (B, T); returns (B, T, H)."""
+               deterministic: bool, per_layer: Any = decoder.OWN_LAYER) -> Array:
+    """x: (B, T, H); position_ids: (B, T); returns (B, T, H).
+
+    ``per_layer``: ``(window, inv_freq)`` of this layer (arrays under
+    `nn.scan`, `layer_settings`); by default the arch's for ``self.layer``.
+    """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
+    if per_layer is decoder.OWN_LAYER:
+      per_layer = a.window(self.layer), decoder.rope_inv_freq(a.rope(self.layer))
+    window, inv_freq = per_layer
     b, t, _ = x.shape
     n, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
     q, k, v = torch_port.dense_group(x, [
@@ -198,12 +205,11 @@ class Attention(nn.Module):
     if a.qk_norm:
       q = RMSNorm(a.rms_norm_eps, dt, pdt, name="q_norm")(q)
       k = RMSNorm(a.rms_norm_eps, dt, pdt, name="k_norm")(k)
-    inv_freq = decoder.rope_inv_freq(a.rope(self.layer))
     q = decoder.apply_rope(q, position_ids, inv_freq)
     k = decoder.apply_rope(k, position_ids, inv_freq)
     # llama.Attention's cache, masks and grouped heads, with Gemma's scale and soft-cap.
     ctx = decoder.grouped_attention(self, q, k, v, slots, scale=a.query_pre_attn_scalar**-0.5,
-                                  window=a.window(self.layer), dropout_rate=a.attention_dropout,
+                                  window=window, dropout_rate=a.attention_dropout,
                                   decode=decode, deterministic=deterministic, dtype=dt,
                                   logit_softcap=a.attn_logit_softcap)
     return decoder.dense_layer(a.hidden_size, a, "o_proj", a.attention_bias, dt, pdt)(ctx)
@@ -238,16 +244,31 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
-               deterministic: bool) -> Array:
+               deterministic: bool, per_layer: Any = decoder.OWN_LAYER) -> Array:
     """x: (B, T, H); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     norm = lambda name: RMSNorm(a.rms_norm_eps, dt, pdt, name=name)
     y = norm("input_layernorm")(x)
     y = Attention(a, self.layer, dt, pdt, name="self_attn")(
-        y, position_ids, slots, decode=decode, deterministic=deterministic)
+        y, position_ids, slots, decode=decode, deterministic=deterministic, per_layer=per_layer)
     x = x + norm("post_attention_layernorm")(y)
     y = Mlp(a, dt, pdt, name="mlp")(norm("pre_feedforward_layernorm")(x))
     return x + norm("post_feedforward_layernorm")(y)
+
+
+class _ScanStep(DecoderLayer):
+  """`DecoderLayer` as an `nn.scan` body: ``(x, (window, inv_freq), ...) -> (x, None)``."""
+
+  def __call__(self, x: Array, per_layer: Any, position_ids: Array, slots: decoder.Slots,  # pytype: disable=signature-mismatch
+               decode: bool, deterministic: bool) -> tuple[Array, None]:
+    return super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic,
+                            per_layer=per_layer), None
+
+
+def layer_settings(arch: GemmaArch) -> tuple[Array | None, Array]:
+  """Each layer's ``(window, inv_freq)`` stacked for the scan: (L,) int32 or None, (L, D / 2)."""
+  inv_freqs = jnp.asarray(np.stack([decoder.rope_inv_freq(arch.rope(i)) for i in range(arch.num_layers)]))
+  return decoder.layer_windows(arch), inv_freqs
 
 
 class GemmaModel(nn.Module):
@@ -256,13 +277,18 @@ class GemmaModel(nn.Module):
   arch: GemmaArch
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # One `nn.scan` over stacked layer parameters (``layers``), as `llama.LlamaModel`'s.
+  scan_layers: bool = False
 
   def setup(self):
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     self.embed_tokens = nn.Embed(a.vocab_size, a.hidden_size,
                                  embedding_init=torch_port.weight_init(a.initializer_range),
                                  dtype=dt, param_dtype=pdt)
-    self.layers = [DecoderLayer(a, i, dt, pdt) for i in range(a.num_layers)]
+    if self.scan_layers:
+      self.layers = decoder.scanned(_ScanStep, a.num_layers)(a, -1, dt, pdt)
+    else:
+      self.layers = [DecoderLayer(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = RMSNorm(a.rms_norm_eps, dt, pdt)
 
   def __call__(self, input_ids: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
@@ -272,6 +298,9 @@ class GemmaModel(nn.Module):
     # does (sqrt(3072) is 55.5 in bfloat16, and the checkpoints expect that).
     normalizer = jnp.asarray(np.float32(math.sqrt(self.arch.hidden_size)), self.dtype)
     x = self.embed_tokens(input_ids) * normalizer
+    if self.scan_layers:
+      x, _ = self.layers(x, layer_settings(self.arch), position_ids, slots, decode, deterministic)
+      return self.norm(x)
     for layer in self.layers:
       x = layer(x, position_ids, slots, decode=decode, deterministic=deterministic)
     return self.norm(x)
@@ -292,11 +321,14 @@ class GemmaForCausalLM(nn.Module):
     dtype: the computation dtype (e.g. ``jnp.bfloat16``); norms, softmax
       statistics and the final soft-cap are float32, and so are the logits.
     param_dtype: the dtype parameters are created in.
+    scan_layers: one `nn.scan` over layer parameters stacked on a leading
+      axis (``model/layers/...``; `rmlora_jax.stacking`); the same results.
   """
 
   arch: GemmaArch
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(
@@ -326,7 +358,7 @@ class GemmaForCausalLM(nn.Module):
     # The cache layout of llama.LlamaForCausalLM, so generate_lib.generate serves this module.
     input_ids, position_ids, slots = decoder.decoder_inputs(self, input_ids, attention_mask, position_ids,
                                                           decode=decode, where="GemmaForCausalLM")
-    model = GemmaModel(a, dt, pdt, name="model")
+    model = GemmaModel(a, dt, pdt, scan_layers=self.scan_layers, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)

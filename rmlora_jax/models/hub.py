@@ -42,6 +42,7 @@ from absl import logging
 from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 from rmlora_jax.models import bert, deberta_v2, gemma, llama, torch_port, vit
 
 # config.model_type -> the module implementing it.
@@ -333,6 +334,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     seed: int = 0,
     return_report: bool = False,
+    scan_layers: bool | None = False,
 ) -> tuple[Any, ...]:
   """Loads a Hugging Face checkpoint as a Flax module and its params.
 
@@ -346,6 +348,11 @@ def load_pretrained(
       (float32).
     seed: seeds the init of the params the checkpoint lacks (the head).
     return_report: also return a `LoadReport`.
+    scan_layers: a decoder (Llama, Qwen2, Gemma) whose layers run as one
+      `nn.scan`, its layer weights stacked (``model/layers/...``,
+      `rmlora_jax.stacking`); adapters keep the per-layer paths. None: scan
+      a decoder unless JAX's default backend is the CPU, where XLA compiles
+      the unrolled layers faster (docs/MODELS.md); encoders stay unrolled.
 
   Returns:
     ``(module, params, tokenizer_or_processor, hf_config)``, plus the
@@ -364,8 +371,17 @@ def load_pretrained(
   hf_config = transformers.AutoConfig.from_pretrained(folder)
   arch = architecture(hf_config.model_type)
   module = arch.module_from_hf_config(hf_config, head=head, num_labels=num_labels, dtype=dtype)
+  if scan_layers is None:
+    scan_layers = hasattr(module, "scan_layers") and jax.default_backend() != "cpu"
+  if scan_layers:
+    if not hasattr(module, "scan_layers"):
+      raise ValueError(f"load_pretrained: scan_layers=True, but {type(module).__name__} (model_type "
+                       f"{hf_config.model_type!r}) has no scanned form; the decoders (Llama, Qwen2, Gemma) have")
+    module = module.clone(scan_layers=True)
   state, files = read_state_dict(folder)
   converted, used = arch.params_from_state_dict(state, hf_config, head=head)
+  if scan_layers:
+    converted = stacking.stack_layers(converted)
 
   init = functools.partial(module.init, **arch.dummy_inputs(hf_config))
   key = jax.random.key(seed)

@@ -126,9 +126,14 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
-               deterministic: bool) -> Array:
-    """x: (B, T, H); position_ids: (B, T); returns (B, T, H)."""
+               deterministic: bool, window: Any = decoder.OWN_LAYER) -> Array:
+    """x: (B, T, H); position_ids: (B, T); returns (B, T, H).
+
+    ``window``: this layer's sliding window (None: full attention; an int
+    array under `nn.scan`); by default the arch's for ``self.layer``.
+    """
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
+    window = a.window(self.layer) if window is decoder.OWN_LAYER else window
     b, t, _ = x.shape
     n, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
     # One matmul for the three frozen kernels and one for their adapters'
@@ -142,7 +147,7 @@ class Attention(nn.Module):
     q = decoder.apply_rope(q.reshape(b, t, n, d), position_ids, inv_freq)
     k = decoder.apply_rope(k.reshape(b, t, kv, d), position_ids, inv_freq)
     ctx = decoder.grouped_attention(self, q, k, v.reshape(b, t, kv, d), slots, scale=d**-0.5,
-                            window=a.window(self.layer), dropout_rate=a.attention_dropout, decode=decode,
+                            window=window, dropout_rate=a.attention_dropout, decode=decode,
                             deterministic=deterministic, dtype=dt)
     return decoder.dense_layer(a.hidden_size, a, "o_proj", a.o_bias, dt, pdt)(ctx)
 
@@ -176,12 +181,12 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
-               deterministic: bool) -> Array:
+               deterministic: bool, window: Any = decoder.OWN_LAYER) -> Array:
     """x: (B, T, H); returns (B, T, H)."""
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
     y = decoder.RMSNorm(a.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
     x = x + Attention(a, self.layer, dt, pdt, name="self_attn")(
-        y, position_ids, slots, decode=decode, deterministic=deterministic)
+        y, position_ids, slots, decode=decode, deterministic=deterministic, window=window)
     y = decoder.RMSNorm(a.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
     return x + Mlp(a, dt, pdt, name="mlp")(y)
 
@@ -194,12 +199,27 @@ class _PositionalLayer(DecoderLayer):
     return super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic)
 
 
+class _ScanStep(DecoderLayer):
+  """`DecoderLayer` as an `nn.scan` body: ``(x, window, ...) -> (x, None)``, the window scanned over."""
+
+  # As `LlamaModel.activation_sharding`, applied to each layer's output.
+  activation_sharding: Any = None
+
+  def __call__(self, x: Array, window: Any, position_ids: Array, slots: decoder.Slots,  # pytype: disable=signature-mismatch
+               decode: bool, deterministic: bool) -> tuple[Array, None]:
+    x = super().__call__(x, position_ids, slots, decode=decode, deterministic=deterministic, window=window)
+    return decoder.constrain(x, self.activation_sharding), None
+
+
 # What a rematerialised layer keeps for the backward pass: "full" only its
 # input (everything else recomputed), "dots" also its matmul outputs.
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
 # Counting ``self`` as 0: decode (4) and deterministic (5) are Python bools.
 _REMAT_LAYERS = {name: nn.remat(_PositionalLayer, static_argnums=(4, 5), policy=policy)
                  for name, policy in REMAT_POLICIES.items()}
+# The scan bodies, plain and rematerialised: decode (5) and deterministic (6) static.
+_SCAN_STEPS = {None: _ScanStep, **{name: nn.remat(_ScanStep, static_argnums=(5, 6), policy=policy)
+                                   for name, policy in REMAT_POLICIES.items()}}
 
 
 class LlamaModel(nn.Module):
@@ -216,6 +236,9 @@ class LlamaModel(nn.Module):
   # A sharding (or PartitionSpec, under a mesh context) the hidden states
   # (B, T, H) are constrained to between layers; None: left to XLA.
   activation_sharding: Any = None
+  # Run the layers as one `nn.scan` over stacked parameters (``layers``,
+  # `rmlora_jax.stacking`) instead of ``layers_0`` ...: compiled once.
+  scan_layers: bool = False
 
   def setup(self):
     a, dt, pdt = self.arch, self.dtype, self.param_dtype
@@ -223,17 +246,24 @@ class LlamaModel(nn.Module):
     self.embed_tokens = nn.Embed(a.vocab_size, a.hidden_size,
                                  embedding_init=torch_port.weight_init(a.initializer_range),
                                  dtype=dt, param_dtype=pdt)
-    # A list attribute: flax names its entries layers_0, layers_1, ...
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"LlamaModel.remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
-    layer = _REMAT_LAYERS[self.remat_policy] if self.remat else DecoderLayer
-    self.layers = [layer(a, i, dt, pdt) for i in range(a.num_layers)]
+    if self.scan_layers:
+      step = _SCAN_STEPS[self.remat_policy if self.remat else None]
+      self.layers = decoder.scanned(step, a.num_layers)(a, -1, dt, pdt, self.activation_sharding)
+    else:
+      # A list attribute: flax names its entries layers_0, layers_1, ...
+      layer = _REMAT_LAYERS[self.remat_policy] if self.remat else DecoderLayer
+      self.layers = [layer(a, i, dt, pdt) for i in range(a.num_layers)]
     self.norm = decoder.RMSNorm(a.rms_norm_eps, dt, pdt)
 
   def __call__(self, input_ids: Array, position_ids: Array, slots: decoder.Slots, *, decode: bool,
                deterministic: bool) -> Array:
     """Returns the final-normed hidden states (B, T, H)."""
     x = self._constrain(self.embed_tokens(input_ids))
+    if self.scan_layers:  # each layer's output constrained in the scan
+      x, _ = self.layers(x, decoder.layer_windows(self.arch), position_ids, slots, decode, deterministic)
+      return self._constrain(self.norm(x))
     for layer in self.layers:
       if self.remat:
         x = layer(x, position_ids, slots, decode, deterministic)
@@ -243,9 +273,7 @@ class LlamaModel(nn.Module):
     return self._constrain(self.norm(x))
 
   def _constrain(self, x: Array) -> Array:
-    if self.activation_sharding is None:
-      return x
-    return jax.lax.with_sharding_constraint(x, self.activation_sharding)
+    return decoder.constrain(x, self.activation_sharding)
 
   def attend(self, x: Array) -> Array:
     """``x @ embedding.T``: the tied LM head."""
@@ -271,6 +299,9 @@ class LlamaForCausalLM(nn.Module):
       ``NamedSharding(mesh, P(("data", "fsdp")))``), so that XLA's sharding
       propagation cannot trade the batch split for the kernels' fsdp split of
       H; a `PartitionSpec` needs a mesh context. The same results.
+    scan_layers: run the layers as one `nn.scan` over parameters stacked on
+      a leading layer axis (``model/layers/...``; `rmlora_jax.stacking`), so
+      the layer is compiled once whatever the depth; the same results.
   """
 
   arch: LlamaArch
@@ -279,6 +310,7 @@ class LlamaForCausalLM(nn.Module):
   remat: bool = False
   remat_policy: str = "full"
   activation_sharding: Any = None
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(
@@ -312,7 +344,7 @@ class LlamaForCausalLM(nn.Module):
     input_ids, position_ids, slots = decoder.decoder_inputs(self, input_ids, attention_mask, position_ids,
                                                     decode=decode, where="LlamaForCausalLM")
     model = LlamaModel(a, dt, pdt, remat=self.remat, remat_policy=self.remat_policy,
-                       activation_sharding=self.activation_sharding, name="model")
+                       activation_sharding=self.activation_sharding, scan_layers=self.scan_layers, name="model")
     x = model(input_ids, position_ids, slots, decode=decode, deterministic=deterministic)
     if a.tie_word_embeddings:
       logits = model.attend(x)

@@ -95,7 +95,8 @@ def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
   """`hub.load_pretrained` of ``config.model``; a model that cannot be found names the offline choices."""
   try:
     return hub.load_pretrained(config.model.name_or_path, head=head, num_labels=num_labels,
-                               dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True)
+                               dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True,
+                               scan_layers=config.model.get("scan_layers", False))
   except ValueError as e:
     if "resolve_model_path" not in str(e):
       raise

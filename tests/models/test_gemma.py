@@ -87,6 +87,23 @@ def test_greedy_generation_equals_transformers(case, checkpoints, decoder_batch)
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_scanned_layers_match_transformers(case, checkpoints, decoder_batch, torch_logits):
+  # The layers as one scan: each layer's window and RoPE are scanned over with its weights.
+  torch_model, (*_, report), _ = checkpoints[case]
+  module, params, *_ = load_pretrained(report.folder, head="causal_lm", scan_layers=True)
+  assert "layers" in params["model"] and "layers_0" not in params["model"]
+  ids, mask = decoder_batch(left=True)
+  real = mask.astype(bool)
+  ours = jax.jit(module.apply)({"params": params}, ids, mask)
+  np.testing.assert_allclose(np.asarray(ours)[real], torch_logits(torch_model, ids, mask)[real], atol=TOL, rtol=0)
+  with torch.no_grad():
+    ref = torch_model.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), max_new_tokens=6,
+        do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:].numpy()
+  np.testing.assert_array_equal(gemma.generate(module, params, ids, mask, max_new_tokens=6), ref)
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_partition_rules_cover_every_param(case, checkpoints):
   _, (_, params, _, config, _), _ = checkpoints[case]
   # Raises if any parameter (the four norms per layer, q/k norms) has no rule.

@@ -11,7 +11,7 @@ import transformers
 from transformers import modeling_rope_utils
 
 import rmlora_jax as rl
-from rmlora_jax import partitioning
+from rmlora_jax import partitioning, stacking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax.models import decoder, default_lora_targets, hub, llama, load_pretrained
 
@@ -48,12 +48,14 @@ def checkpoints(save_decoders):
   return save_decoders({case: _config(case) for case in CASES})
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(case, checkpoints, decoder_batch, torch_logits):
+def test_logits_match_transformers(case, scan, checkpoints, decoder_batch, torch_logits):
   folder, torch_model = checkpoints[case]
-  module, params, _, config, report = load_pretrained(folder, head="causal_lm", return_report=True)
+  module, params, _, config, report = load_pretrained(folder, head="causal_lm", return_report=True, scan_layers=scan)
   assert report.missing == () and report.unexpected == ()
   assert ("lm_head" in params) != config.tie_word_embeddings
+  assert ("layers" in params["model"]) == scan and ("layers_0" in params["model"]) != scan
   apply = jax.jit(module.apply)
   for left in (False, True):
     ids, mask = decoder_batch(left=left)
@@ -93,10 +95,11 @@ def test_cached_decoding_equals_the_full_forward(checkpoints, decoder_batch):
   np.testing.assert_allclose(np.asarray(full)[1, 4:], alone[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["llama3-untied-gqa", "qwen2-tied-sliding"])
-def test_greedy_generation_equals_transformers(case, checkpoints, decoder_batch):
+@pytest.mark.parametrize("case,scan", [("llama3-untied-gqa", False), ("qwen2-tied-sliding", False),
+                                       ("qwen2-tied-sliding", True)])
+def test_greedy_generation_equals_transformers(case, scan, checkpoints, decoder_batch):
   folder, torch_model = checkpoints[case]
-  module, params, _, _ = load_pretrained(folder, head="causal_lm")
+  module, params, _, _ = load_pretrained(folder, head="causal_lm", scan_layers=scan)
   ids, mask = decoder_batch(left=True)
   new = 10
   hf = lambda **kw: torch_model.generate(
@@ -167,6 +170,17 @@ def test_lora_attaches_unmerged_and_equals_the_merged_kernel(checkpoints, decode
   # Generation runs on the unmerged kernels too: its first token is the merged model's argmax.
   np.testing.assert_array_equal(llama.generate(module, attached, ids, mask, max_new_tokens=2)[:, 0],
                                 np.argmax(ref[:, -1], axis=-1))
+  # Scanned: the same adapters, at the same per-layer paths, attach to the stacked kernels and merge into them.
+  scanned, stacked, *_ = load_pretrained(checkpoints["qwen2-gqa"][0], head="causal_lm", scan_layers=True)
+  assert set(rl.select_targets(stacked, spec)) == set(targets)
+  attached = rl.attach(stacked, adapters, spec)
+  kernel = attached["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+  assert isinstance(kernel, rl.LowRankKernel) and kernel.left.shape == (config.num_hidden_layers, 32, 4)
+  np.testing.assert_allclose(jax.jit(scanned.apply)({"params": attached}, ids, mask), ref, atol=1e-5)
+  merged_stacked = paths_lib.flatten_with_paths(rl.merge(stacked, adapters, spec))
+  for i in range(config.num_hidden_layers):
+    np.testing.assert_allclose(merged_stacked["model/layers/self_attn/q_proj/kernel"][i],
+                               merged["model"][f"layers_{i}"]["self_attn"]["q_proj"]["kernel"], atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["llama3-untied-gqa", "qwen2-tied-sliding"])
@@ -267,5 +281,11 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     got_loss, got = grads(llama.LlamaForCausalLM(arch=arch, remat=True, remat_policy=policy))
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+  # Under the scan too (stacked parameters, stacked gradients).
+  params = stacking.stack_layers(params)
+  for remat in (False, True):
+    got_loss, got = grads(llama.LlamaForCausalLM(arch=arch, remat=remat, scan_layers=True))
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, stacking.stack_layers(want))
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     llama.LlamaForCausalLM(arch=arch, remat=True, remat_policy="some").init(jax.random.key(0), ids)

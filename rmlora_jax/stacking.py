@@ -1,0 +1,156 @@
+"""Decoder layers stored stacked for `nn.scan`, and the per-layer view every adapter sees.
+
+A scanned model (``scan_layers=True`` in `rmlora_jax.models`' decoders)
+keeps its layers as one subtree named ``layers`` whose leaves have the layer
+axis first: ``model/layers/self_attn/q_proj/kernel`` is (L, d_in, d_out)
+where the unrolled model has ``model/layers_{i}/self_attn/q_proj/kernel``,
+(d_in, d_out) each. Only the frozen base is stored that way. Adapters,
+heads, masks, penalties and budgets keep the unrolled paths
+(``model/layers_3/...``), one adapter per layer, so every layer's adapter has
+its own direction draw, penalty term and rank budget exactly as when the
+layers are unrolled; `rmlora_jax.attach` and `rmlora_jax.merge` stack them
+onto the stacked kernel for the forward pass.
+
+The convention: a dict entry named ``layers`` whose own keys are not numbers
+(an NNX list's are ``0``, ``1``, ...) is a stack, and ``layers_{i}`` is its
+layer ``i``.
+
+Example::
+
+  stacked = stack_layers(params)     # model/layers_{i}/... -> model/layers/... (L, ...)
+  params = unstack_layers(stacked)   # and back
+  view = layer_view(paths.flatten_with_paths(stacked))  # {"model/layers_3/.../kernel": ShapeDtypeStruct}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STACK = "layers"
+_LAYER = re.compile(r"^layers_(\d+)$")
+
+
+def _is_stack(key: str, value: Any) -> bool:
+  return key == STACK and isinstance(value, Mapping) and bool(value) and not any(str(k).isdigit() for k in value)
+
+
+def is_stacked(tree: Any) -> bool:
+  """Whether ``tree`` (nested dicts) holds a stack of layers anywhere."""
+  if not isinstance(tree, Mapping):
+    return False
+  return any(_is_stack(k, v) or is_stacked(v) for k, v in tree.items())
+
+
+def _stack(leaves: list[Any]) -> Any:
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def stack_layers(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+  """``tree`` with every run ``layers_0 .. layers_{L-1}`` replaced by one stack ``layers``.
+
+  Leaves are stacked on a new first axis (NumPy arrays with NumPy, anything
+  else with `jnp.stack`; a `qwix.QArray` stacks its values and scales).
+
+  Raises:
+    ValueError: the layers are not numbered 0 .. L-1, differ in structure or
+      shape (the message names the layer), or a ``layers`` entry exists too.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  numbered = {int(m[1]): k for k in tree if (m := _LAYER.match(str(k)))}
+  out = {k: stack_layers(v, is_leaf=is_leaf) for k, v in tree.items() if k not in numbered.values()}
+  if not numbered:
+    return out
+  if STACK in tree:
+    raise ValueError(f"stack_layers: the tree has both {STACK!r} and layers_0 ... entries")
+  if sorted(numbered) != list(range(len(numbered))):
+    raise ValueError(f"stack_layers: layers must be numbered 0 .. L-1, got {sorted(numbered)}")
+  layers = [tree[numbered[i]] for i in range(len(numbered))]
+  first = jax.tree_util.tree_structure(layers[0], is_leaf=is_leaf)
+  for i, layer in enumerate(layers[1:], 1):
+    if jax.tree_util.tree_structure(layer, is_leaf=is_leaf) != first:
+      raise ValueError(f"stack_layers: layers_{i} has other parameters than layers_0")
+    bad = [(np.shape(x), np.shape(y)) for x, y in zip(jax.tree.leaves(layers[0]), jax.tree.leaves(layer))
+           if np.shape(x) != np.shape(y)]
+    if bad:
+      raise ValueError(f"stack_layers: layers_{i} has shapes other than layers_0's, e.g. {bad[0][1]} for {bad[0][0]}")
+  out[STACK] = jax.tree.map(lambda *xs: _stack(list(xs)), *layers)
+  return out
+
+
+def num_layers(stack: Mapping[str, Any]) -> int:
+  """The layer count of a stack (the leading size of its leaves)."""
+  return int(np.shape(jax.tree.leaves(stack)[0])[0])
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The inverse of `stack_layers`: each stack ``layers`` becomes ``layers_0 .. layers_{L-1}``."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if _is_stack(k, v):
+      for i in range(num_layers(v)):
+        out[f"{STACK}_{i}"] = jax.tree.map(lambda x, i=i: x[i], v)
+    else:
+      out[k] = unstack_layers(v)
+  return out
+
+
+def _stack_part(parts: list[str]) -> int | None:
+  """The index of the stack's part in a flat path's parts (``layers`` not followed by a number), or None."""
+  for j, part in enumerate(parts[:-1]):
+    if part == STACK and not parts[j + 1].isdigit():
+      return j
+  return None
+
+
+def split_path(path: str) -> tuple[str, int] | None:
+  """``(stacked path, layer)`` of an unrolled path: ``a/layers_3/b`` -> ``("a/layers/b", 3)``; None if not a layer's."""
+  parts = path.split("/")
+  for j, part in enumerate(parts):
+    m = _LAYER.match(part)
+    if m:
+      return "/".join(parts[:j] + [STACK] + parts[j + 1:]), int(m[1])
+  return None
+
+
+def layer_path(path: str, layer: int) -> str | None:
+  """The unrolled path of ``layer`` of a stacked leaf: ``a/layers/b`` -> ``a/layers_{layer}/b``; None if not stacked."""
+  parts = path.split("/")
+  j = _stack_part(parts)
+  if j is None:
+    return None
+  return "/".join(parts[:j] + [f"{STACK}_{layer}"] + parts[j + 1:])
+
+
+def layer_view(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """A flat ``{path: leaf}`` with each stacked leaf replaced by its layers' shapes.
+
+  ``model/layers/x/kernel`` (L, d_in, d_out) becomes ``model/layers_{i}/x/kernel``
+  for each i, each a `jax.ShapeDtypeStruct` (d_in, d_out) of its dtype;
+  other entries are kept. What adapter placement (`rmlora_jax.select_targets`)
+  and partition rules see of a scanned model.
+  """
+  out = {}
+  for path, leaf in flat.items():
+    if layer_path(path, 0) is None:
+      out[path] = leaf
+      continue
+    shape = tuple(np.shape(leaf))
+    for i in range(shape[0]):
+      out[layer_path(path, i)] = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)
+  return out
+
+
+def stacked_flat(flat: Mapping[str, Any]) -> bool:
+  """Whether a flat ``{path: leaf}`` has stacked leaves (a ``layers`` path part)."""
+  return any(_stack_part(p.split("/")) is not None for p in flat)

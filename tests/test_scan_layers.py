@@ -1,0 +1,129 @@
+"""Decoder layers under `nn.scan`: the same training as unrolled, for every method, adapters per layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmlora_jax as rl
+from experiments import plan
+from rmlora_jax import methods, partitioning, stacking, training
+from rmlora_jax import paths as paths_lib
+from rmlora_jax.models import llama
+
+# Three layers, the middle one with a sliding window shorter than the batch.
+ARCH = llama.arch_from_hf_config(dict(
+    model_type="qwen2", vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    use_sliding_window=True, sliding_window=3, layer_types=["full_attention", "sliding_attention", "full_attention"]))
+STEPS, BATCH, SEQ = 8, 4, 9
+
+
+def batches():
+  """One right-padded batch, every step (so the loss must fall)."""
+  rng = np.random.default_rng(0)
+  mask = (np.arange(SEQ)[None] < rng.integers(4, SEQ + 1, BATCH)[:, None]).astype(np.int32)
+  batch = {"input_ids": rng.integers(0, ARCH.vocab_size, (BATCH, SEQ)).astype(np.int32) * mask,
+           "attention_mask": mask, "loss_mask": mask, "weights": np.ones(BATCH, np.float32)}
+  return [batch] * STEPS
+
+
+def settings(name):
+  targets = llama.DEFAULT_LORA_TARGETS
+  spec = {"full_ft": None, "lora2": rl.Lora2Spec(k=2, r=2, alpha=4.0, targets=targets)}.get(
+      name, rl.LoraSpec(rank=4, alpha=8.0, targets=targets))
+  # Budgets pruned from step 2 to 6, every step, so that pruning happens within the run.
+  options = {"rm_lora": methods.RmOptions(num_directions=2), "gm_lora": methods.RmOptions(num_directions=2),
+             "adalora": methods.AdaLoraOptions(t_init_ratio=0.25, t_final_ratio=0.25, delta_t=1, target_rank=2),
+             "lora2": methods.Lora2Options(t_init_ratio=0.25, t_final_ratio=0.25, delta_t=1)}.get(name)
+  return methods.MethodSettings(name=name, spec=spec, seed=3, total_steps=STEPS, adapter_apply="low_rank",
+                                options=options)
+
+
+def train(name, scan, params):
+  module = llama.LlamaForCausalLM(arch=ARCH, scan_layers=scan)
+  params = stacking.stack_layers(params) if scan else params
+  method = methods.make_method(settings(name))
+  tx = method.optimizer(1e-2)
+  mesh = training.make_mesh()
+  specs = partitioning.match_partition_rules(params, partitioning.rules_for("qwen2"))
+  state, shardings = training.init_state(method, tx, params, key=jax.random.key(5), mesh=mesh, param_specs=specs)
+  step = training.make_train_step(module, method, tx, plan.NextTokenTask(), seed=0, mesh=mesh, state_sharding=shardings)
+  losses = []
+  for batch in batches():
+    state, metrics = step(state, params, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.tree.map(np.asarray, state.trainable)
+
+
+@pytest.fixture(scope="module")
+def params():
+  ids = jnp.zeros((1, SEQ), jnp.int32)
+  return llama.LlamaForCausalLM(arch=ARCH).init(jax.random.key(0), ids)["params"]
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_scanned_training_equals_unrolled(name, params):
+  unrolled_losses, unrolled = train(name, False, params)
+  scanned_losses, scanned = train(name, True, params)
+  assert unrolled_losses[-1] < unrolled_losses[0]  # it trained
+  np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-6, atol=1e-6)
+  if name == "full_ft":
+    scanned = stacking.unstack_layers(scanned)  # full fine-tuning trains the stacked weights themselves
+  else:
+    # One adapter per layer and matrix, at the unrolled paths, whatever the layout.
+    adapters = methods.make_method(settings(name)).adapters(scanned)
+    assert len(adapters) == 7 * ARCH.num_layers and all(p.startswith("model/layers_") for p in adapters)
+  flat_s, flat_u = paths_lib.flatten_with_paths(scanned), paths_lib.flatten_with_paths(unrolled)
+  assert flat_s.keys() == flat_u.keys()
+  for path in flat_u:
+    np.testing.assert_allclose(flat_s[path], flat_u[path], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
+def test_stack_and_unstack_are_inverse_and_refuse_ragged_layers(params):
+  stacked = stacking.stack_layers(params)
+  assert "layers_0" not in stacked["model"] and stacked["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (3, 16, 24)
+  np.testing.assert_array_equal(stacked["model"]["layers"]["mlp"]["up_proj"]["kernel"][1],
+                                params["model"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+  back = stacking.unstack_layers(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  ragged = {"layers_0": {"w": np.zeros(2)}, "layers_2": {"w": np.zeros(2)}}
+  with pytest.raises(ValueError, match=r"numbered 0 \.\. L-1, got \[0, 2\]"):
+    stacking.stack_layers(ragged)
+  with pytest.raises(ValueError, match="layers_1 has shapes other than layers_0's"):
+    stacking.stack_layers({"layers_0": {"w": np.zeros(2)}, "layers_1": {"w": np.zeros(3)}})
+  # An NNX list's entries (layers/0, layers/1) are not a stack.
+  nnx_like = np.zeros((3, 2))
+  assert stacking.layer_view({"layers/0/w": nnx_like}) == {"layers/0/w": nnx_like}
+
+
+def test_stacked_partition_specs_lead_with_the_layer_axis(params):
+  stacked = stacking.stack_layers(params)
+  rules = partitioning.rules_for("qwen2")
+  P = jax.sharding.PartitionSpec
+  specs = paths_lib.flatten_with_paths(partitioning.match_partition_rules(stacked, rules))
+  unrolled = paths_lib.flatten_with_paths(partitioning.match_partition_rules(params, rules))
+  assert specs["model/layers/self_attn/q_proj/kernel"] == P(None, *unrolled["model/layers_0/self_attn/q_proj/kernel"])
+  assert specs["model/layers/mlp/down_proj/kernel"] == P(None, "model", "fsdp")
+  assert specs["model/embed_tokens/embedding"] == unrolled["model/embed_tokens/embedding"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_quantised_stack_holds_each_layers_own_quantisation(fmt, params):
+  # Layer i of the quantised stack is the quantised kernel of layer i (same values, same scales).
+  from rmlora_jax import quantize  # pylint: disable=g-import-not-at-top
+  spec = quantize.QuantizeSpec(format=fmt, block_size=8 if fmt == "nf4" else -1)
+  unrolled = quantize.quantize_base(params, spec)
+  stacked = quantize.quantize_base(stacking.stack_layers(params), spec)
+  for i in range(ARCH.num_layers):
+    want = unrolled["model"][f"layers_{i}"]["mlp"]["down_proj"]["kernel"]
+    got = stacked["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(got.qvalue[i]).astype(np.float32), np.asarray(want.qvalue).astype(np.float32))
+    np.testing.assert_array_equal(got.scale[i], want.scale)
+  ids = np.asarray(batches()[0]["input_ids"])
+  np.testing.assert_allclose(llama.LlamaForCausalLM(arch=ARCH, scan_layers=True).apply({"params": stacked}, ids),
+                             llama.LlamaForCausalLM(arch=ARCH).apply({"params": unrolled}, ids), atol=1e-5)
+  with pytest.raises(ValueError, match="some layers of 'model/layers/mlp/up_proj/kernel' but not all"):
+    quantize.quantize_base(stacking.stack_layers(params),
+                           quantize.QuantizeSpec(format="int8", targets=(r"model/layers_0/mlp/up_proj/kernel",)))
