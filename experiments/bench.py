@@ -161,7 +161,7 @@ def _settings(config, entry: str):
   from configs import base  # pylint: disable=g-import-not-at-top
   from rmlora_jax.recipes import settings as settings_lib  # pylint: disable=g-import-not-at-top
 
-  name, apply, _ = variant(entry)
+  name, apply, *_ = variant(entry)
   glue = base.get_config()
   glue.method, glue.seed = name, config.seed
   glue.lora.rank, glue.lora.alpha = config.rank, config.alpha
@@ -174,23 +174,32 @@ def _settings(config, entry: str):
       apply or config.adapter_apply))
 
 
-def variant(entry: str) -> tuple[str, str, bool | None]:
-  """``(method, adapter_apply or "", scan_layers or None)`` of a runner name such as ``lora@merge@unrolled``.
+# Runner suffixes naming a quantised frozen base (`rmlora_jax.quantize.FORMATS`).
+QUANTIZE_SUFFIXES = ("int8", "nf4", "int4", "fp8")
+
+
+def variant(entry: str) -> tuple[str, str, bool | None, str]:
+  """``(method, adapter_apply or "", scan_layers or None, quantize or "")`` of a runner such as ``lora@nf4@unrolled``.
 
   The suffixes: ``@merge`` / ``@low_rank`` override ``config.adapter_apply``,
-  ``@scan`` / ``@unrolled`` ``config.scan_layers`` (decoders only).
+  ``@scan`` / ``@unrolled`` ``config.scan_layers`` (decoders only), ``@int8``,
+  ``@nf4``, ``@int4``, ``@fp8`` store the runner's frozen transformer-block
+  kernels quantised (`rmlora_jax.quantize.quantize_base`, the formats'
+  default scales).
   """
   name, *suffixes = entry.split("@")
-  apply, scan = "", None
+  apply, scan, fmt = "", None, ""
   for suffix in suffixes:
     if suffix in ("merge", "low_rank"):
       apply = suffix
     elif suffix in ("scan", "unrolled"):
       scan = suffix == "scan"
+    elif suffix in QUANTIZE_SUFFIXES:
+      fmt = suffix
     else:
       raise ValueError(f"config.methods entry {entry!r}: suffix @{suffix} is not one of @merge, @low_rank, "
-                       f"@scan, @unrolled")
-  return name, apply, scan
+                       f"@scan, @unrolled, " + ", ".join(f"@{q}" for q in QUANTIZE_SUFFIXES))
+  return name, apply, scan, fmt
 
 
 def floor_method(weight_decay: float = 0.01, max_grad_norm: float = 1.0,
@@ -282,9 +291,12 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
       "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
   }
   holder = {"state": state}
+  # An executable refuses sub-byte (nf4, int4) arguments: call the jitted step
+  # itself, which reuses the same compiled program from its own cache.
+  call = step if any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(frozen)) else compiled
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], frozen, batch)
+    holder["state"], metrics = call(holder["state"], frozen, batch)
     jax.block_until_ready(metrics)
 
   return run, facts
@@ -384,6 +396,7 @@ def benchmark(config) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from rmlora_jax import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from rmlora_jax import quantize  # pylint: disable=g-import-not-at-top
   from rmlora_jax import stacking  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import bert  # pylint: disable=g-import-not-at-top
   from rmlora_jax.models import llama  # pylint: disable=g-import-not-at-top
@@ -418,9 +431,16 @@ def benchmark(config) -> dict[str, Any]:
       return module, params
     return module.clone(scan_layers=True), stacking.stack_layers(params)
 
-  for name in config.methods:  # "lora", "lora@merge", "lora@unrolled" (see variant)
+  for name in config.methods:  # "lora", "lora@merge", "lora@unrolled", "lora@nf4" (see variant)
     method = methods_lib.make_method(_settings(config, name))
-    runners[name], facts[name] = _jax_runner(config, *layout(variant(name)[2]), method, batch)
+    _, _, scan, fmt = variant(name)
+    runner_module, runner_params = layout(scan)
+    if fmt:
+      runner_params = quantize.quantize_base(runner_params, quantize.QuantizeSpec(format=fmt))
+      method = quantize.for_quantized_base(method)
+    runners[name], facts[name] = _jax_runner(config, runner_module, runner_params, method, batch)
+    if fmt:
+      facts[name]["frozen_mib"] = quantize.tree_bytes(runner_params) / 2**20
   runners["floor"], facts["floor"] = _jax_runner(config, *layout(None), floor_method(trained=floor_trained), batch)
   if config.peft and torch_model is not None:
     import torch  # pylint: disable=g-import-not-at-top

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from configs import bench as bench_config
 from experiments import bench
 
@@ -47,13 +49,19 @@ def _lora_params(rank, shapes):
 def test_decoder_bench_runs_end_to_end(tmp_path):
   """tiny-llama: our LoRA and PEFT's train the same number of parameters, all seven matrices a layer."""
   config = bench_config.get_config("tiny-llama")
-  config.methods = ("lora", "rm_lora")
+  # lora@int8@scan: an int8 base under the scanned layers, beside the float unrolled runners.
+  config.methods = ("lora", "rm_lora", "lora@int8@scan")
   config.warmup, config.repeats = 0, 1  # compiling is most of the test's time; no timing is asserted
   config.output = str(tmp_path / "bench.json")
   bench.report(bench.benchmark(config), config.output)
   results = json.loads((tmp_path / "bench.json").read_text())
   rows = results["rows"]
-  assert set(rows) == {"lora", "rm_lora", "floor", "peft_lora"}
+  assert set(rows) == {"lora", "rm_lora", "lora@int8@scan", "floor", "peft_lora"}
+  assert rows["lora@int8@scan"]["trainable_params"] == rows["lora"]["trainable_params"]
+  assert rows["lora@int8@scan"]["frozen_mib"] > 0
+  with pytest.raises(ValueError, match=r"suffix @nf8 is not one of @merge, @low_rank, @scan, @unrolled, @int8"):
+    bench.variant("lora@nf8")
+  assert bench.variant("rm_lora@merge@nf4@unrolled") == ("rm_lora", "merge", False, "nf4")
   for row in rows.values():
     assert row["median_s"] > 0 and len(row["times_s"]) == config.repeats
   m = config.model

@@ -154,7 +154,7 @@ def test_plan_compiles_the_tiny_grid_for_a_tpu_slice(tmp_path):
     assert r["alias"] > 0 and r["flops"] > r["model_flops_per_device"] > 0
     assert set(r["chips"]) == {"v5e"} and r["chips"]["v5e"]["fits"]
   table = output.with_suffix(".md").read_text()
-  assert "| v5e:4x4 | 16 | tiny | 32 | full | 1×16×1 | 16 |" in table
+  assert "| v5e:4x4 | 16 | tiny | bfloat16 | 32 | full | 1×16×1 | 16 |" in table
   assert table in proc.stdout
 
 
@@ -220,3 +220,21 @@ def test_a_case_whose_memory_falls_with_depth_is_compiled_at_full_depth(monkeypa
   config.full_depth_when_memory_falls = False
   row = plan._extrapolated_row(config, "llama2-7b", {"data": 1, "fsdp": 64, "model": 1}, 4096, full)
   assert compiled == [2, 4] and row["temp"] is None and row["total"] is None and row["memory_unknown"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_a_quantised_base_is_planned_at_its_own_bytes(fmt):
+  # One device, so the frozen argument is the whole tree: the block kernels at
+  # the format's bits plus a bfloat16 scale per column (per 64 rows for nf4),
+  # the embedding, the LM head and the norms in bfloat16, counted with NumPy.
+  config = plan_config.get_config("tiny")
+  config.quantize = fmt
+  arch = plan.arch_of(config, "tiny")
+  _, _, info = plan.abstract_step(config, arch, plan.partitioning_mesh({"data": 1, "fsdp": 1, "model": 1}), 32)
+  h, i, v, kv = arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.num_kv_heads * arch.head_dim
+  kernels = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+  bits, rows = {"int8": (8, lambda d_in: 1), "nf4": (4, lambda d_in: d_in // 64)}[fmt]
+  block = sum(math.ceil(a * b * bits / 8) + rows(a) * b * 2 for a, b in kernels) * arch.num_layers
+  rest = (2 * v * h + 2 * h * arch.num_layers + h) * 2  # embedding, LM head, two norms a layer, final norm
+  assert info["counted_bytes"]["frozen"] == block + rest
+  assert info["frozen_params"] == v * h * 2 + sum(a * b for a, b in kernels) * arch.num_layers + h * (2 * arch.num_layers + 1)
