@@ -127,3 +127,20 @@ def test_a_quantised_stack_holds_each_layers_own_quantisation(fmt, params):
   with pytest.raises(ValueError, match="some layers of 'model/layers/mlp/up_proj/kernel' but not all"):
     quantize.quantize_base(stacking.stack_layers(params),
                            quantize.QuantizeSpec(format="int8", targets=(r"model/layers_0/mlp/up_proj/kernel",)))
+
+
+def test_adapters_on_some_layers_only_give_the_unrolled_logits(params):
+  # Layer 1's down projection alone: attach stacks zeros for layers 0 and 2, merge adds nothing there.
+  spec = rl.LoraSpec(rank=2, alpha=4.0, targets=(r"model/layers_1/mlp/down_proj/kernel",))
+  stacked = stacking.stack_layers(params)
+  adapters = rl.init_lora(jax.random.key(1), stacked, spec)
+  assert list(adapters) == ["model/layers_1/mlp/down_proj/kernel"]
+  adapters = jax.tree.map(lambda x: x + 0.3, adapters)  # b off zero, so the update shows
+  ids = np.asarray(batches()[0]["input_ids"])
+  unrolled = llama.LlamaForCausalLM(arch=ARCH).apply({"params": rl.merge(params, adapters, spec)}, ids)
+  assert np.abs(unrolled - llama.LlamaForCausalLM(arch=ARCH).apply({"params": params}, ids)).max() > 1e-3
+  scanned = llama.LlamaForCausalLM(arch=ARCH, scan_layers=True)
+  for combine in (rl.attach, rl.merge):
+    np.testing.assert_allclose(scanned.apply({"params": combine(stacked, adapters, spec)}, ids), unrolled, atol=1e-5)
+  merged = rl.merge(stacked, adapters, spec)["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+  np.testing.assert_array_equal(merged[0], stacked["model"]["layers"]["mlp"]["down_proj"]["kernel"][0])
