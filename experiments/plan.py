@@ -291,8 +291,10 @@ def shard_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of sharded `jax.ShapeDtypeStruct`s (the largest shard)."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  from rmlora_jax import quantize  # pylint: disable=g-import-not-at-top
+
   # Sub-byte values (nf4, int4) counted at their bits, packed.
-  return sum(math.ceil(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) / 8)
+  return sum(quantize.array_bytes(jax.ShapeDtypeStruct(x.sharding.shard_shape(x.shape), x.dtype))
              for x in jax.tree.leaves(tree))
 
 

@@ -426,10 +426,8 @@ def follow_specs(tree: Any, params: Any, param_specs: Any, *, where: str) -> Any
   shapes = {p: tuple(np.shape(x)) for p, x in quantize.flatten_kernels(params).items()}
   # Adapters of a scanned model sit at its layers' paths: each layer of a stack counts as a parameter.
   for path, shape in list(shapes.items()):
-    if stacking.layer_path(path, 0) is not None:
-      for i in range(shape[0]):
-        specs[stacking.layer_path(path, i)] = P(*tuple(specs[path])[1:])
-        shapes[stacking.layer_path(path, i)] = shape[1:]
+    for layer in stacking.layer_paths(path, shape):
+      specs[layer], shapes[layer] = P(*tuple(specs[path])[1:]), shape[1:]
   orphans = []
 
   def one(key_path, leaf):

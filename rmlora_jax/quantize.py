@@ -151,7 +151,7 @@ def select(params: Any, spec: QuantizeSpec) -> list[str]:
   matched = {p for p in matched if not any(rx.fullmatch(p) for rx in excluded)}
   chosen = []
   for path, leaf in flat.items():
-    layers = [stacking.layer_path(path, i) for i in range(np.shape(leaf)[0])] if stacking.layer_path(path, 0) else []
+    layers = stacking.layer_paths(path, np.shape(leaf))
     if layers and 0 < sum(p in matched for p in layers) < len(layers):
       raise ValueError(f"QuantizeSpec selects some layers of {path!r} but not all ({sorted(set(layers) & matched)[:3]}"
                        f" ...); the layers of a scanned model are stored stacked and quantised together")

@@ -40,13 +40,6 @@ def _is_stack(key: str, value: Any) -> bool:
   return key == STACK and isinstance(value, Mapping) and bool(value) and not any(str(k).isdigit() for k in value)
 
 
-def is_stacked(tree: Any) -> bool:
-  """Whether ``tree`` (nested dicts) holds a stack of layers anywhere."""
-  if not isinstance(tree, Mapping):
-    return False
-  return any(_is_stack(k, v) or is_stacked(v) for k, v in tree.items())
-
-
 def _stack(leaves: list[Any]) -> Any:
   if all(isinstance(x, np.ndarray) for x in leaves):
     return np.stack(leaves)
@@ -132,6 +125,13 @@ def layer_path(path: str, layer: int) -> str | None:
   return "/".join(parts[:j] + [f"{STACK}_{layer}"] + parts[j + 1:])
 
 
+def layer_paths(path: str, shape: tuple[int, ...]) -> list[str]:
+  """The unrolled paths of every layer of the stacked leaf at ``path`` (of ``shape``); [] if not stacked."""
+  if layer_path(path, 0) is None:
+    return []
+  return [layer_path(path, i) for i in range(shape[0])]
+
+
 def layer_view(flat: Mapping[str, Any]) -> dict[str, Any]:
   """A flat ``{path: leaf}`` with each stacked leaf replaced by its layers' shapes.
 
@@ -142,15 +142,10 @@ def layer_view(flat: Mapping[str, Any]) -> dict[str, Any]:
   """
   out = {}
   for path, leaf in flat.items():
-    if layer_path(path, 0) is None:
-      out[path] = leaf
-      continue
     shape = tuple(np.shape(leaf))
-    for i in range(shape[0]):
-      out[layer_path(path, i)] = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)
+    layers = layer_paths(path, shape)
+    if not layers:
+      out[path] = leaf
+    for layer in layers:
+      out[layer] = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)
   return out
-
-
-def stacked_flat(flat: Mapping[str, Any]) -> bool:
-  """Whether a flat ``{path: leaf}`` has stacked leaves (a ``layers`` path part)."""
-  return any(_stack_part(p.split("/")) is not None for p in flat)

@@ -7,7 +7,7 @@ import pytest
 
 import rmlora_jax as rl
 from experiments import plan
-from rmlora_jax import methods, partitioning, stacking, training
+from rmlora_jax import methods, partitioning, quantize, stacking, training
 from rmlora_jax import paths as paths_lib
 from rmlora_jax.models import llama
 
@@ -112,7 +112,6 @@ def test_stacked_partition_specs_lead_with_the_layer_axis(params):
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 def test_a_quantised_stack_holds_each_layers_own_quantisation(fmt, params):
   # Layer i of the quantised stack is the quantised kernel of layer i (same values, same scales).
-  from rmlora_jax import quantize  # pylint: disable=g-import-not-at-top
   spec = quantize.QuantizeSpec(format=fmt, block_size=8 if fmt == "nf4" else -1)
   unrolled = quantize.quantize_base(params, spec)
   stacked = quantize.quantize_base(stacking.stack_layers(params), spec)
