@@ -9,6 +9,9 @@ tests/distributed/ is in this tier, and a test elsewhere joins it with
   .venv/bin/python -m pytest -q -m "not integration"   # unit tier, a few minutes
   .venv/bin/python -m pytest -q -m integration          # integration tier
   .venv/bin/python -m pytest -q                         # both (what CI runs)
+
+pyproject.toml runs them in two worker processes (pytest-xdist); ``-n 0``
+runs one process.
 """
 
 import pathlib

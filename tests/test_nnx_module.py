@@ -71,3 +71,19 @@ def test_nnx_and_linen_models_train_to_the_same_losses_and_adapters(name, tmp_pa
 def test_errors_name_what_was_given():
   with pytest.raises(ValueError, match="NnxModule wraps an nnx.Module, got LinenNet"):
     NnxModule(LinenNet())
+
+
+def test_a_crashed_nnx_run_resumes_to_the_same_numbers(tmp_path):
+  module = NnxModule(NnxNet(nnx.Rngs(0)))
+  method = methods.MethodSettings(name="rm_lora", spec=_spec("rm_lora"), train_patterns=("out/.*",),
+                                  options=SETTINGS["rm_lora"])
+  settings = trainer.TrainerSettings(batch_size=8, num_epochs=3, learning_rate=1e-2, log_every_steps=1,
+                                     eval_every_steps=8, checkpoint_every_steps=5, progress=False)
+  run = lambda workdir, task: trainer.train_and_evaluate(task, module, module.params, method, settings, workdir)
+  straight = run(tmp_path / "straight", Toy())
+  with pytest.raises(RuntimeError, match="went away"):
+    run(tmp_path / "crashed", Toy(fail_at=13))  # after the checkpoint at step 10
+  resumed = run(tmp_path / "crashed", Toy())
+  assert resumed["history"] == straight["history"]
+  jax.tree.map(np.testing.assert_array_equal, run_lib.trained_state(tmp_path / "crashed")[0],
+               run_lib.trained_state(tmp_path / "straight")[0])
