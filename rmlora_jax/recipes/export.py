@@ -82,22 +82,21 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
   head, num_labels = model_head(config)
   trainable, step = run.trained_state(workdir)
   out = pathlib.Path(out) if out else workdir / fmt
-  quantized = None
   if head == IMAGE_HEAD:
     params, processor, hf_config, new, default_targets = _image_model(
         config, workdir, num_labels or _classifier_outputs(trainable))
   else:
     _, params, processor, hf_config, report = run.load_model(config, head, num_labels)
     new, default_targets = report.missing, hub.default_lora_targets(hf_config)
-    quantized = run.quantize_spec(config, hf_config, report)
-    if quantized is not None:
-      # The base the run trained over: quantised as in training; a merged
-      # model gets it dequantised, a PEFT adapter (read for shapes) the float one.
-      base = run.quantized_base(config, params, hf_config, report)
-      note = _quantized_note(quantized, base, fmt)
-      logging.warning("%s", note["note"])
-      if fmt == "merged":
-        params = quantize.dequantize_base(base)
+  quantized = run.quantize_spec(config, hf_config, new)
+  if quantized is not None:
+    # The base the run trained over: quantised as in training; a merged
+    # model gets it dequantised, a PEFT adapter (read for shapes) the float one.
+    base = run.quantized_base(config, params, hf_config, new)
+    note = _quantized_note(quantized, base, fmt)
+    logging.warning("%s", note["note"])
+    if fmt == "merged":
+      params = quantize.dequantize_base(base)
   if "params" in trainable:
     if fmt == "peft":
       raise ValueError(f"{str(workdir)!r} is a full fine-tuning run: it has no adapter to write in PEFT's format; "

@@ -16,7 +16,7 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -238,14 +238,18 @@ _QUANTIZE_NAMES = {"QuantizeSpec.format": "config.model.quantize", "QuantizeSpec
                    "QuantizeSpec.block_size": "config.model.quantize_block"}
 
 
-def quantize_spec(config: ml_collections.ConfigDict, hf_config: Any, report: Any) -> quantize.QuantizeSpec | None:
+def quantize_spec(config: ml_collections.ConfigDict, hf_config: Any,
+                  missing: Sequence[str]) -> quantize.QuantizeSpec | None:
   """The `quantize.QuantizeSpec` of ``config.model.quantize`` for a loaded model; None when it is off.
+
+  ``missing``: the parameter paths the checkpoint lacked (the load report's
+  ``missing``), which stay float.
 
   Quantised: every Dense kernel of the transformer blocks
   (`quantize.BLOCK_KERNELS`) and every kernel the adapters target
   (``config.lora.targets``, else the model's defaults). Left float:
   embeddings, norms, biases, the pooler (unless adapted), the heads
-  (`HEAD_PATHS`), the weights the checkpoint lacked (``report.missing``)
+  (`HEAD_PATHS`), the weights the checkpoint lacked (``missing``)
   and whatever ``config.lora.train_patterns`` trains.
   """
   fmt = settings_lib.quantize_format(config)
@@ -253,18 +257,18 @@ def quantize_spec(config: ml_collections.ConfigDict, hf_config: Any, report: Any
     return None
   targets = tuple(dict.fromkeys(quantize.BLOCK_KERNELS + (tuple(config.lora.targets) or
                                                           tuple(hub.default_lora_targets(hf_config)))))
-  exclude = HEAD_PATHS + tuple(re.escape(p) for p in report.missing) + tuple(config.lora.train_patterns)
+  exclude = HEAD_PATHS + tuple(re.escape(p) for p in missing) + tuple(config.lora.train_patterns)
   with settings_lib.config_errors(_QUANTIZE_NAMES):
     return quantize.QuantizeSpec(format=fmt, targets=targets, exclude=exclude,
                                  block_size=config.model.get("quantize_block", -1))
 
 
-def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: Any, report: Any) -> Any:
+def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: Any, missing: Sequence[str]) -> Any:
   """``params`` with the kernels of `quantize_spec` quantised; ``params`` itself when quantising is off.
 
   Deterministic, so a resumed run (or an export) rebuilds the base its adapters trained over.
   """
-  spec = quantize_spec(config, hf_config, report)
+  spec = quantize_spec(config, hf_config, missing)
   if spec is None:
     return params
   try:
@@ -284,7 +288,7 @@ def load_sharded_model(config: ml_collections.ConfigDict, head: str, num_labels:
   """
   with jax.default_device(partitioning.host_device()):
     module, params, tokenizer, hf_config, report = load_model(config, head, num_labels)
-    params = quantized_base(config, params, hf_config, report)
+    params = quantized_base(config, params, hf_config, report.missing)
   param_specs = partitioning.match_partition_rules(
       params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
   return module, params, tokenizer, hf_config, report, param_specs

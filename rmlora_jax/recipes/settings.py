@@ -277,12 +277,12 @@ def quantize_format(config: ml_collections.ConfigDict) -> str:
 
 
 def check_quantize(config: ml_collections.ConfigDict) -> None:
-  """``config.model.quantize`` must name a format, for an adapter method and a text task.
+  """``config.model.quantize`` must name a format, for an adapter method.
 
   Raises:
     ValueError: an unknown format, a block size below -1
-      (``config.model.quantize_block``), full fine-tuning (it trains the
-      base weights) or an image task (its recipe does not quantise yet).
+      (``config.model.quantize_block``), or full fine-tuning (it trains the
+      base weights).
   """
   fmt = quantize_format(config)
   block = config.model.get("quantize_block", -1)
@@ -296,9 +296,6 @@ def check_quantize(config: ml_collections.ConfigDict) -> None:
   if not methods_lib.get(config.method, where="config.method").adapts:
     raise ValueError(f"config.model.quantize={fmt!r} quantises the frozen base, but config.method={config.method!r} "
                      f"trains the base weights themselves; choose an adapter method or config.model.quantize=''")
-  if config.get("task") in VISION_TASKS:
-    raise ValueError(f"config.model.quantize={fmt!r}: the image recipe ({config.task}) does not quantise its base "
-                     f"yet; the GLUE, SQuAD and SFT recipes do")
 
 
 def summary(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -18,6 +18,9 @@ trains and ``config.frozen_features`` is set, the backbone runs once over
 training runs on those features (`vision.FeatureClassification`); there
 ``method="full_ft"`` trains the whole classifier (a linear probe, the
 full-rank last layer), its dW = W - W0 analysed like an adapter's.
+``config.model.quantize`` stores the backbone's block kernels quantised
+(`rmlora_jax.recipes.run.quantized_base`) for runs whose steps read the
+backbone; a frozen-features run refuses it.
 
 Beyond the trainer's results.json, a run records:
 
@@ -57,6 +60,7 @@ from rmlora_jax.recipes import settings as settings_lib
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import quantize
 from rmlora_jax import trainer
 from rmlora_jax.adapters import base as adapters_base
 from rmlora_jax.adapters import lora as lora_lib
@@ -305,9 +309,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   features = bool(config.frozen_features) and trains_classifier_only(method, config.adapt)
   task = build_task(config, model, train, test, features=features)
   module, params = model.module, model.params
+  fmt = settings_lib.quantize_format(config)
+  if fmt and features:
+    raise ValueError(f"config.model.quantize={fmt!r}: this run trains the classifier on features the backbone "
+                     f"computes once (config.frozen_features=True), so no step reads the backbone; set "
+                     f"config.frozen_features=False to train over a quantised backbone, or config.model.quantize=''")
   if features:
     module = vision.LinearHead(num_classes, dtype=jnp.dtype(config.model.dtype))
     params = {"classifier": params["classifier"]}
+  elif fmt:
+    with jax.default_device(partitioning.host_device()):
+      params = run_lib.quantized_base(config, params, model.hf_config, model.missing)
   param_specs = partitioning.match_partition_rules(params, partitioning.rules_for("vit"),
                                                    where="partition rules of vit") if not features else None
   settings = settings_lib.trainer_settings(config)
@@ -342,7 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
       results["adapters"] = analysis.delta_report({"classifier/kernel": dw}, rtol=rtol)
       results["adapter_spectra"] = {"classifier/kernel": [float(v) for v in analysis.singular_values(dw)]}
     if config.save_model:
-      trained = _merged_params(model.params, trainable, method)
+      # Over a quantised base the adapters trained against its dequantised kernels: merged into those.
+      base = quantize.dequantize_base(params) if fmt else model.params
+      trained = _merged_params(base, trainable, method)
       results["model_folder"] = str(save_backbone(workdir / "model", trained, model))
     if spec is not None and jax.process_index() == 0:
       _write_adapter_scalars(workdir, results["history"]["adapter"])

@@ -105,6 +105,53 @@ def test_attention_mlp_adapters_train_on_pixels_with_the_classifier_beside(pretr
   assert len(results["history"]["adapter"]) == 1
 
 
+def test_adapters_train_over_an_int8_backbone_scored_as_over_its_dequantised_kernels(pretrained, folder, tmp_path):
+  from rmlora_jax import quantize
+  from rmlora_jax.recipes import run as run_lib
+  overrides = {"model.name_or_path": pretrained[1]["model_folder"], "data.classes": CLASSES[3:],
+               "adapt": "attention_mlp", "lora.rank": 2, "rm.num_directions": 1, "num_epochs": 1,
+               "analysis.per_epoch": False, "model.quantize": "int8", "save_model": True}
+  config = tiny(cifar10_transfer.get_config("method=rm_lora"), folder, tmp_path / "run", **overrides)
+  results = cifar.train_and_evaluate(config, config.workdir)
+  q = results["quantize"]
+  assert q["format"] == "int8" and q["kernels"] == 6  # the block's six kernels; the classifier stays float
+  # Six float32 kernels, 16 x 16 (four), 16 x 24 and 24 x 16, become int8 values and one float32 scale per
+  # output column (16 each, 24 for 16 x 24).
+  floats = 4 * (4 * 16 * 16 + 2 * 16 * 24)
+  assert q["base_bytes_before"] - q["base_bytes_after"] == floats - (floats // 4 + 4 * (5 * 16 + 24))
+  # The untrained model over the int8 backbone scores as the float model whose kernels are the dequantised values.
+  model = cifar.load_model(config, 3)
+  train, test = cifar.load_splits(config, model.image_size)
+  task = cifar.build_task(config, model, train, test, features=False)
+  dequantised = quantize.dequantize_base(run_lib.quantized_base(config, model.params, model.hf_config, model.missing))
+  assert not np.array_equal(dequantised["encoder"]["layer_0"]["intermediate"]["kernel"],
+                            model.params["encoder"]["layer_0"]["intermediate"]["kernel"])
+  want = cifar.evaluate_params(task, model.module, dequantised, 8)
+  for k, v in want.items():
+    assert results["initial_metrics"][k] == pytest.approx(v, abs=1e-5), k
+  # The saved model merges the adapters into the dequantised kernels.
+  trainable, _ = run_lib.trained_state(config.workdir)
+  from rmlora_jax.models import hub
+  import rmlora_jax as rl
+  _, saved, _, _ = hub.load_pretrained(results["model_folder"], head="base")
+  spec = rl.LoraSpec(rank=2, alpha=config.lora.alpha, targets=tuple(trainable["adapters"]))
+  merged = rl.merge(dequantised, trainable["adapters"], spec)
+  np.testing.assert_allclose(saved["encoder"]["layer_0"]["intermediate"]["kernel"],
+                             merged["encoder"]["layer_0"]["intermediate"]["kernel"], atol=1e-6)
+  # So does the export, with a note saying so.
+  from rmlora_jax.recipes import export as export_lib
+  exported = export_lib.export_run(config.workdir, fmt="merged")
+  note = json.loads((exported / "quantization.json").read_text())
+  assert note["format"] == "int8" and len(note["kernels"]) == 6 and "dequantised" in note["note"]
+  _, saved, _, _ = hub.load_pretrained(str(exported), head="base")
+  np.testing.assert_allclose(saved["encoder"]["layer_0"]["attention"]["query"]["kernel"],
+                             merged["encoder"]["layer_0"]["attention"]["query"]["kernel"], atol=1e-6)
+  with pytest.raises(ValueError, match=r"config.model.quantize='int8': this run trains the classifier on features"):
+    cifar.train_and_evaluate(tiny(cifar10_transfer.get_config("method=lora"), folder, tmp_path / "feat",
+                                  **{"model.name_or_path": pretrained[1]["model_folder"],
+                                     "data.classes": CLASSES[3:], "lora.rank": 2, "model.quantize": "int8"}), None)
+
+
 def test_full_ft_of_the_classifier_on_frozen_features_is_a_linear_probe_with_a_full_rank_delta(
     pretrained, folder, tmp_path):
   config = tiny(cifar10_transfer.get_config("method=full_ft"), folder, tmp_path / "run",
