@@ -10,6 +10,8 @@ this CPU (0.50.2) returns its products rounded to bfloat16 whatever
 product on one layer), so it cannot be the reference at 1e-4.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,34 @@ def test_nf4_base_equals_bitsandbytes_and_a_lora_step_over_it_equals_peft_on_it(
       assert float(theirs.abs().max()) > 1e-3
       np.testing.assert_allclose(np.asarray(grad[factor]), theirs.numpy(), rtol=1e-4, atol=1e-5,
                                  err_msg=f"{path} {factor}")
+
+
+@pytest.mark.integration
+def test_an_nf4_runs_peft_export_names_the_bitsandbytes_settings_that_load_its_base(tmp_path):
+  from rmlora_jax.recipes import export, glue
+  from tests.experiments import conftest as experiments
+  from tests.experiments.test_glue import tiny_config
+
+  (tmp_path / "bert").mkdir()
+  (tmp_path / "glue").mkdir()
+  model = experiments.make_tiny_bert(tmp_path / "bert", hidden_size=64, intermediate_size=128)
+  data = experiments.write_rte(tmp_path / "glue", n_train=16, n_dev=8)
+  config = tiny_config(model, data, tmp_path / "run", method="lora", **{"model.quantize": "nf4"})
+  glue.train_and_evaluate(config, config.workdir)
+  folder = export.export_run(tmp_path / "run", fmt="peft")
+  note = json.loads((folder / "quantization.json").read_text())
+  assert note["format"] == "nf4" and len(note["kernels"]) == 12 and "BitsAndBytesConfig" in note["note"]
+  assert note["bitsandbytes"]["llm_int8_skip_modules"] == ["bert.pooler.dense", "classifier"]
+  # Loaded with those settings, transformers quantises exactly the run's kernels, to the run's values.
+  loaded = transformers.AutoModelForSequenceClassification.from_pretrained(
+      model, num_labels=2, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+          bnb_4bit_compute_dtype=torch.float32, **note["bitsandbytes"]))
+  four_bit = {n for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+  assert len(four_bit) == 12 and not four_bit & set(note["bitsandbytes"]["llm_int8_skip_modules"])
+  _, params, _, _ = hub.load_pretrained(model, head="classification", num_labels=2)
+  deq = paths.flatten_with_paths(rl.dequantize_base(rl.quantize_base(params, rl.QuantizeSpec(format="nf4"))))
+  for i in range(2):
+    for module, ours in MODULES.items():
+      weight = loaded.bert.encoder.layer[i].get_submodule(module).weight
+      theirs = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float().numpy()
+      np.testing.assert_allclose(np.asarray(deq[f"encoder/layer_{i}/{ours}/kernel"]).T, theirs, rtol=0, atol=1e-6)

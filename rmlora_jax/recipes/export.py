@@ -4,9 +4,10 @@ The run's base model is rebuilt from its saved config, its trained tree read
 from its latest checkpoint; ``python -m experiments.export`` is the command.
 A run over a quantised base (``config.model.quantize``) quantises the loaded
 base again as in training: ``merged`` merges the updates into those kernels
-dequantised and says so (a warning, and ``quantization.json`` in the
-folder); ``peft`` writes the adapters as they are, with a warning that PEFT
-applies them to the float base.
+dequantised; ``peft`` writes the adapters as they are, for the float base
+or, for an nf4 run, the base loaded 4-bit by bitsandbytes with the settings
+the note gives. Both say so: a warning, and ``quantization.json`` in the
+folder.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from rmlora_jax import hf_layout
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import peft_format
 from rmlora_jax import quantize
+from rmlora_jax import stacking
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.adapters import base as base_lib
 from rmlora_jax.data import glue as glue_data
@@ -93,7 +96,7 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
     # The base the run trained over: quantised as in training; a merged
     # model gets it dequantised, a PEFT adapter (read for shapes) the float one.
     base = run.quantized_base(config, params, hf_config, new)
-    note = _quantized_note(quantized, base, fmt)
+    note = _quantized_note(quantized, base, fmt, hf_config=hf_config, head=head)
     logging.warning("%s", note["note"])
     if fmt == "merged":
       params = quantize.dequantize_base(base)
@@ -125,23 +128,44 @@ def export_run(workdir: str | os.PathLike, *, fmt: str, out: str | os.PathLike |
     extra = {"target_r": schedule.target_rank, "total_step": schedule.total_steps, "tinit": schedule.t_init,
              "tfinal": schedule.t_final, "deltaT": schedule.delta_t, "beta1": schedule.beta1,
              "beta2": schedule.beta2, "orth_reg_weight": settings.options.ortho_weight}
-  return peft_format.save_peft(out, params=params, adapters=trainable["adapters"], spec=settings.spec,
-                               trained=trainable["head"], hf_config=hf_config, head=head,
-                               base_model_name_or_path=config.model.name_or_path, extra_config=extra)
+  folder = peft_format.save_peft(out, params=params, adapters=trainable["adapters"], spec=settings.spec,
+                                 trained=trainable["head"], hf_config=hf_config, head=head,
+                                 base_model_name_or_path=config.model.name_or_path, extra_config=extra)
+  if quantized is not None:
+    (pathlib.Path(folder) / "quantization.json").write_text(json.dumps(note, indent=2) + "\n")
+  return folder
 
 
-def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str) -> dict[str, Any]:
-  """What an export of a run over a quantised base says about it: the format, the kernels, a sentence."""
+def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str, *, hf_config: Any,
+                    head: str) -> dict[str, Any]:
+  """What an export of a run over a quantised base says about it: the format, the kernels, a sentence.
+
+  For an nf4 base in 64-value blocks it adds ``"bitsandbytes"``: the
+  ``transformers.BitsAndBytesConfig`` fields under which transformers loads
+  the base model with exactly the run's kernels (bitsandbytes' nf4 blocks
+  are ours, tests/test_quantize_bnb.py), the float ones skipped.
+  """
+  base = stacking.unstack_layers(base)  # a scanned model's kernels by their layers' paths
   kernels = sorted(p for p, x in quantize.flatten_kernels(base).items() if quantize.is_quantized(x))
   scales = quantize.describe(quantize.flatten_kernels(base)[kernels[0]]).partition(", ")[2]
+  note = {"format": spec.format, "scales": scales, "kernels": kernels}
+  if spec.format == "nf4" and spec.block_size in (-1, 64):
+    layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(base, head))
+    note["bitsandbytes"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+                            "llm_int8_skip_modules": sorted(m for m, p in layout.linear.items() if p not in kernels)}
   if fmt == "merged":
-    sentence = (f"the run trained over a {spec.format}-quantised base ({scales}): its {len(kernels)} quantised "
-                f"kernels are written dequantised, with the updates merged into them (not the original float "
-                f"weights)")
+    note["note"] = (f"the run trained over a {spec.format}-quantised base ({scales}): its {len(kernels)} quantised "
+                    f"kernels are written dequantised, with the updates merged into them (not the original float "
+                    f"weights)")
+  elif "bitsandbytes" in note:
+    note["note"] = (f"the run trained over an nf4-quantised base ({scales}); the PEFT adapter applies to the float "
+                    f"base model, which differs from it by the quantisation error, unless the base is loaded with "
+                    f"transformers.BitsAndBytesConfig(**bitsandbytes) (this file's fields): its 4-bit weights "
+                    f"dequantise to the run's kernels")
   else:
-    sentence = (f"the run trained over a {spec.format}-quantised base ({scales}); the PEFT adapter applies to the "
-                f"float base model, which differs from it by the quantisation error")
-  return {"format": spec.format, "scales": scales, "kernels": kernels, "note": sentence}
+    note["note"] = (f"the run trained over a {spec.format}-quantised base ({scales}); the PEFT adapter applies to "
+                    f"the float base model, which differs from it by the quantisation error")
+  return note
 
 
 def _classifier_outputs(trainable: Mapping[str, Any]) -> int:

@@ -28,16 +28,16 @@ def _sentence(rng, n):
   return " ".join(rng.choice(WORDS, size=n))
 
 
-def make_tiny_bert(folder, *, num_hidden_layers=2):
-  """Saves a hidden-32 BERT with random weights and a WordPiece vocab of WORDS in ``folder``."""
+def make_tiny_bert(folder, *, num_hidden_layers=2, hidden_size=32, intermediate_size=48):
+  """Saves a BERT (hidden 32 unless asked) with random weights and a WordPiece vocab of WORDS in ``folder``."""
   import torch
   import transformers
 
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
   (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
   transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_hidden_layers,
-                                   num_attention_heads=4, intermediate_size=48,
+  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                                   num_attention_heads=4, intermediate_size=intermediate_size,
                                    max_position_embeddings=64)
   torch.manual_seed(0)
   transformers.BertModel(config).save_pretrained(folder)
