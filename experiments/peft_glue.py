@@ -41,8 +41,11 @@ def run(config, workdir: str) -> dict:
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   train, evals = glue_task.load_data(config, spec, tokenizer)
+  head = "regression" if spec.is_regression else "classification"
+  quantized = run_lib.anchor_model_kwargs(config, head, spec.num_labels)  # nf4: bitsandbytes' 4-bit base
   torch.manual_seed(config.seed)
-  model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=spec.num_labels)
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=spec.num_labels,
+                                                                          **quantized)
   if spec.is_regression and config.head_bias == "label_mean":  # as experiments.glue does
     with torch.no_grad():
       model.classifier.bias.fill_(float(np.mean(train.labels)))

@@ -38,8 +38,9 @@ def run(config, workdir: str) -> dict:
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   task = sft.build_task(config, tokenizer, train, dev)
+  quantized = run_lib.anchor_model_kwargs(config, "causal_lm", 1)  # nf4: bitsandbytes' 4-bit base
   torch.manual_seed(config.seed)
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, **{"dtype": torch.float32, **quantized})
   return run_lib.run_peft_anchor(task, model, config, workdir)
 
 

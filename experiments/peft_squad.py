@@ -29,8 +29,9 @@ def run(config, workdir: str) -> dict:
   folder = hub.resolve_model_path(config.model.name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   task = squad.build_task(config, tokenizer, train_file, dev_file)
+  quantized = run_lib.anchor_model_kwargs(config, "qa", 2)  # nf4: bitsandbytes' 4-bit base
   torch.manual_seed(config.seed)
-  model = transformers.AutoModelForQuestionAnswering.from_pretrained(folder)
+  model = transformers.AutoModelForQuestionAnswering.from_pretrained(folder, **quantized)
   return run_lib.run_peft_anchor(task, model, config, workdir)
 
 

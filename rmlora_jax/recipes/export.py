@@ -149,10 +149,10 @@ def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str, *, hf_conf
   kernels = sorted(p for p, x in quantize.flatten_kernels(base).items() if quantize.is_quantized(x))
   scales = quantize.describe(quantize.flatten_kernels(base)[kernels[0]]).partition(", ")[2]
   note = {"format": spec.format, "scales": scales, "kernels": kernels}
-  if spec.format == "nf4" and spec.block_size in (-1, 64):
-    layout = hf_layout.torch_layout(hf_config, head=head, num_labels=hf_layout.num_labels_of(base, head))
-    note["bitsandbytes"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
-                            "llm_int8_skip_modules": sorted(m for m, p in layout.linear.items() if p not in kernels)}
+  bits = run.bitsandbytes_settings(spec, kernels, hf_config, head=head,
+                                   num_labels=hf_layout.num_labels_of(base, head))
+  if bits is not None:
+    note["bitsandbytes"] = bits
   if fmt == "merged":
     note["note"] = (f"the run trained over a {spec.format}-quantised base ({scales}): its {len(kernels)} quantised "
                     f"kernels are written dequantised, with the updates merged into them (not the original float "

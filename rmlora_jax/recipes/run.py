@@ -25,10 +25,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from rmlora_jax import hf_layout
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
 from rmlora_jax import peft_format
 from rmlora_jax import quantize
+from rmlora_jax import stacking
 from rmlora_jax import training
 from rmlora_jax.adapters import adalora as adalora_lib
 from rmlora_jax.models import hub
@@ -134,9 +136,6 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
   from rmlora_jax.recipes import peft_anchor  # pylint: disable=g-import-not-at-top  (torch is imported lazily there)
 
   peft_anchor_method(config)
-  if settings_lib.quantize_format(config):
-    raise ValueError(f"config.model.quantize={settings_lib.quantize_format(config)!r}: the PEFT anchor trains PEFT "
-                     f"on the float model; run it with config.model.quantize=''")
   settings = settings_lib.trainer_settings(config)
   adalora = None
   if config.method == "adalora":
@@ -147,11 +146,25 @@ def run_peft_anchor(task: Any, model: Any, config: ml_collections.ConfigDict, wo
     adalora = peft_anchor.PeftAdaLora(
         init_r=init_r, target_r=schedule.target_rank, tinit=schedule.t_init, tfinal=schedule.t_final,
         delta_t=opts.delta_t, beta1=opts.beta1, beta2=opts.beta2, orth_reg_weight=opts.ortho_weight)
+  extra = {"model": config.model.name_or_path, "preset": config.get("preset", ""),
+           "lora": {"rank": config.lora.rank, "alpha": settings_lib.adapter_alpha(config)}, "config": config.to_dict()}
+  fmt = settings_lib.quantize_format(config)
+  if fmt:
+    # The model came from `anchor_model_kwargs`: say what bitsandbytes quantised.
+    four_bit = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit")
+    if not four_bit:
+      raise ValueError(f"config.model.quantize={fmt!r}, but the anchor's model has no 4-bit layer; load it with "
+                       f"run.anchor_model_kwargs(config, ...)")
+    for name in four_bit:
+      # bitsandbytes' CPU inference path repacks the weights for a bfloat16
+      # kernel (products rounded to bfloat16), after which training fails:
+      # keep every layer on the float32 path.
+      model.get_submodule(name).support_avx512bf16_for_cpu = False
+    extra["quantize"] = {"format": fmt, "library": "bitsandbytes", "modules": four_bit}
   return peft_anchor.train_peft_lora(
       task, model, settings, workdir, rank=config.lora.rank, alpha=settings_lib.adapter_alpha(config),
       weight_decay=config.optim.weight_decay, max_grad_norm=config.optim.max_grad_norm, adalora=adalora,
-      extra_results={"model": config.model.name_or_path, "preset": config.get("preset", ""),
-                     "lora": {"rank": config.lora.rank, "alpha": settings_lib.adapter_alpha(config)}, "config": config.to_dict()})
+      extra_results=extra)
 
 
 def initial_trainable(config: ml_collections.ConfigDict, params: Any, hf_config: Any, head: str,
@@ -276,6 +289,59 @@ def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: An
       return quantize.quantize_base(params, spec)
   except ValueError as e:
     raise ValueError(f"config.model.quantize={spec.format!r}: {e}") from e
+
+
+def bitsandbytes_settings(spec: quantize.QuantizeSpec, kernels: Sequence[str], hf_config: Any, *, head: str,
+                          num_labels: int) -> dict[str, Any] | None:
+  """``transformers.BitsAndBytesConfig`` fields that quantise exactly ``kernels`` as ``spec`` does; None if none can.
+
+  bitsandbytes' nf4 stores blocks of 64 consecutive values of PyTorch's
+  (d_out, d_in) weight with their absmax, which are our nf4 blocks of 64
+  values of d_in (tests/test_quantize_bnb.py), so an nf4 spec in 64-value
+  blocks has an equivalent: 4-bit nf4, no double quantisation, and every
+  other ``nn.Linear`` of the transformers model skipped. Its int8
+  (LLM.int8(), outlier columns kept in 16 bits) is not our int8, and it has
+  no int4 or fp8.
+
+  Args:
+    spec: the run's quantisation.
+    kernels: our paths of the kernels it quantises (per layer for a scanned model).
+    hf_config, head, num_labels: the transformers model's config, head and outputs.
+  """
+  if spec.format != "nf4" or spec.block_size not in (-1, 64):
+    return None
+  layout = hf_layout.torch_layout(hf_config, head=head, num_labels=num_labels)
+  kernels = set(kernels)
+  return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+          "llm_int8_skip_modules": sorted(m for m, p in layout.linear.items() if p not in kernels)}
+
+
+def anchor_model_kwargs(config: ml_collections.ConfigDict, head: str, num_labels: int) -> dict[str, Any]:
+  """``from_pretrained`` arguments of the PEFT anchor's transformers model for ``config.model.quantize``.
+
+  Empty without quantisation. With nf4 (64-value blocks) the model is loaded
+  4-bit by bitsandbytes (`bitsandbytes_settings`), quantising the kernels our
+  run quantises, to the same values: QLoRA as PEFT runs it (`run_peft_anchor`
+  keeps bitsandbytes on its float32 path on a CPU).
+
+  Raises:
+    ValueError: a format bitsandbytes has no equivalent of.
+  """
+  fmt = settings_lib.quantize_format(config)
+  if not fmt:
+    return {}
+  _, params, _, hf_config, report = load_model(config, head, num_labels)
+  spec = quantize_spec(config, hf_config, report.missing)
+  kernels = [p for p in quantize.select(stacking.unstack_layers(params), spec)]
+  settings = bitsandbytes_settings(spec, kernels, hf_config, head=head, num_labels=num_labels)
+  if settings is None:
+    raise ValueError(f"config.model.quantize={fmt!r}: the PEFT anchor quantises through bitsandbytes, whose only "
+                     f"format equal to ours is nf4 in 64-value blocks (config.model.quantize_block=-1 or 64); run "
+                     f"it with config.model.quantize='nf4' or ''")
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  bits = transformers.BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **settings)
+  return {"quantization_config": bits, "device_map": "cpu", "dtype": torch.float32}
 
 
 def load_sharded_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
