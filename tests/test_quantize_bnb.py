@@ -107,16 +107,21 @@ def test_nf4_base_equals_bitsandbytes_and_a_lora_step_over_it_equals_peft_qlora(
                                  err_msg=f"{path} {factor}")
 
 
-@pytest.mark.integration
-def test_an_nf4_runs_peft_export_names_the_bitsandbytes_settings_that_load_its_base(tmp_path):
-  from rmlora_jax.recipes import export, glue
+def _tiny_glue(tmp_path):
+  """A BERT of widths 64 and 128 (whole nf4 blocks) with a tokenizer, and a tiny RTE folder."""
   from tests.experiments import conftest as experiments
-  from tests.experiments.test_glue import tiny_config
-
   (tmp_path / "bert").mkdir()
   (tmp_path / "glue").mkdir()
   model = experiments.make_tiny_bert(tmp_path / "bert", hidden_size=64, intermediate_size=128)
-  data = experiments.write_rte(tmp_path / "glue", n_train=16, n_dev=8)
+  return model, experiments.write_rte(tmp_path / "glue", n_train=16, n_dev=8)
+
+
+@pytest.mark.integration
+def test_an_nf4_runs_peft_export_names_the_bitsandbytes_settings_that_load_its_base(tmp_path):
+  from rmlora_jax.recipes import export, glue
+  from tests.experiments.test_glue import tiny_config
+
+  model, data = _tiny_glue(tmp_path)
   config = tiny_config(model, data, tmp_path / "run", method="lora", **{"model.quantize": "nf4"})
   glue.train_and_evaluate(config, config.workdir)
   folder = export.export_run(tmp_path / "run", fmt="peft")
@@ -141,13 +146,9 @@ def test_an_nf4_runs_peft_export_names_the_bitsandbytes_settings_that_load_its_b
 @pytest.mark.integration
 def test_the_peft_anchor_trains_qlora_over_bitsandbytes_nf4_and_refuses_other_formats(tmp_path):
   from experiments import peft_glue
-  from tests.experiments import conftest as experiments
   from tests.experiments.test_glue import tiny_config
 
-  (tmp_path / "bert").mkdir()
-  (tmp_path / "glue").mkdir()
-  model = experiments.make_tiny_bert(tmp_path / "bert", hidden_size=64, intermediate_size=128)
-  data = experiments.write_rte(tmp_path / "glue", n_train=16, n_dev=8)
+  model, data = _tiny_glue(tmp_path)
   config = tiny_config(model, data, tmp_path / "peft", method="lora", **{"model.quantize": "nf4"})
   results = peft_glue.run(config, config.workdir)
   assert results["method"] == "peft_lora" and results["quantize"]["library"] == "bitsandbytes"
