@@ -147,9 +147,10 @@ def test_adapters_train_over_an_int8_backbone_scored_as_over_its_dequantised_ker
   np.testing.assert_allclose(saved["encoder"]["layer_0"]["attention"]["query"]["kernel"],
                              merged["encoder"]["layer_0"]["attention"]["query"]["kernel"], atol=1e-6)
   with pytest.raises(ValueError, match=r"config.model.quantize='int8': this run trains the classifier on features"):
-    cifar.train_and_evaluate(tiny(cifar10_transfer.get_config("method=lora"), folder, tmp_path / "feat",
-                                  **{"model.name_or_path": pretrained[1]["model_folder"],
-                                     "data.classes": CLASSES[3:], "lora.rank": 2, "model.quantize": "int8"}), None)
+    features = tiny(cifar10_transfer.get_config("method=lora"), folder, tmp_path / "feat",
+                    **{"model.name_or_path": pretrained[1]["model_folder"], "data.classes": CLASSES[3:],
+                       "lora.rank": 2, "model.quantize": "int8"})
+    cifar.train_and_evaluate(features, features.workdir)
 
 
 def test_full_ft_of_the_classifier_on_frozen_features_is_a_linear_probe_with_a_full_rank_delta(
