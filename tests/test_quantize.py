@@ -292,9 +292,13 @@ def test_the_config_flag_is_checked_before_anything_loads():
   config.model.quantize, config.method = "nf4", "full_ft"
   with pytest.raises(ValueError, match="config.model.quantize='nf4' .* config.method='full_ft' trains the base"):
     settings_lib.validate(config)
-  image = cifar100.get_config()
+  from rmlora_jax.recipes import vision
+  image = cifar100.get_config()  # the paper's setting: the classifier adapted on frozen features
   image.model.quantize = "int8"
-  settings_lib.validate(image)  # the image recipe quantises its backbone (tests/experiments/test_vision.py)
+  with pytest.raises(ValueError, match=r"config.model.quantize='int8': this run trains the classifier on features"):
+    vision.validate(image)
+  image.adapt = "attention_mlp"  # steps that read the backbone: quantised (tests/experiments/test_vision.py)
+  vision.validate(image)
 
 
 # ------------------------------------------------------------------ end to end (integration)

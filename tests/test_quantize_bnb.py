@@ -122,12 +122,15 @@ def test_an_nf4_runs_peft_export_names_the_bitsandbytes_settings_that_load_its_b
   from tests.experiments.test_glue import tiny_config
 
   model, data = _tiny_glue(tmp_path)
-  config = tiny_config(model, data, tmp_path / "run", method="lora", **{"model.quantize": "nf4"})
+  config = tiny_config(model, data, tmp_path / "run", method="lora",
+                       **{"model.quantize": "nf4", "data.cache_dir": str(tmp_path / "tokens")})
   glue.train_and_evaluate(config, config.workdir)
   folder = export.export_run(tmp_path / "run", fmt="peft")
   note = json.loads((folder / "quantization.json").read_text())
   assert note["format"] == "nf4" and len(note["kernels"]) == 12 and "BitsAndBytesConfig" in note["note"]
   assert note["bitsandbytes"]["llm_int8_skip_modules"] == ["bert.pooler.dense", "classifier"]
+  merged = json.loads((export.export_run(tmp_path / "run", fmt="merged") / "quantization.json").read_text())
+  assert "bitsandbytes" not in merged  # a merged folder's weights are not the run's quantised kernels
   # Loaded with those settings, transformers quantises exactly the run's kernels, to the run's values.
   loaded = transformers.AutoModelForSequenceClassification.from_pretrained(
       model, num_labels=2, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
@@ -149,7 +152,8 @@ def test_the_peft_anchor_trains_qlora_over_bitsandbytes_nf4_and_refuses_other_fo
   from tests.experiments.test_glue import tiny_config
 
   model, data = _tiny_glue(tmp_path)
-  config = tiny_config(model, data, tmp_path / "peft", method="lora", **{"model.quantize": "nf4"})
+  config = tiny_config(model, data, tmp_path / "peft", method="lora",
+                       **{"model.quantize": "nf4", "data.cache_dir": str(tmp_path / "tokens")})
   results = peft_glue.run(config, config.workdir)
   assert results["method"] == "peft_lora" and results["quantize"]["library"] == "bitsandbytes"
   assert len(results["quantize"]["modules"]) == 12  # the six block kernels of both layers; pooler and head float
@@ -158,3 +162,8 @@ def test_the_peft_anchor_trains_qlora_over_bitsandbytes_nf4_and_refuses_other_fo
   with pytest.raises(ValueError, match=r"config.model.quantize='int8': the PEFT anchor quantises through "
                                        r"bitsandbytes, whose only format equal to ours is nf4"):
     peft_glue.run(config, config.workdir)
+  config = tiny_config(model, data, tmp_path / "peftada", method="adalora", **{"model.quantize": "nf4"})
+  with pytest.raises(ValueError, match=r"config.model.quantize='nf4': the PEFT anchor runs LoRA over a 4-bit base, "
+                                       r"not AdaLoRA"):
+    peft_glue.run(config, config.workdir)
+  assert not (tmp_path / "peft8").exists() and not (tmp_path / "peftada").exists()  # refused before any work

@@ -140,7 +140,7 @@ def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str, *, hf_conf
                     head: str) -> dict[str, Any]:
   """What an export of a run over a quantised base says about it: the format, the kernels, a sentence.
 
-  For an nf4 base in 64-value blocks it adds ``"bitsandbytes"``: the
+  For a PEFT export over an nf4 base in 64-value blocks it adds ``"bitsandbytes"``: the
   ``transformers.BitsAndBytesConfig`` fields under which transformers loads
   the base model with exactly the run's kernels (bitsandbytes' nf4 blocks
   are ours, tests/test_quantize_bnb.py), the float ones skipped.
@@ -149,9 +149,9 @@ def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str, *, hf_conf
   kernels = sorted(p for p, x in quantize.flatten_kernels(base).items() if quantize.is_quantized(x))
   scales = quantize.describe(quantize.flatten_kernels(base)[kernels[0]]).partition(", ")[2]
   note = {"format": spec.format, "scales": scales, "kernels": kernels}
-  bits = run.bitsandbytes_settings(spec, kernels, hf_config, head=head,
-                                   num_labels=hf_layout.num_labels_of(base, head))
-  if bits is not None:
+  bits = None if fmt == "merged" else run.bitsandbytes_settings(spec, kernels, hf_config, head=head,
+                                                                num_labels=hf_layout.num_labels_of(base, head))
+  if bits is not None:  # for the PEFT adapter's base; a merged folder is not quantised again
     note["bitsandbytes"] = bits
   if fmt == "merged":
     note["note"] = (f"the run trained over a {spec.format}-quantised base ({scales}): its {len(kernels)} quantised "

@@ -120,10 +120,25 @@ PEFT_ANCHORS = {"lora": "peft_lora", "adalora": "peft_adalora"}
 
 
 def peft_anchor_method(config: ml_collections.ConfigDict) -> str:
-  """The anchor's method name for ``config.method`` (PEFT's LoRA or AdaLoRA); errors for others."""
+  """The anchor's method name for ``config.method`` (PEFT's LoRA or AdaLoRA); errors for others.
+
+  Also refuses, before anything loads, a ``config.model.quantize`` the
+  anchor cannot reproduce: formats other than nf4 in 64-value blocks
+  (`bitsandbytes_settings`), and AdaLoRA over a 4-bit base (PEFT's 4-bit
+  AdaLoRA layer has no ``get_delta_weight``, which the anchor's report reads).
+  """
   if config.method not in PEFT_ANCHORS:
     raise ValueError(f"config.method={config.method!r}: the PEFT anchor runs {' or '.join(PEFT_ANCHORS)} "
                      "(PEFT's LoraConfig or AdaLoraConfig)")
+  fmt = settings_lib.quantize_format(config)
+  if fmt and (fmt != "nf4" or config.model.get("quantize_block", -1) not in (-1, 64)):
+    raise ValueError(f"config.model.quantize={fmt!r}: the PEFT anchor quantises through bitsandbytes, whose only "
+                     f"format equal to ours is nf4 in 64-value blocks (config.model.quantize_block=-1 or 64); run "
+                     f"it with config.model.quantize='nf4' or ''")
+  if fmt and config.method == "adalora":
+    raise ValueError(f"config.model.quantize={fmt!r}: the PEFT anchor runs LoRA over a 4-bit base, not AdaLoRA "
+                     f"(PEFT's 4-bit AdaLoRA layer cannot report its update); use config.method='lora' or "
+                     f"config.model.quantize=''")
   return PEFT_ANCHORS[config.method]
 
 
@@ -312,6 +327,8 @@ def bitsandbytes_settings(spec: quantize.QuantizeSpec, kernels: Sequence[str], h
     return None
   layout = hf_layout.torch_layout(hf_config, head=head, num_labels=num_labels)
   kernels = set(kernels)
+  if not kernels <= set(layout.linear.values()):  # a kernel bitsandbytes would not see
+    return None
   return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
           "llm_int8_skip_modules": sorted(m for m, p in layout.linear.items() if p not in kernels)}
 
@@ -325,19 +342,21 @@ def anchor_model_kwargs(config: ml_collections.ConfigDict, head: str, num_labels
   keeps bitsandbytes on its float32 path on a CPU).
 
   Raises:
-    ValueError: a format bitsandbytes has no equivalent of.
+    ValueError: a format bitsandbytes has no equivalent of, or AdaLoRA (`peft_anchor_method`).
   """
-  fmt = settings_lib.quantize_format(config)
-  if not fmt:
+  if not settings_lib.quantize_format(config):
     return {}
+  peft_anchor_method(config)  # the formats and methods it can run
+  # The whole model is loaded to list the kernels our run quantises (its
+  # host copy is freed before the transformers model loads).
   _, params, _, hf_config, report = load_model(config, head, num_labels)
   spec = quantize_spec(config, hf_config, report.missing)
-  kernels = [p for p in quantize.select(stacking.unstack_layers(params), spec)]
+  kernels = quantize.select(stacking.unstack_layers(params), spec)
+  del params
   settings = bitsandbytes_settings(spec, kernels, hf_config, head=head, num_labels=num_labels)
   if settings is None:
-    raise ValueError(f"config.model.quantize={fmt!r}: the PEFT anchor quantises through bitsandbytes, whose only "
-                     f"format equal to ours is nf4 in 64-value blocks (config.model.quantize_block=-1 or 64); run "
-                     f"it with config.model.quantize='nf4' or ''")
+    raise ValueError(f"config.model.quantize={spec.format!r}: some kernel it quantises is no nn.Linear of the "
+                     f"transformers model, so bitsandbytes cannot quantise the same ones")
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   bits = transformers.BitsAndBytesConfig(bnb_4bit_compute_dtype=torch.float32, **settings)

@@ -107,7 +107,13 @@ def targets_and_head(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...]
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every setting of an image run, checked before anything is loaded."""
   settings_lib.validate(config)
-  targets_and_head(config)
+  targets, head = targets_and_head(config)
+  fmt = settings_lib.quantize_format(config)
+  if fmt and config.frozen_features and trains_classifier_only(
+      settings_lib.method_settings(config, default_targets=targets, head_patterns=head), config.adapt):
+    raise ValueError(f"config.model.quantize={fmt!r}: this run trains the classifier on features the backbone "
+                     f"computes once (config.frozen_features=True), so no step reads the backbone; set "
+                     f"config.frozen_features=False to train over a quantised backbone, or config.model.quantize=''")
   d = config.data
   if d.dir and not os.path.isdir(d.dir):
     raise ValueError(f"config.data.dir={d.dir!r} is not a directory (expected an ImageFolder root: "
@@ -309,11 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   features = bool(config.frozen_features) and trains_classifier_only(method, config.adapt)
   task = build_task(config, model, train, test, features=features)
   module, params = model.module, model.params
-  fmt = settings_lib.quantize_format(config)
-  if fmt and features:
-    raise ValueError(f"config.model.quantize={fmt!r}: this run trains the classifier on features the backbone "
-                     f"computes once (config.frozen_features=True), so no step reads the backbone; set "
-                     f"config.frozen_features=False to train over a quantised backbone, or config.model.quantize=''")
+  fmt = settings_lib.quantize_format(config)  # never with features (validate)
   if features:
     module = vision.LinearHead(num_classes, dtype=jnp.dtype(config.model.dtype))
     params = {"classifier": params["classifier"]}
