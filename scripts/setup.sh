@@ -23,3 +23,10 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
   touch "$stamp"
 fi
+# The TPU compiler (libtpu, 0.7 GB on disk) for the plan on TPU topologies and
+# its test, in .tpu_compiler/ outside .venv (scripts/tpu_env.sh says why).
+# Best effort: without it those tests skip.
+if [ ! -f .tpu_compiler/libtpu/libtpu.so ]; then
+  bash scripts/tpu_env.sh install -q --disable-pip-version-check >/dev/null 2>&1 ||
+    echo "setup: the TPU compiler (libtpu) did not install; the tests that need it will skip" >&2
+fi

@@ -3,7 +3,7 @@
 # no TPU: JAX stays on its CPU backend, and jax.experimental.topologies loads
 # libtpu only to describe TPU topologies and compile for them.
 #
-#   scripts/tpu_env.sh install                      # once: libtpu into .tpu_compiler/
+#   scripts/tpu_env.sh install [pip options]        # once (scripts/setup.sh does it): libtpu into .tpu_compiler/
 #   scripts/tpu_env.sh python -m experiments.plan --config=configs/plan.py:tpu
 #
 # libtpu lives in .tpu_compiler/, outside the virtual environment: with it
@@ -14,7 +14,8 @@ TARGET="${RMLORA_TPU_COMPILER:-$ROOT/.tpu_compiler}"
 if [[ "${1:-}" == "install" ]]; then
   # The project's interpreter when there is one: the wheel is per Python version.
   PY="python"; [[ -x "$ROOT/.venv/bin/python" ]] && PY="$ROOT/.venv/bin/python"
-  exec "$PY" -m pip install --no-deps --target "$TARGET" -r "$ROOT/requirements-tpu-compiler.txt"
+  shift
+  exec "$PY" -m pip install --no-deps --target "$TARGET" -r "$ROOT/requirements-tpu-compiler.txt" "$@"
 fi
 LIB="$TARGET/libtpu/libtpu.so"
 if [[ ! -f "$LIB" ]]; then
