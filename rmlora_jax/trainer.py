@@ -305,7 +305,7 @@ def train_and_evaluate(
     train_step = training.AheadOfTime(train_step, state, frozen, mesh=mesh)
     eval_step = training.AheadOfTime(eval_step, state.trainable, frozen, mesh=mesh)
     train_step.prepare(examples(settings.micro_batch_size, training=True))
-    eval_step.prepare(examples(settings.batch_size, training=False))
+    eval_step.prepare(examples(settings.batch_size, training=False), after=train_step)
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top

@@ -181,8 +181,14 @@ class AheadOfTime:
     self._queue: queue.SimpleQueue | None = None
     self._thread: threading.Thread | None = None
 
-  def prepare(self, batches: Iterable[Mapping[str, Any]]) -> None:
-    """Starts compiling, in the background and in order, for the shapes of ``batches`` (numpy or arrays)."""
+  def prepare(self, batches: Iterable[Mapping[str, Any]], *, after: AheadOfTime | None = None) -> None:
+    """Starts compiling, in the background and in order, for the shapes of ``batches`` (numpy or arrays).
+
+    ``after``: begin once the shapes ``after`` has queued so far are built
+    (or dropped), so that two steps' compilations do not share the cores
+    with each other as well as with the running steps; an eval step's
+    shapes, needed only at the first evaluation, wait for the train step's.
+    """
     if self._direct:
       return
     for batch in batches:
@@ -192,15 +198,25 @@ class AheadOfTime:
           continue
         if self._queue is None:
           self._queue = queue.SimpleQueue()
+          if after is not None:
+            self._queue.put((_AFTER, after.pending()))
           # A daemon, should `close` never be called; `close` drops the shapes not begun.
           self._thread = threading.Thread(target=self._work, name="rmlora-compile", daemon=True)
           self._thread.start()
         self._futures[key] = future = concurrent.futures.Future()
         self._queue.put((key, future))
 
+  def pending(self) -> list[concurrent.futures.Future]:
+    """The futures of the shapes queued so far (done or not)."""
+    with self._lock:
+      return list(self._futures.values())
+
   def _work(self) -> None:
     while (item := self._queue.get()) is not None:
       key, future = item
+      if key is _AFTER:
+        concurrent.futures.wait(future)
+        continue
       if future.set_running_or_notify_cancel():
         try:
           future.set_result(self._compile(key))
@@ -237,6 +253,10 @@ class AheadOfTime:
   def _compile(self, key: tuple) -> Any:
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding) for name, shape, dtype in key}
     return self._jitted.lower(*self._fixed, batch).compile()
+
+
+# A queue item of `AheadOfTime`: wait for these futures before the next shape.
+_AFTER = object()
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:

@@ -1,5 +1,6 @@
 """Checkpointer: what a checkpoint records is what was true at its step; AheadOfTime: steps compiled per shape."""
 
+import concurrent.futures
 import threading
 import time
 
@@ -103,3 +104,28 @@ def test_ahead_of_time_close_waits_for_the_compile_running():
   aot.close()
   threads = [t for t in threading.enumerate() if t.name == "rmlora-compile"]
   assert not threads, threads  # joined: the running compile finished, the queued one was dropped
+
+
+def test_ahead_of_time_after_another_begins_once_its_shapes_are_built():
+  mesh = training.make_mesh(1)
+  rep = training.replicated(mesh)
+  order = []
+
+  def recording(name):
+    def step(state, frozen, batch):
+      order.append((name, batch["x"].shape[1]))  # traced on a background thread
+      time.sleep(0.2)
+      return state + jnp.sum(batch["x"]), state
+    return jax.jit(step, in_shardings=(rep, rep, training.data_sharded(mesh)))
+
+  state, frozen = jax.device_put(jnp.float32(0.0), rep), jax.device_put(jnp.float32(0.0), rep)
+  first = training.AheadOfTime(recording("train"), state, frozen, mesh=mesh)
+  second = training.AheadOfTime(recording("eval"), state, frozen, mesh=mesh)
+  first.prepare([_batch(2, 3, 0), _batch(2, 4, 0)])
+  second.prepare([_batch(2, 5, 0), _batch(2, 6, 0)], after=first)
+  concurrent.futures.wait(second.pending())
+  assert order == [("train", 3), ("train", 4), ("eval", 5), ("eval", 6)]
+  state, _ = second(state, frozen, partitioning.put_batch(_batch(2, 6, 1), mesh))
+  assert float(state) == 12.0 and len(order) == 4  # the prepared executable, not a new trace
+  first.close()
+  second.close()
