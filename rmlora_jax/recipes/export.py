@@ -146,8 +146,9 @@ def _quantized_note(spec: quantize.QuantizeSpec, base: Any, fmt: str, *, hf_conf
   are ours, tests/test_quantize_bnb.py), the float ones skipped.
   """
   base = stacking.unstack_layers(base)  # a scanned model's kernels by their layers' paths
-  kernels = sorted(p for p, x in quantize.flatten_kernels(base).items() if quantize.is_quantized(x))
-  scales = quantize.describe(quantize.flatten_kernels(base)[kernels[0]]).partition(", ")[2]
+  flat = quantize.flatten_kernels(base)
+  kernels = sorted(p for p, x in flat.items() if quantize.is_quantized(x))
+  scales = quantize.describe(flat[kernels[0]]).partition(", ")[2]
   note = {"format": spec.format, "scales": scales, "kernels": kernels}
   bits = None if fmt == "merged" else run.bitsandbytes_settings(spec, kernels, hf_config, head=head,
                                                                 num_labels=hf_layout.num_labels_of(base, head))

@@ -131,7 +131,7 @@ def peft_anchor_method(config: ml_collections.ConfigDict) -> str:
     raise ValueError(f"config.method={config.method!r}: the PEFT anchor runs {' or '.join(PEFT_ANCHORS)} "
                      "(PEFT's LoraConfig or AdaLoraConfig)")
   fmt = settings_lib.quantize_format(config)
-  if fmt and (fmt != "nf4" or config.model.get("quantize_block", -1) not in (-1, 64)):
+  if fmt and not _bitsandbytes_has(fmt, config.model.get("quantize_block", -1)):
     raise ValueError(f"config.model.quantize={fmt!r}: the PEFT anchor quantises through bitsandbytes, whose only "
                      f"format equal to ours is nf4 in 64-value blocks (config.model.quantize_block=-1 or 64); run "
                      f"it with config.model.quantize='nf4' or ''")
@@ -306,6 +306,11 @@ def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: An
     raise ValueError(f"config.model.quantize={spec.format!r}: {e}") from e
 
 
+def _bitsandbytes_has(fmt: str, block_size: int) -> bool:
+  """Whether bitsandbytes stores ``fmt`` in ``block_size`` (-1: the format's default) as we do: nf4 in 64s."""
+  return fmt == "nf4" and block_size in (-1, 64)
+
+
 def bitsandbytes_settings(spec: quantize.QuantizeSpec, kernels: Sequence[str], hf_config: Any, *, head: str,
                           num_labels: int) -> dict[str, Any] | None:
   """``transformers.BitsAndBytesConfig`` fields that quantise exactly ``kernels`` as ``spec`` does; None if none can.
@@ -323,7 +328,7 @@ def bitsandbytes_settings(spec: quantize.QuantizeSpec, kernels: Sequence[str], h
     kernels: our paths of the kernels it quantises (per layer for a scanned model).
     hf_config, head, num_labels: the transformers model's config, head and outputs.
   """
-  if spec.format != "nf4" or spec.block_size not in (-1, 64):
+  if not _bitsandbytes_has(spec.format, spec.block_size):
     return None
   layout = hf_layout.torch_layout(hf_config, head=head, num_labels=num_labels)
   kernels = set(kernels)

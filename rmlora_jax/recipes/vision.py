@@ -109,8 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   settings_lib.validate(config)
   targets, head = targets_and_head(config)
   fmt = settings_lib.quantize_format(config)
-  if fmt and config.frozen_features and trains_classifier_only(
-      settings_lib.method_settings(config, default_targets=targets, head_patterns=head), config.adapt):
+  if fmt and on_frozen_features(config, settings_lib.method_settings(config, default_targets=targets,
+                                                                     head_patterns=head)):
     raise ValueError(f"config.model.quantize={fmt!r}: this run trains the classifier on features the backbone "
                      f"computes once (config.frozen_features=True), so no step reads the backbone; set "
                      f"config.frozen_features=False to train over a quantised backbone, or config.model.quantize=''")
@@ -201,6 +201,11 @@ def trains_classifier_only(settings: methods_lib.MethodSettings, adapt: str) -> 
     return adapt == "classifier"
   patterns = tuple(settings.spec.targets) + tuple(settings.train_patterns)
   return all(p.startswith("classifier/") for p in patterns)
+
+
+def on_frozen_features(config: ml_collections.ConfigDict, settings: methods_lib.MethodSettings) -> bool:
+  """Whether the run trains on features the backbone computes once (``config.frozen_features``, classifier only)."""
+  return bool(config.frozen_features) and trains_classifier_only(settings, config.adapt)
 
 
 def _cache_key(config: ml_collections.ConfigDict, model: LoadedModel, split: str) -> str:
@@ -312,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
     with settings_lib.config_errors():  # a rank larger than the layer allows, a target matching nothing
       lora_lib.select_targets(model.params, method.spec, where="config.lora.targets")
   train, test = load_splits(config, model.image_size)
-  features = bool(config.frozen_features) and trains_classifier_only(method, config.adapt)
+  features = on_frozen_features(config, method)
   task = build_task(config, model, train, test, features=features)
   module, params = model.module, model.params
   fmt = settings_lib.quantize_format(config)  # never with features (validate)
