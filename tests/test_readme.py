@@ -13,8 +13,12 @@ def _blocks(lang):
   return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
+def _is_api_example(block):
+  return "rl.init_lora" in block and "nn.Sequential" in block
+
+
 def test_api_example_runs_and_learns(capsys):
-  (example,) = [b for b in _blocks("python") if "rl.init_lora" in b]
+  (example,) = [b for b in _blocks("python") if _is_api_example(b)]
   namespace = {}
   exec(compile(example, "README.md", "exec"), namespace)
   out = capsys.readouterr().out
@@ -41,7 +45,7 @@ def test_bring_your_own_model_trains_rm_lora_through_the_trainer(capsys, tmp_pat
 
 
 def test_every_other_python_block_runs():
-  blocks = [b for b in _blocks("python") if "rl.init_lora" not in b and "trainer.train_and_evaluate" not in b]
+  blocks = [b for b in _blocks("python") if not _is_api_example(b) and "trainer.train_and_evaluate" not in b]
   assert blocks
   for block in blocks:
     exec(compile(block, "README.md", "exec"), {})

@@ -27,21 +27,27 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
+import mmap
 import os
 import pathlib
+import re
 import shutil
+import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import quantize as quantize_lib
 from rmlora_jax import stacking
 from rmlora_jax.models import bert, deberta_v2, gemma, llama, torch_port, vit
 
@@ -52,6 +58,9 @@ ARCHITECTURES: dict[str, ModuleType] = {
 
 # Top-level param names that belong to a task head; a checkpoint lacking them is normal.
 HEAD_PARAM_ROOTS = ("classifier", "qa_outputs")
+
+# Bytes of checkpoint copied into params between releases of the file's pages (`MappedStateDict.release`).
+_RELEASE_BYTES = 64 * 2**20
 
 # State dict entries that are buffers, not weights (never reported as unexpected).
 _BUFFER_SUFFIXES = ("position_ids",)
@@ -243,23 +252,86 @@ def _torch_load(file: pathlib.Path) -> dict[str, np.ndarray]:
   }
 
 
-def _safetensors_load(file: pathlib.Path) -> dict[str, np.ndarray]:
-  """A safetensors file as numpy arrays; bfloat16 ones (most LLM checkpoints) as ml_dtypes'."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+# safetensors' dtype names (its format's header) -> NumPy's, ml_dtypes' for bfloat16 and float8.
+_SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
 
+
+class MappedStateDict(dict):
+  """A state dict whose arrays view memory maps of the checkpoint's files (`read_state_dict`).
+
+  `release` drops the pages read so far from the process's resident set
+  (they stay in the OS's file cache, and an array read again is read back),
+  so copying the tensors out one by one never holds the whole file resident.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.maps: list[mmap.mmap] = []
+
+  def release(self) -> None:
+    for data in self.maps:
+      if hasattr(data, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere the pages stay
+        data.madvise(mmap.MADV_DONTNEED)
+
+
+def _safetensors_load(file: pathlib.Path) -> MappedStateDict:
+  """A safetensors file's tensors as read-only NumPy arrays over a memory map of the file.
+
+  Nothing is read until used: the conversion to Flax's layout (transposes)
+  stays a view, and `load_pretrained` copies one tensor at a time into its
+  parameter (quantising it there when asked), so the float checkpoint is
+  never held whole in the process's own memory. The format (an 8-byte
+  little-endian header length, a JSON header of dtype, shape and byte
+  offsets, then the data) is safetensors' documented layout; bfloat16 and
+  float8 tensors come as ml_dtypes' types.
+
+  Raises:
+    ValueError: the file is not a safetensors file, or holds a dtype NumPy cannot view.
+  """
+  with open(file, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+      raise ValueError(f"{file} is not a safetensors file: {size} bytes, shorter than its header's length field")
+    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  (length,) = struct.unpack("<Q", data[:8])
   try:
-    return load_file(file)
-  except TypeError:  # safetensors' numpy reader has no bfloat16; its flax reader has.
-    with safe_open(file, framework="flax") as f:
-      return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    if 8 + length > size:
+      raise ValueError(f"its header claims {length} bytes of a {size}-byte file")
+    header = json.loads(bytes(data[8:8 + length]))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file} is not a safetensors file: {e}") from e
+  start = 8 + length
+  tensors = MappedStateDict()
+  tensors.maps.append(data)
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+      raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']!r}, which NumPy cannot hold; "
+                       f"readable: {sorted(_SAFETENSORS_DTYPES)}")
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    dtype = np.dtype(dtype)
+    if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
+      raise ValueError(f"{file}: tensor {name!r} ({entry['dtype']} {list(shape)}) has data offsets "
+                       f"{[begin, end]} that do not fit its shape or the file")
+    tensors[name] = (np.frombuffer(data, dtype, count=math.prod(shape), offset=start + begin).reshape(shape)
+                     if math.prod(shape) else np.zeros(shape, dtype))
+  return tensors
 
 
-def read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], list[str]]:
+def read_state_dict(folder: pathlib.Path) -> tuple[MappedStateDict, list[str]]:
   """Reads a folder's weights (safetensors preferred, else pytorch_model.bin).
 
   Returns:
-    (weight name -> array, names of the files read).
+    (weight name -> array, names of the files read). Safetensors weights are
+    read-only views of memory maps of the files (`MappedStateDict`).
 
   Raises:
     ValueError: the folder has none of the weight files looked for.
@@ -278,9 +350,11 @@ def read_state_dict(folder: pathlib.Path) -> tuple[dict[str, np.ndarray], list[s
       shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
     else:
       shards = [filename]
-    state: dict[str, np.ndarray] = {}
+    state = MappedStateDict()
     for shard in shards:
-      state.update(reader(folder / shard))
+      read = reader(folder / shard)
+      state.update(read)
+      state.maps.extend(getattr(read, "maps", ()))
     return state, shards
   raise ValueError(
       f"folder {str(folder)!r} has no weights: looked for "
@@ -335,6 +409,7 @@ def load_pretrained(
     seed: int = 0,
     return_report: bool = False,
     scan_layers: bool | None = False,
+    quantize: Any = None,
 ) -> tuple[Any, ...]:
   """Loads a Hugging Face checkpoint as a Flax module and its params.
 
@@ -353,6 +428,11 @@ def load_pretrained(
       `rmlora_jax.stacking`); adapters keep the per-layer paths. None: scan
       a decoder unless JAX's default backend is the CPU, where XLA compiles
       the unrolled layers faster (docs/MODELS.md); encoders stay unrolled.
+    quantize: a `rmlora_jax.quantize.QuantizeSpec`: each kernel it selects
+      is quantised as it is read, so the float model never exists whole
+      (what `quantize.quantize_base` of the loaded params would give, to the
+      bit). Params the checkpoint lacks (a new head) are never quantised.
+      None: float params.
 
   Returns:
     ``(module, params, tokenizer_or_processor, hf_config)``, plus the
@@ -391,7 +471,6 @@ def load_pretrained(
   unknown = sorted(set(flat) - set(shapes))
   assert not unknown, f"{arch.__name__}.params_from_state_dict made unknown paths {unknown}"
 
-  params = {}
   for path, value in flat.items():
     if tuple(np.shape(value)) != tuple(shapes[path].shape):
       raise ValueError(
@@ -399,8 +478,25 @@ def load_pretrained(
           f"but the module expects {tuple(shapes[path].shape)} (head={head!r}, "
           f"num_labels={num_labels}, folder {str(folder)!r})"
       )
-    params[path] = jnp.asarray(value, dtype=shapes[path].dtype)
   missing = [p for p in shapes if p not in flat]
+  quantized = _quantized_paths(quantize, shapes, missing)
+  del converted
+  params = {}
+  # One tensor at a time: its float copy (jnp.array copies, so no parameter
+  # aliases the checkpoint's memory map) is dropped once quantised, and the
+  # file's pages read are let go every _RELEASE_BYTES.
+  read = 0
+  for path in list(flat):
+    value = flat.pop(path)
+    read += value.nbytes
+    value = jnp.array(value, dtype=shapes[path].dtype)
+    if path in quantized:
+      value = quantize_lib.quantize_kernel(value, qtype=quantize.qtype, block=quantize.block)
+    params[path] = value
+    if read >= _RELEASE_BYTES and isinstance(state, MappedStateDict):
+      jax.block_until_ready(value)
+      state.release()
+      read = 0
   if missing:
     # Only the missing leaves are returned, so XLA drops the rest of the init.
     def init_missing(r):
@@ -430,6 +526,16 @@ def load_pretrained(
   processor = _load_processor(folder, hf_config.model_type)
   out = (module, params, processor, hf_config)
   return out + (report,) if return_report else out
+
+
+def _quantized_paths(spec: Any, shapes: Mapping[str, jax.ShapeDtypeStruct], missing: Sequence[str]) -> frozenset[str]:
+  """The paths `load_pretrained` quantises: what ``spec`` selects of the module's params, less ``missing``."""
+  if spec is None:
+    return frozenset()
+  if not isinstance(spec, quantize_lib.QuantizeSpec):
+    raise ValueError(f"load_pretrained: quantize must be a rmlora_jax.quantize.QuantizeSpec or None, got {spec!r}")
+  spec = dataclasses.replace(spec, exclude=tuple(spec.exclude) + tuple(re.escape(p) for p in missing))
+  return frozenset(quantize_lib.select(_nest(shapes), spec))
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:

@@ -93,12 +93,23 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int):
-  """`hub.load_pretrained` of ``config.model``; a model that cannot be found names the offline choices."""
+def load_model(config: ml_collections.ConfigDict, head: str, num_labels: int, *, quantized: bool = False):
+  """`hub.load_pretrained` of ``config.model``; a model that cannot be found names the offline choices.
+
+  ``quantized``: with ``config.model.quantize`` set, the kernels of
+  `quantize_spec` are quantised as they are read (`hub.load_pretrained`'s
+  ``quantize``), the params equal to `quantized_base` of the float ones.
+  """
   try:
-    return hub.load_pretrained(config.model.name_or_path, head=head, num_labels=num_labels,
-                               dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True,
-                               scan_layers=config.model.get("scan_layers", False))
+    spec = None
+    if quantized and settings_lib.quantize_format(config):
+      import transformers  # pylint: disable=g-import-not-at-top
+      folder = hub.resolve_model_path(config.model.name_or_path)
+      spec = quantize_spec(config, transformers.AutoConfig.from_pretrained(folder), ())
+    with _quantize_errors(spec):
+      return hub.load_pretrained(config.model.name_or_path, head=head, num_labels=num_labels,
+                                 dtype=jnp.dtype(config.model.dtype), seed=config.seed, return_report=True,
+                                 scan_layers=config.model.get("scan_layers", False), quantize=spec)
   except ValueError as e:
     if "resolve_model_path" not in str(e):
       raise
@@ -291,6 +302,18 @@ def quantize_spec(config: ml_collections.ConfigDict, hf_config: Any,
                                  block_size=config.model.get("quantize_block", -1))
 
 
+@contextlib.contextmanager
+def _quantize_errors(spec: quantize.QuantizeSpec | None):
+  """Re-raises a `quantize.QuantizeSpec`'s ValueError as ``config.model.quantize=...: `` and the config's names."""
+  try:
+    yield
+  except ValueError as e:
+    if spec is None or "QuantizeSpec" not in str(e):
+      raise
+    raise ValueError(f"config.model.quantize={spec.format!r}: "
+                     f"{settings_lib.config_names(str(e), _QUANTIZE_NAMES)}") from e
+
+
 def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: Any, missing: Sequence[str]) -> Any:
   """``params`` with the kernels of `quantize_spec` quantised; ``params`` itself when quantising is off.
 
@@ -299,11 +322,8 @@ def quantized_base(config: ml_collections.ConfigDict, params: Any, hf_config: An
   spec = quantize_spec(config, hf_config, missing)
   if spec is None:
     return params
-  try:
-    with settings_lib.config_errors(_QUANTIZE_NAMES):
-      return quantize.quantize_base(params, spec)
-  except ValueError as e:
-    raise ValueError(f"config.model.quantize={spec.format!r}: {e}") from e
+  with _quantize_errors(spec):
+    return quantize.quantize_base(params, spec)
 
 
 def _bitsandbytes_has(fmt: str, block_size: int) -> bool:
@@ -373,12 +393,12 @@ def load_sharded_model(config: ml_collections.ConfigDict, head: str, num_labels:
   model's partition specs: ``(module, params, tokenizer, hf_config, report, param_specs)``.
 
   With ``config.model.quantize`` the frozen base is quantised there, on the
-  host (`quantized_base`); the partition specs then cover the quantised
-  kernels' values and scales.
+  host, kernel by kernel as the checkpoint is read (`load_model`), so the
+  float model is never held whole; the partition specs then cover the
+  quantised kernels' values and scales.
   """
   with jax.default_device(partitioning.host_device()):
-    module, params, tokenizer, hf_config, report = load_model(config, head, num_labels)
-    params = quantized_base(config, params, hf_config, report.missing)
+    module, params, tokenizer, hf_config, report = load_model(config, head, num_labels, quantized=True)
   param_specs = partitioning.match_partition_rules(
       params, partitioning.rules_for(hf_config.model_type), where=f"partition rules of {hf_config.model_type}")
   return module, params, tokenizer, hf_config, report, param_specs

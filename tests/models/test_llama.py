@@ -11,7 +11,7 @@ import transformers
 from transformers import modeling_rope_utils
 
 import rmlora_jax as rl
-from rmlora_jax import partitioning, stacking
+from rmlora_jax import partitioning, quantize, stacking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax.models import decoder, default_lora_targets, hub, llama, load_pretrained
 
@@ -289,3 +289,19 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, stacking.stack_layers(want))
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     llama.LlamaForCausalLM(arch=arch, remat=True, remat_policy="some").init(jax.random.key(0), ids)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_quantize_on_load_equals_quantizing_the_loaded_params(scan, checkpoints):
+  folder, _ = checkpoints["llama3-untied-gqa"]
+  spec = quantize.QuantizeSpec(format="int8")
+  _, got = load_pretrained(folder, head="causal_lm", scan_layers=scan, quantize=spec)[:2]
+  _, floats = load_pretrained(folder, head="causal_lm", scan_layers=scan)[:2]
+  got, expected = quantize.flatten_kernels(got), quantize.flatten_kernels(quantize.quantize_base(floats, spec))
+  assert got.keys() == expected.keys()
+  assert sum(map(quantize.is_quantized, got.values())) == (7 if scan else 14)  # seven kernels a layer
+  for path, want in expected.items():
+    assert quantize.is_quantized(got[path]) == quantize.is_quantized(want), path
+    for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(want)):
+      assert a.dtype == b.dtype and a.shape == b.shape, path
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=path)
