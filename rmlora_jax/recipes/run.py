@@ -372,11 +372,12 @@ def anchor_model_kwargs(config: ml_collections.ConfigDict, head: str, num_labels
   if not settings_lib.quantize_format(config):
     return {}
   peft_anchor_method(config)  # the formats and methods it can run
-  # The whole model is loaded to list the kernels our run quantises (its
-  # host copy is freed before the transformers model loads).
-  _, params, _, hf_config, report = load_model(config, head, num_labels)
+  # Our run's base, quantised as it is read, lists the kernels it quantises
+  # (its host copy is freed before the transformers model loads).
+  _, params, _, hf_config, report = load_model(config, head, num_labels, quantized=True)
   spec = quantize_spec(config, hf_config, report.missing)
-  kernels = quantize.select(stacking.unstack_layers(params), spec)
+  kernels = [path for path, leaf in quantize.flatten_kernels(stacking.unstack_layers(params)).items()
+             if quantize.is_quantized(leaf)]
   del params
   settings = bitsandbytes_settings(spec, kernels, hf_config, head=head, num_labels=num_labels)
   if settings is None:
