@@ -37,6 +37,7 @@ _HEAD = flags.DEFINE_string("head", "causal_lm", "load_pretrained's head.")
 _FORMATS = flags.DEFINE_list("formats", ["", "int8", "nf4"], "Formats ('' = float32, int8, nf4, int4, fp8).")
 _SYNTHETIC = flags.DEFINE_enum("synthetic", "", ["", "tinyllama"], "Write a random checkpoint of this shape first.")
 _SYNTHETIC_DIR = flags.DEFINE_string("synthetic_dir", "/tmp/rmlora_synthetic_tinyllama", "Where it goes.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "Load a decoder's layers stacked for nn.scan.")
 _MODES = flags.DEFINE_list("modes", ["read", "after"], "For each format: quantised as read, after loading.")
 _OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON).")
 
@@ -47,10 +48,10 @@ TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
                  tie_word_embeddings=False)
 
-# Run in the child: load, then report. argv: model, head, format, mode.
+# Run in the child: load, then report. argv: model, head, format, mode, scan_layers.
 _CHILD = r"""
 import json, resource, sys
-model, head, fmt, mode = sys.argv[1:5]
+model, head, fmt, mode, scan = sys.argv[1:6]
 import jax.numpy as jnp, transformers
 from rmlora_jax import quantize
 from rmlora_jax.models import hub
@@ -61,7 +62,8 @@ def rss_mib():
       return int(line.split()[1]) / 1024
 before = rss_mib()
 spec = quantize.QuantizeSpec(format=fmt) if fmt else None
-params = hub.load_pretrained(model, head=head, **({"quantize": spec} if spec is not None and mode == "read" else {}))[1]
+params = hub.load_pretrained(model, head=head, scan_layers=scan == "1",
+                             **({"quantize": spec} if spec is not None and mode == "read" else {}))[1]
 if spec is not None and mode == "after":
   params = quantize.quantize_base(params, spec)
 print(json.dumps({"imports_mib": before, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -97,10 +99,10 @@ def write_synthetic(folder: pathlib.Path) -> pathlib.Path:
   return folder
 
 
-def measure(model: str, head: str, fmt: str, mode: str) -> dict:
+def measure(model: str, head: str, fmt: str, mode: str, scan_layers: bool = False) -> dict:
   """One load in a fresh process: its resident set before loading, its peak, the params' bytes."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _CHILD, model, head, fmt, mode], cwd=ROOT, env=env,
+  proc = subprocess.run([sys.executable, "-c", _CHILD, model, head, fmt, mode, str(int(scan_layers))], cwd=ROOT, env=env,
                         capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(f"loading {model} ({fmt or 'float32'}, {mode}) failed: {proc.stderr[-3000:]}")
@@ -113,7 +115,7 @@ def main(argv):
   rows = []
   for fmt in _FORMATS.value:
     for mode in (_MODES.value if fmt else ("read",)):
-      row = {"format": fmt or "float32", "mode": mode if fmt else "float", **measure(model, _HEAD.value, fmt, mode)}
+      row = {"format": fmt or "float32", "mode": mode if fmt else "float", **measure(model, _HEAD.value, fmt, mode, _SCAN.value)}
       rows.append(row)
       print(f"{row['format']:>8} {row['mode']:>6}: peak {row['peak_mib']:8.0f} MiB (imports {row['imports_mib']:.0f}),"
             f" params {row['params_mib']:.0f} MiB", flush=True)
@@ -123,7 +125,8 @@ def main(argv):
     print(f"| {r['format']} | {when} | {r['peak_mib']:.0f} | {r['peak_mib'] - r['imports_mib']:.0f} |"
           f" {r['params_mib']:.0f} |")
   if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(json.dumps({"model": model, "rows": rows}, indent=1) + "\n")
+    pathlib.Path(_OUT.value).write_text(json.dumps({"model": model, "scan_layers": _SCAN.value, "rows": rows},
+                                                   indent=1) + "\n")
 
 
 if __name__ == "__main__":

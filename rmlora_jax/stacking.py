@@ -46,11 +46,13 @@ def _stack(leaves: list[Any]) -> Any:
   return jnp.stack(leaves)
 
 
-def stack_layers(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+def stack_layers(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None,
+                 stack: Callable[[list[Any]], Any] | None = None) -> Any:
   """``tree`` with every run ``layers_0 .. layers_{L-1}`` replaced by one stack ``layers``.
 
   Leaves are stacked on a new first axis (NumPy arrays with NumPy, anything
-  else with `jnp.stack`; a `qwix.QArray` stacks its values and scales).
+  else with `jnp.stack`; a `qwix.QArray` stacks its values and scales), or
+  by ``stack(layers' leaves)`` when given.
 
   Raises:
     ValueError: the layers are not numbered 0 .. L-1, differ in structure or
@@ -59,7 +61,7 @@ def stack_layers(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> 
   if not isinstance(tree, Mapping):
     return tree
   numbered = {int(m[1]): k for k in tree if (m := _LAYER.match(str(k)))}
-  out = {k: stack_layers(v, is_leaf=is_leaf) for k, v in tree.items() if k not in numbered.values()}
+  out = {k: stack_layers(v, is_leaf=is_leaf, stack=stack) for k, v in tree.items() if k not in numbered.values()}
   if not numbered:
     return out
   if STACK in tree:
@@ -75,7 +77,7 @@ def stack_layers(tree: Any, *, is_leaf: Callable[[Any], bool] | None = None) -> 
            if np.shape(x) != np.shape(y)]
     if bad:
       raise ValueError(f"stack_layers: layers_{i} has shapes other than layers_0's, e.g. {bad[0][1]} for {bad[0][0]}")
-  out[STACK] = jax.tree.map(lambda *xs: _stack(list(xs)), *layers)
+  out[STACK] = jax.tree.map(lambda *xs: (stack or _stack)(list(xs)), *layers)
   return out
 
 

@@ -261,6 +261,21 @@ _SAFETENSORS_DTYPES: dict[str, Any] = {
 }
 
 
+class _LayerStack:
+  """The layers' arrays of one stacked leaf, stacked (`np.stack`) only when read as an array."""
+
+  def __init__(self, layers: list[np.ndarray]):
+    self.layers = layers
+    self.shape = (len(layers), *np.shape(layers[0]))
+    self.dtype = np.asarray(layers[0]).dtype
+    self.nbytes = sum(np.asarray(x).nbytes for x in layers)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # a new array either way
+    stacked = np.stack(self.layers)
+    return stacked if dtype is None else stacked.astype(dtype)
+
+
 class MappedStateDict(dict):
   """A state dict whose arrays view memory maps of the checkpoint's files (`read_state_dict`).
 
@@ -461,7 +476,8 @@ def load_pretrained(
   state, files = read_state_dict(folder)
   converted, used = arch.params_from_state_dict(state, hf_config, head=head)
   if scan_layers:
-    converted = stacking.stack_layers(converted)
+    # Each stacked leaf is stacked when its turn comes to be copied below.
+    converted = stacking.stack_layers(converted, stack=_LayerStack)
 
   init = functools.partial(module.init, **arch.dummy_inputs(hf_config))
   key = jax.random.key(seed)
@@ -489,9 +505,16 @@ def load_pretrained(
   for path in list(flat):
     value = flat.pop(path)
     read += value.nbytes
-    value = jnp.array(value, dtype=shapes[path].dtype)
-    if path in quantized:
-      value = quantize_lib.quantize_kernel(value, qtype=quantize.qtype, block=quantize.block)
+    dtype = shapes[path].dtype
+    if path in quantized and isinstance(value, _LayerStack):
+      # Layer by layer (each layer has its own scales), then the quantised layers stacked.
+      value = jax.tree.map(lambda *layers: jnp.stack(layers), *[
+          quantize_lib.quantize_kernel(jnp.array(x, dtype=dtype), qtype=quantize.qtype, block=quantize.block)
+          for x in value.layers])
+    else:
+      value = jnp.array(value, dtype=dtype)
+      if path in quantized:
+        value = quantize_lib.quantize_kernel(value, qtype=quantize.qtype, block=quantize.block)
     params[path] = value
     if read >= _RELEASE_BYTES and isinstance(state, MappedStateDict):
       jax.block_until_ready(value)
