@@ -11,7 +11,8 @@ fresh workdir. ``--caches=warm`` (the default) shares one token cache and one
 compilation cache over the runs, warmed by an untimed run of ours first;
 ``--caches=cold`` gives every run empty ones (a user's first run). Printed
 and written: per task and side the median and range of the wall clock and of
-``train_time_s``, and the ratio of the medians. Timing belongs here, never in
+``train_time_s``, and the ratio of the medians; each run's record also has
+its page faults and kernel (system) time. Timing belongs here, never in
 tests: run it on an otherwise idle machine and say how loaded it was.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,15 +49,19 @@ def _run(side: str, task: str, workdir: pathlib.Path, caches: pathlib.Path, extr
   if task == "sst2":
     args.append("--config.data.train_subset=2000")
   env = dict(os.environ, RMLORA_COMPILATION_CACHE=str(caches / "jax"))
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   proc = subprocess.run([*args, *extra], cwd=ROOT, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode != 0:
     err = proc.stderr.split("\nExtension modules:")[0]  # a fatal error's list of loaded modules says nothing
     raise RuntimeError(f"{side} on {task} failed (exit {proc.returncode}): {err[-3000:]}")
   results = json.loads((workdir / "results.json").read_text())
+  # The run's page faults and kernel time (the process and its children): what the allocator costs.
   return {"side": side, "task": task, "wall_s": round(wall, 2), "train_time_s": results["train_time_s"],
-          "metric": results["metrics"][results["main_metric"]]}
+          "metric": results["metrics"][results["main_metric"]],
+          "page_faults": after.ru_minflt - before.ru_minflt, "system_s": round(after.ru_stime - before.ru_stime, 2)}
 
 
 def _summary(runs: list[dict]) -> dict:

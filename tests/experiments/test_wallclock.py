@@ -33,5 +33,6 @@ def test_runs_both_sides_in_turn_and_writes_the_record(tiny_bert, tiny_glue, tmp
   # Two repeats, the order alternating: ours then PEFT, then PEFT then ours.
   assert [r["side"] for r in record["runs"]] == ["ours", "peft", "peft", "ours"]
   assert all(r["wall_s"] > r["train_time_s"] > 0 for r in record["runs"])
+  assert all(r["page_faults"] > 0 and r["system_s"] >= 0 for r in record["runs"])
   assert set(record["summary"]["rte"]) >= {"ours_wall_s", "peft_wall_s", "ratio_wall", "ratio_train"}
   assert "| rte |" in proc.stdout
