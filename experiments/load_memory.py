@@ -1,9 +1,9 @@
 r"""Peak process memory of loading a checkpoint: float, quantised as it is read, and quantised after.
 
-  python -m experiments.load_memory --model=smollm2 --formats=,int8,nf4
-  python -m experiments.load_memory --synthetic=tinyllama --out=docs/bench/load_memory.json
+  python -m experiments.load_memory --checkpoint=smollm2 --formats=,int8,nf4
+  python -m experiments.load_memory --synthetic=tinyllama --json=docs/bench/load_memory.json
 
-Each load runs in a fresh process (`hub.load_pretrained` of ``--model``, the
+Each load runs in a fresh process (`hub.load_pretrained` of ``--checkpoint``, the
 decoder's ``causal_lm`` head, or an encoder's ``--head``), which reports its
 peak resident set (``ru_maxrss``: anonymous memory and the pages of the
 memory-mapped checkpoint it touched alike) and its resident set just before
@@ -32,14 +32,14 @@ import sys
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("model", "smollm2", "An alias or a folder with config.json and safetensors weights.")
+_MODEL = flags.DEFINE_string("checkpoint", "smollm2", "An alias or a folder with config.json and safetensors weights.")
 _HEAD = flags.DEFINE_string("head", "causal_lm", "load_pretrained's head.")
 _FORMATS = flags.DEFINE_list("formats", ["", "int8", "nf4"], "Formats ('' = float32, int8, nf4, int4, fp8).")
 _SYNTHETIC = flags.DEFINE_enum("synthetic", "", ["", "tinyllama"], "Write a random checkpoint of this shape first.")
 _SYNTHETIC_DIR = flags.DEFINE_string("synthetic_dir", "/tmp/rmlora_synthetic_tinyllama", "Where it goes.")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "Load a decoder's layers stacked for nn.scan.")
 _MODES = flags.DEFINE_list("modes", ["read", "after"], "For each format: quantised as read, after loading.")
-_OUT = flags.DEFINE_string("out", "", "Also write the rows here (JSON).")
+_OUT = flags.DEFINE_string("json", "", "Also write the rows here.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,8 @@ def test_synthetic_checkpoint_loads_every_weight_into_the_llama_port(tmp_path, m
 
 def test_reports_each_load_in_its_own_process(tiny_bert, tmp_path):
   out = tmp_path / "load.json"
-  proc = subprocess.run([sys.executable, "-m", "experiments.load_memory", f"--model={tiny_bert}", "--head=base",
-                         "--formats=,int8", f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "experiments.load_memory", f"--checkpoint={tiny_bert}", "--head=base",
+                         "--formats=,int8", f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
   assert [(r["format"], r["mode"]) for r in rows] == [("float32", "float"), ("int8", "read"), ("int8", "after")]
