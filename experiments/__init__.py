@@ -7,10 +7,11 @@ XLA:CPU allocates each step's buffers afresh; left alone, glibc hands the
 compute threads' freed arenas back to the kernel at the end of a step and
 maps fresh zeroed pages at the next, so a CoLA epoch on MiniLM took 11
 million page faults, a third of its step time (docs/BENCHMARKS.md). Kept,
-the memory is reused: 0.5 million faults. The price: the process never
-gives back memory it has freed, so its resident set stays at its peak.
-``RMLORA_MALLOC=0`` turns this off; your own scripts get the same by setting
-``GLIBC_TUNABLES`` to `MALLOC_TUNABLES` before Python starts.
+the memory is reused: 0.5 million faults. The price is memory: the process
+never gives back what it has freed, and one heap fragments (the RTE main
+job peaked at 8.7 GB against 3.7 GB). ``RMLORA_MALLOC=0`` turns this off;
+your own scripts get the same by setting ``GLIBC_TUNABLES`` to
+`MALLOC_TUNABLES` before Python starts.
 """
 
 import os
