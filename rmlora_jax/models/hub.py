@@ -289,9 +289,10 @@ class MappedStateDict(dict):
     self.maps: list[mmap.mmap] = []
 
   def release(self) -> None:
+    if not hasattr(mmap, "MADV_DONTNEED"):  # Linux and macOS have it; elsewhere the pages stay
+      return
     for data in self.maps:
-      if hasattr(data, "madvise") and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere the pages stay
-        data.madvise(mmap.MADV_DONTNEED)
+      data.madvise(mmap.MADV_DONTNEED)
 
 
 def _safetensors_load(file: pathlib.Path) -> MappedStateDict:
@@ -516,7 +517,7 @@ def load_pretrained(
       if path in quantized:
         value = quantize_lib.quantize_kernel(value, qtype=quantize.qtype, block=quantize.block)
     params[path] = value
-    if read >= _RELEASE_BYTES and isinstance(state, MappedStateDict):
+    if read >= _RELEASE_BYTES:
       jax.block_until_ready(value)
       state.release()
       read = 0

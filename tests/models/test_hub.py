@@ -218,3 +218,14 @@ def test_quantize_on_load_errors_name_the_spec(bert_folder):
     load_pretrained(bert_folder, quantize=quantize.QuantizeSpec(format="nf4", block_size=16, targets=(r".*/kernel",)))
   with pytest.raises(ValueError, match="quantize must be a rmlora_jax.quantize.QuantizeSpec or None, got 'nf4'"):
     load_pretrained(bert_folder, quantize="nf4")
+
+
+def test_letting_the_files_pages_go_between_tensors_changes_no_value(bert_folder, monkeypatch):
+  _, expected = load_pretrained(bert_folder, head="classification", num_labels=3)[:2]
+  released = []
+  monkeypatch.setattr(hub, "_RELEASE_BYTES", 1)  # after every tensor
+  monkeypatch.setattr(hub.MappedStateDict, "release",
+                      lambda self, release=hub.MappedStateDict.release: (released.append(1), release(self)))
+  _, got = load_pretrained(bert_folder, head="classification", num_labels=3)[:2]
+  assert len(released) == len(paths_lib.flatten_with_paths(got))
+  _same_leaves(got, expected)
