@@ -304,7 +304,9 @@ def train_and_evaluate(
   if examples is not None:
     train_step = training.AheadOfTime(train_step, state, frozen, mesh=mesh)
     eval_step = training.AheadOfTime(eval_step, state.trainable, frozen, mesh=mesh)
-    train_step.prepare(examples(settings.micro_batch_size, training=True))
+    first_epoch, first_index = divmod(start * k, steps_per_epoch)  # where this run's batches begin
+    train_step.prepare(examples(settings.micro_batch_size, training=True, seed=settings.seed,
+                                epoch=first_epoch, start=first_index))
     eval_step.prepare(examples(settings.batch_size, training=False), after=train_step)
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

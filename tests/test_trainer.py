@@ -93,6 +93,31 @@ def test_a_crashed_run_resumes_to_the_same_numbers(tmp_path):
   assert resumed["history"]["train"] == straight["history"]["train"]
 
 
+class ToyCompilesAhead(Toy):
+  """Toy that also names its batch shapes ahead (`tasks.base.CompilesAhead`), recording where each run begins."""
+
+  def __init__(self, fail_at=None):
+    super().__init__(fail_at)
+    self.asked = []
+
+  def example_batches(self, batch_size, *, training, seed=0, epoch=0, start=0):
+    self.asked.append(dict(training=training, seed=seed, epoch=epoch, start=start))
+    return [{"x": X[:batch_size], "y": Y[:batch_size]}]
+
+
+def test_shapes_compiled_ahead_are_those_of_where_a_resumed_run_begins(tmp_path):
+  straight = run(tmp_path / "straight", seed=4)
+  crashed = ToyCompilesAhead(fail_at=13)
+  with pytest.raises(RuntimeError, match="went away"):
+    run(tmp_path / "crashed", task=crashed, seed=4)
+  again = ToyCompilesAhead()
+  resumed = run(tmp_path / "crashed", task=again, seed=4)
+  assert resumed["history"] == straight["history"]
+  # 8 batches an epoch; the checkpoint at step 10 leaves the resumed run at batch 2 of epoch 1.
+  assert [a for a in crashed.asked if a["training"]] == [dict(training=True, seed=4, epoch=0, start=0)]
+  assert [a for a in again.asked if a["training"]] == [dict(training=True, seed=4, epoch=1, start=2)]
+
+
 def test_hooks_run_in_order_their_history_survives_a_crash_and_at_end_writes_results(tmp_path):
   calls = []
 

@@ -79,8 +79,14 @@ class CompilesAhead(Protocol):
   stopping at each new shape.
   """
 
-  def example_batches(self, batch_size: int, *, training: bool) -> list[Batch]:
-    """One batch (any values) of each shape that training (or evaluation) will use, most needed first."""
+  def example_batches(self, batch_size: int, *, training: bool, seed: int = 0, epoch: int = 0,
+                      start: int = 0) -> list[Batch]:
+    """One batch (any values) of each shape training (or evaluation) will use, in the order first needed.
+
+    Training is the run that begins at batch ``start`` of ``epoch`` with the
+    batch order of ``seed`` (as `Task.train_batches`); the background thread
+    builds the shapes in this order, so the first step waits for one only.
+    """
 
 
 def run_predictions(predict: Callable[[Batch], Any], batches: Iterable[Batch]) -> tuple[list[Any], list[Batch]]:

@@ -68,25 +68,32 @@ class TextClassification:
     return batching.batches(self.train, batch_size, seed=seed, epoch=epoch, shuffle=True, buckets=self.buckets,
                         pad_id=self.pad_id, start=start)
 
-  def example_batches(self, batch_size: int, *, training: bool) -> list[base.Batch]:
-    """One all-zero batch per padded shape the run will meet, most used first (`base.CompilesAhead`)."""
+  def example_batches(self, batch_size: int, *, training: bool, seed: int = 0, epoch: int = 0,
+                      start: int = 0) -> list[base.Batch]:
+    """One all-zero batch per padded shape, in the order a run first meets them (`base.CompilesAhead`).
+
+    Training from batch ``start`` of ``epoch`` (shuffled by ``seed``) meets
+    the rest of that epoch, then the next; shapes that only the first epoch
+    uses come last. Evaluation meets its splits' batches in order.
+    """
     if training:
-      splits = [] if self.train is None else [self.train]
+      if self.train is None:
+        return []
+      lengths = self.train.lengths()
+      seen = [batching.batch_max_lengths(lengths, batch_size, seed=seed, epoch=e, shuffle=True)[skip:]
+              for e, skip in ((epoch, start), (epoch + 1, 0), (0, 0))]
     else:
-      splits = list(self.evals.values())
-    counts: dict[int, int] = {}
-    for split in splits:
-      for length in batching.batch_max_lengths(split.lengths(), batch_size, shuffle=training):
-        bucket = batching.bucket_for(int(length), self.buckets)
-        counts[bucket] = counts.get(bucket, 0) + 1
-    if not counts:
+      seen = [batching.batch_max_lengths(split.lengths(), batch_size, shuffle=False)
+              for split in self.evals.values()]
+    order = dict.fromkeys(batching.bucket_for(int(n), self.buckets) for part in seen for n in part)
+    if not order:
       return []
-    labels = np.zeros(batch_size, splits[0].labels.dtype)
+    labels = np.zeros(batch_size, (self.train if training else next(iter(self.evals.values()))).labels.dtype)
     return [{"input_ids": np.zeros((batch_size, length), np.int32),
              "attention_mask": np.zeros((batch_size, length), np.int32),
              "token_type_ids": np.zeros((batch_size, length), np.int32),
              "labels": labels, "weights": np.zeros(batch_size, np.float32), "index": np.zeros(batch_size, np.int32)}
-            for length in sorted(counts, key=lambda k: -counts[k])]
+            for length in order]
 
   def forward(self, module, params, batch, *, deterministic, rngs):
     return module.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],

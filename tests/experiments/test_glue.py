@@ -1,5 +1,6 @@
 """The GLUE entry point end to end on a tiny random BERT and a tiny RTE folder."""
 
+import itertools
 import json
 import pathlib
 import subprocess
@@ -17,6 +18,7 @@ from rmlora_jax import training
 from rmlora_jax.data import batching
 from rmlora_jax.data import glue as glue_data
 from rmlora_jax.recipes import glue as glue_task
+from rmlora_jax.tasks import classification
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -219,6 +221,32 @@ def test_fitted_buckets_hold_every_batch_and_pad_less_than_halvings():
     kw = dict(seed=0, epoch=epoch, shuffle=True)
     assert padded(fitted, train, **kw) < padded(halvings, train, **kw)
   assert padded(fitted, dev, seed=0, epoch=0, shuffle=False) <= padded(halvings, dev, seed=0, epoch=0, shuffle=False)
+
+
+@pytest.mark.parametrize("seed,epoch,start", [(0, 0, 0), (3, 0, 5), (1, 2, 30)])
+def test_shapes_compiled_ahead_come_in_the_order_the_run_first_needs_them(seed, epoch, start):
+  # The background compile thread builds them in this order: the first step
+  # must wait for one shape only, and each later new shape is the next built.
+  rng = np.random.default_rng(seed)
+  def split(n):
+    lengths = np.minimum(rng.geometric(0.08, n) + 3, 128)
+    return glue_data.TokenizedSplit([np.ones(k, np.int32) for k in lengths], [np.zeros(k, np.int32) for k in lengths],
+                                    np.zeros(n, np.int32))
+  task = classification.TextClassification(spec=glue_data.get_task("sst2"), train=split(700),
+                                           evals={"dev": split(150), "other": split(90)},
+                                           buckets=(8, 12, 16, 24, 32, 48, 64, 128))
+  def first_seen(batches):
+    return list(dict.fromkeys(b["input_ids"].shape[1] for b in batches))
+  run = first_seen(itertools.chain(task.train_batches(16, seed=seed, epoch=epoch, start=start),
+                                   task.train_batches(16, seed=seed, epoch=epoch + 1, start=0)))
+  ahead = [b["input_ids"].shape for b in task.example_batches(16, training=True, seed=seed, epoch=epoch, start=start)]
+  assert len(run) >= 4 and [s[1] for s in ahead[:len(run)]] == run and all(s[0] == 16 for s in ahead)
+  epoch0 = first_seen(task.train_batches(16, seed=seed, epoch=0, start=0))
+  assert set(s[1] for s in ahead) == set(run) | set(epoch0) and len(ahead) == len(set(s[1] for s in ahead))
+  # Evaluation goes through the splits in turn, each in its fixed order.
+  evals = [b for sp in task.evals.values()
+           for b in batching.batches(sp, 32, seed=0, epoch=0, shuffle=False, buckets=task.buckets)]
+  assert [b["input_ids"].shape[1] for b in task.example_batches(32, training=False)] == first_seen(evals)
 
 
 def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path):
