@@ -131,10 +131,42 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   """`absl.app.run` of ``main``, with the user's errors as one line (see the module doc).
 
   Bad flags, and a ``--config`` file that fails its own checks, are one line too.
-  The persistent compilation cache is on (`enable_compilation_cache`).
+  The persistent compilation cache is on (`enable_compilation_cache`). When
+  ``main`` succeeds, the process ends by `exit_now`.
   """
   enable_compilation_cache()
-  app.run(guarded(main), flags_parser=parse_flags)
+  try:
+    app.run(guarded(main), flags_parser=parse_flags)
+  except SystemExit as e:
+    if e.code in (None, 0):
+      exit_now()
+    raise
+
+
+def exit_now() -> None:
+  """Ends a process whose work is done (status 0) without tearing the interpreter down.
+
+  The ``atexit`` functions run and stdout, stderr and absl's log are flushed,
+  as at a normal exit; then `os._exit` skips freeing every object one by one,
+  which after a GLUE run (its arrays, models and compiled programs) took 1.2
+  s. Returns, leaving the normal exit to run, while a thread that is not a
+  daemon is still alive: Python would wait for it.
+  """
+  import atexit  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  main_thread = threading.main_thread()
+  if threading.current_thread() is not main_thread or any(
+      t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    return
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  logging.flush()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+      pass
+  os._exit(0)  # pylint: disable=protected-access
 
 
 def config_main(train: Callable[[Any, str | None], Any], config_flag: Any, *,

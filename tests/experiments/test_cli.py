@@ -134,3 +134,48 @@ def test_readme_shows_what_the_command_prints():
   args = command.removeprefix("$ python -m ").split()
   proc = run_entry(args[0], *args[1:], cwd=ROOT)
   assert assert_one_line_error(proc, "") == shown
+
+
+# A program ending through cli.run: main writes 200 kB to stdout unflushed and
+# registers an atexit function; an object left in __main__ reports whether the
+# interpreter was torn down (its __del__ runs then, not after os._exit).
+EXITING = r'''
+import atexit, os, sys, threading, time
+from rmlora_jax import cli
+
+class Finalized:
+  def __del__(self, write=os.write):
+    write(2, b"torn down\n")
+
+witness = Finalized()
+mode = sys.argv.pop(1)
+
+def main(argv):
+  atexit.register(lambda: sys.stdout.write("atexit ran\n"))
+  sys.stdout.write("x" * 200000 + "\n")
+  if mode == "thread":  # a thread Python must wait for
+    threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write("thread done\n"))).start()
+  if mode == "fail":
+    raise RuntimeError("a bug")
+
+cli.run(main)
+'''
+
+
+@pytest.mark.parametrize("mode", ["done", "thread", "fail"])
+def test_a_finished_run_exits_at_once_with_its_output_and_atexit_functions(mode, tmp_path):
+  environ = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", cli.CACHE_ENV: ""}
+  proc = subprocess.run([sys.executable, "-c", EXITING, mode], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=environ)
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "x" * 200000, proc.stdout[:100]
+  if mode == "fail":  # a bug: the traceback and absl's normal exit
+    assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr
+    assert "torn down" in proc.stderr
+    return
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "atexit ran" in lines
+  if mode == "done":
+    assert "torn down" not in proc.stderr  # ended by os._exit
+  else:  # a live thread: the normal exit waits for it
+    assert "thread done" in lines and "torn down" in proc.stderr
