@@ -264,34 +264,13 @@ def train_and_evaluate(
   tx = method.optimizer(lr_schedule(settings.learning_rate, total_steps, settings.warmup_ratio))
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
-  state, state_sh = training.init_state(method, tx, params, key=training.stream_key(settings.seed, training.INIT_STREAM),
-                                        mesh=mesh, param_specs=param_specs)
+  init_key = training.stream_key(settings.seed, training.INIT_STREAM)
+  abstract, state_sh = training.abstract_state(method, tx, params, key=init_key, mesh=mesh, param_specs=param_specs)
   frozen = method.frozen(params)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-  footprint = None
-  if quantized:
-    footprint = quantize.footprint(frozen, state.trainable,
-                                   exclude=methods_lib.head_paths(params, method.settings.train_patterns))
-    # Warning level, as "resumed from": the command lines log warnings only.
-    logging.warning("frozen base quantised (%s, %s, %d kernels): %.2f MiB -> %.2f MiB; all parameters "
-                    "%.2f MiB -> %.2f MiB", footprint["format"], footprint["scales"], footprint["kernels"],
-                    *(footprint[k] / 2**20 for k in ("base_bytes_before", "base_bytes_after",
-                                                      "param_bytes_before", "param_bytes_after")))
-  del params
-
   fingerprint = json.loads(json.dumps(dict(settings.fingerprint)))
   ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=settings.keep_checkpoints)
-  history: dict[str, list] = {"train": [], "eval": []}
-  train_time = 0.0
   start = ckpt.latest_step() or 0
-  skipped_before = 0
-  if start:
-    # Compare settings before reading the state, whose structure may not even fit.
-    check_resumable(ckpt.record(start).get("run_config"), fingerprint, str(workdir / "checkpoints"))
-    state, record = ckpt.restore(start, training.abstract_like(state))
-    history, train_time = record["history"], record["train_time_s"]
-    skipped_before = int(record.get("nonfinite_steps", 0))
-    logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
 
   train_step = training.make_train_step(module, method, tx, task, seed=settings.seed, mesh=mesh,
                                         state_sharding=state_sh, frozen_sharding=frozen_sh)
@@ -299,15 +278,45 @@ def train_and_evaluate(
                                       frozen_sharding=frozen_sh)
   put = lambda batch: partitioning.put_batch(batch, mesh)
   # Tasks that know their padded shapes get those steps compiled in the
-  # background while the first steps run (training.AheadOfTime).
+  # background (training.AheadOfTime) from here on, while the state is built
+  # and the first steps run.
   examples = getattr(task, "example_batches", None)
   if examples is not None:
-    train_step = training.AheadOfTime(train_step, state, frozen, mesh=mesh)
-    eval_step = training.AheadOfTime(eval_step, state.trainable, frozen, mesh=mesh)
+    train_step = training.AheadOfTime(train_step, abstract, frozen, mesh=mesh)
+    eval_step = training.AheadOfTime(eval_step, abstract.trainable, frozen, mesh=mesh)
     first_epoch, first_index = divmod(start * k, steps_per_epoch)  # where this run's batches begin
     train_step.prepare(examples(settings.micro_batch_size, training=True, seed=settings.seed,
                                 epoch=first_epoch, start=first_index))
     eval_step.prepare(examples(settings.batch_size, training=False), after=train_step)
+
+  history: dict[str, list] = {"train": [], "eval": []}
+  train_time = 0.0
+  skipped_before = 0
+  footprint = None
+  try:
+    state, _ = training.init_state(method, tx, params, key=init_key, mesh=mesh, param_specs=param_specs,
+                                   shardings=state_sh)
+    if quantized:
+      footprint = quantize.footprint(frozen, state.trainable,
+                                     exclude=methods_lib.head_paths(params, method.settings.train_patterns))
+      # Warning level, as "resumed from": the command lines log warnings only.
+      logging.warning("frozen base quantised (%s, %s, %d kernels): %.2f MiB -> %.2f MiB; all parameters "
+                      "%.2f MiB -> %.2f MiB", footprint["format"], footprint["scales"], footprint["kernels"],
+                      *(footprint[k] / 2**20 for k in ("base_bytes_before", "base_bytes_after",
+                                                        "param_bytes_before", "param_bytes_after")))
+    del params
+    if start:
+      # Compare settings before reading the state, whose structure may not even fit.
+      check_resumable(ckpt.record(start).get("run_config"), fingerprint, str(workdir / "checkpoints"))
+      state, record = ckpt.restore(start, training.abstract_like(state))
+      history, train_time = record["history"], record["train_time_s"]
+      skipped_before = int(record.get("nonfinite_steps", 0))
+      logging.warning("resumed from step %d in %s", start, workdir / "checkpoints")
+  except BaseException:
+    for step_fn in (train_step, eval_step):  # no compile left running behind the error
+      if isinstance(step_fn, training.AheadOfTime):
+        step_fn.close()
+    raise
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top

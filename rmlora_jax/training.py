@@ -17,7 +17,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh
 
 from rmlora_jax import methods as methods_lib
@@ -158,7 +159,10 @@ class AheadOfTime:
   compiles it on the spot.
 
   The arguments before the batch (state, frozen weights) keep the shapes,
-  dtypes and shardings they have when this is built; the batch is split
+  dtypes and shardings of those given here, arrays or `jax.ShapeDtypeStruct`s
+  with shardings (`abstract_state`: the step compiles while the state is
+  built); the first call checks its own against them and, should they
+  differ, drops what was built and calls the jitted step. The batch is split
   over the mesh's data axes, as `partitioning.put_batch` places it. Where
   they hold sub-byte arrays (a 4-bit quantised base), the calls go through
   the jitted function itself: an executable compiled ahead of time wants
@@ -176,6 +180,7 @@ class AheadOfTime:
     self._direct = any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(fixed))
     self._fixed = [jax.tree.map(_abstract, x) for x in fixed]
     self._sharding = data_sharded(mesh)
+    self._checked = False
     self._futures: dict[tuple, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
     self._queue: queue.SimpleQueue | None = None
@@ -224,6 +229,15 @@ class AheadOfTime:
           future.set_exception(err)
 
   def __call__(self, *args: Any) -> Any:
+    if not self._checked:
+      self._checked = True
+      if not self._direct and not _same_types(self._fixed, args[:-1]):
+        # Built for other types (a weak type, a sharding): drop those executables
+        # and call the jitted step, which compiles for what it is given.
+        logging.warning("AheadOfTime: the step's arguments differ from those it was built for; "
+                        "compiling on the spot instead")
+        self.close()
+        self._direct = True
     if self._direct:
       return self._jitted(*args)
     key = _batch_key(args[-1])
@@ -259,6 +273,22 @@ class AheadOfTime:
 _AFTER = object()
 
 
+def _same_types(built: list[Any], given: Sequence[Any]) -> bool:
+  """Whether ``given`` (arrays) has the structure, shapes, dtypes, weak types and shardings of ``built``."""
+  if len(built) != len(given):
+    return False
+  for want, have in zip(built, given):
+    want_leaves, want_def = jax.tree.flatten(want)
+    have_leaves, have_def = jax.tree.flatten(have)
+    if want_def != have_def:
+      return False
+    for w, h in zip(want_leaves, have_leaves):
+      if (w.shape != h.shape or w.dtype != h.dtype or w.weak_type != getattr(h, "weak_type", False)
+          or not w.sharding.is_equivalent_to(h.sharding, len(w.shape))):
+        return False
+  return True
+
+
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
   # Unlike `abstract_like` (checkpoint targets), this keeps weak types: a
   # compiled executable refuses arguments whose types differ from its own.
@@ -274,6 +304,38 @@ def _batch_key(batch: Mapping[str, Any]) -> tuple:
   return tuple(out)
 
 
+def abstract_state(
+    method: methods_lib.Method,
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    key: jax.Array,
+    mesh: Mesh,
+    param_specs: Any,
+) -> tuple[TrainState, TrainState]:
+  """What `init_state` makes, without making it: ``(state as jax.ShapeDtypeStructs, state_shardings)``.
+
+  The structs carry the shardings (and weak types) the state will have, so
+  the train step can be compiled (`AheadOfTime`) while the state is built.
+  Arguments as `init_state`'s.
+  """
+  def init(key, params):
+    trainable = method.init(key, params)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+  abstract = jax.eval_shape(init, key, params)
+  trainable_sh = partitioning.named_shardings(
+      abstract.trainable,
+      partitioning.follow_specs(abstract.trainable, params, param_specs, where="trainable tree"), mesh)
+  # Optimizer-state leaves that mirror a trainable leaf take its sharding
+  # (`optax.tree_map_params`); counts and rank-sized statistics are replicated.
+  shardings = TrainState(replicated(mesh), trainable_sh,
+                         partitioning.optimizer_shardings(tx, abstract.trainable, trainable_sh, mesh))
+  structs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh, weak_type=a.weak_type),
+                         abstract, shardings)
+  return structs, shardings
+
+
 def init_state(
     method: methods_lib.Method,
     tx: optax.GradientTransformation,
@@ -282,6 +344,7 @@ def init_state(
     key: jax.Array,
     mesh: Mesh,
     param_specs: Any,
+    shardings: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
   """The initial state, placed sharded, and its shardings.
 
@@ -297,23 +360,15 @@ def init_state(
     key: seeds the adapters' initialisation.
     mesh: the device mesh.
     param_specs: `partitioning.match_partition_rules(params, ...)`.
+    shardings: what `abstract_state` returned for the same arguments, if
+      called already (else worked out here).
 
   Returns:
     ``(state, state_shardings)``; the state's leaves are distinct buffers, so
     it can be donated.
   """
-  def init(key, params):
-    trainable = method.init(key, params)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-
-  abstract = jax.eval_shape(init, key, params)
-  trainable_sh = partitioning.named_shardings(
-      abstract.trainable,
-      partitioning.follow_specs(abstract.trainable, params, param_specs, where="trainable tree"), mesh)
-  # Optimizer-state leaves that mirror a trainable leaf take its sharding
-  # (`optax.tree_map_params`); counts and rank-sized statistics are replicated.
-  shardings = TrainState(replicated(mesh), trainable_sh,
-                         partitioning.optimizer_shardings(tx, abstract.trainable, trainable_sh, mesh))
+  if shardings is None:
+    _, shardings = abstract_state(method, tx, params, key=key, mesh=mesh, param_specs=param_specs)
   # Eagerly, as on one device, so every mesh starts from bit-identical
   # adapters (a jitted init may fuse `std * normal` differently). What is new
   # here is rank-sized; copied leaves (a head, full_ft's params) are already

@@ -64,6 +64,34 @@ def test_ahead_of_time_traces_each_shape_once_and_equals_jit():
   step.close()
 
 
+@pytest.mark.parametrize("built_weak", [False, True])
+def test_ahead_of_time_built_from_shapes_alone(built_weak):
+  # Built from jax.ShapeDtypeStructs (training.abstract_state), as the trainer
+  # does while the state is still being made. Types that match: the prepared
+  # executable runs (no trace at the call). A weak type that does not: it
+  # falls back to the jitted step, which compiles for what it is given.
+  mesh = training.make_mesh(1)
+  rep = training.replicated(mesh)
+  jitted, traces = _counting_step(mesh)
+  plain, _ = _counting_step(mesh)
+  state = jax.device_put(jnp.float32(1.0), rep)
+  frozen = jax.device_put(jnp.float32(2.0), rep)
+  abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep, weak_type=built_weak)
+  step = training.AheadOfTime(jitted, abstract, frozen, mesh=mesh)
+  step.prepare([_batch(4, 8, 0)])
+  concurrent.futures.wait(step.pending())
+  assert traces == [(4, 8)]
+  expected = jax.device_put(jnp.float32(1.0), rep)
+  for value in (1.0, 2.0):
+    batch = partitioning.put_batch(_batch(4, 8, value), mesh)
+    state, out = step(state, frozen, batch)
+    expected, want = plain(expected, frozen, batch)
+    np.testing.assert_array_equal(out, want)
+    assert float(state) == float(expected)
+  assert traces == ([(4, 8), (4, 8)] if built_weak else [(4, 8)])
+  step.close()
+
+
 def test_ahead_of_time_after_close_and_with_a_failing_shape():
   mesh = training.make_mesh(1)
   rep = training.replicated(mesh)

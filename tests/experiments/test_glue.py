@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import threading
 
 import chex
 import jax
@@ -255,6 +256,8 @@ def test_resuming_with_other_settings_is_refused(tiny_bert, tiny_glue, tmp_path)
   changed = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, seed=1, **{"lora.rank": 2})
   with pytest.raises(ValueError, match=r"other settings \(lora.rank: 4 -> 2, seed: 0 -> 1\)"):
     glue_task.train_and_evaluate(changed, changed.workdir)
+  # The steps began compiling before the refusal; nothing is left compiling behind it.
+  assert not [t for t in threading.enumerate() if t.name == "rmlora-compile"]
   # Where and how it reports may change: this resumes (and finds the run finished).
   again = tiny_config(tiny_bert, tiny_glue, tmp_path, method="lora", max_steps=2, log_every_steps=2)
   assert glue_task.train_and_evaluate(again, again.workdir)["steps"] == 2
