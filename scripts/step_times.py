@@ -14,10 +14,10 @@ glibc's allocator as the environment sets it, so that
 ``GLIBC_TUNABLES`` (see experiments/__init__.py) can be compared.
 """
 
+import atexit
 import collections
 import resource
 import statistics
-import sys
 import time
 
 import jax
@@ -51,8 +51,6 @@ def _report() -> None:
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
   training.AheadOfTime.__call__ = _timed
-  try:
-    cli.run(cli.config_main(glue.train_and_evaluate, _CONFIG))
-  finally:
-    _report()
-    sys.stdout.flush()
+  # At exit, also after a success, which cli.run ends with os._exit once the atexit functions ran.
+  atexit.register(_report)
+  cli.run(cli.config_main(glue.train_and_evaluate, _CONFIG))
