@@ -32,14 +32,14 @@ import sys
 
 from absl import app, flags
 
-_MODEL = flags.DEFINE_string("checkpoint", "smollm2", "An alias or a folder with config.json and safetensors weights.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "smollm2", "An alias or a folder with config.json and safetensors weights.")
 _HEAD = flags.DEFINE_string("head", "causal_lm", "load_pretrained's head.")
 _FORMATS = flags.DEFINE_list("formats", ["", "int8", "nf4"], "Formats ('' = float32, int8, nf4, int4, fp8).")
 _SYNTHETIC = flags.DEFINE_enum("synthetic", "", ["", "tinyllama"], "Write a random checkpoint of this shape first.")
 _SYNTHETIC_DIR = flags.DEFINE_string("synthetic_dir", "/tmp/rmlora_synthetic_tinyllama", "Where it goes.")
 _SCAN = flags.DEFINE_bool("scan_layers", False, "Load a decoder's layers stacked for nn.scan.")
 _MODES = flags.DEFINE_list("modes", ["read", "after"], "For each format: quantised as read, after loading.")
-_OUT = flags.DEFINE_string("json", "", "Also write the rows here.")
+_JSON = flags.DEFINE_string("json", "", "Also write the rows here.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def measure(model: str, head: str, fmt: str, mode: str, scan_layers: bool = Fals
 
 def main(argv):
   del argv
-  model = str(write_synthetic(pathlib.Path(_SYNTHETIC_DIR.value))) if _SYNTHETIC.value else _MODEL.value
+  model = str(write_synthetic(pathlib.Path(_SYNTHETIC_DIR.value))) if _SYNTHETIC.value else _CHECKPOINT.value
   rows = []
   for fmt in _FORMATS.value:
     for mode in (_MODES.value if fmt else ("read",)):
@@ -124,8 +124,8 @@ def main(argv):
     when = {"float": "—", "read": "as read", "after": "after loading"}[r["mode"]]
     print(f"| {r['format']} | {when} | {r['peak_mib']:.0f} | {r['peak_mib'] - r['imports_mib']:.0f} |"
           f" {r['params_mib']:.0f} |")
-  if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(json.dumps({"model": model, "scan_layers": _SCAN.value, "rows": rows},
+  if _JSON.value:
+    pathlib.Path(_JSON.value).write_text(json.dumps({"model": model, "scan_layers": _SCAN.value, "rows": rows},
                                                    indent=1) + "\n")
 
 

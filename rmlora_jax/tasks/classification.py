@@ -81,7 +81,7 @@ class TextClassification:
         return []
       lengths = self.train.lengths()
       seen = [batching.batch_max_lengths(lengths, batch_size, seed=seed, epoch=e, shuffle=True)[skip:]
-              for e, skip in ((epoch, start), (epoch + 1, 0), (0, 0))]
+              for e, skip in dict.fromkeys([(epoch, start), (epoch + 1, 0), (0, 0)])]  # a run from 0 reads epoch 0 once
     else:
       seen = [batching.batch_max_lengths(split.lengths(), batch_size, shuffle=False)
               for split in self.evals.values()]
