@@ -3,7 +3,8 @@
 In one process, on random weights of one BERT shape (the same weights in
 every runner: ours are converted from the PyTorch model), it times
 
-* ``make_train_step`` of `rmlora_jax.training` for each method of
+* ``make_train_step`` of `rmlora_jax.training`, as the trainer runs it (the
+  gradient and the update as two programs, `training.TrainStep`), for each method of
   ``config.methods`` (any of `rmlora_jax.methods.METHODS`; by default full
   fine-tuning, LoRA, RM-LoRA, AdaLoRA), with the settings the GLUE experiment
   builds from its config (`rmlora_jax.recipes.settings.method_settings`);
@@ -274,32 +275,47 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
   state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
   frozen = jax.device_put(method.frozen(params), rep)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, data)
-  step = training.make_train_step(module, method, tx, _task(config), seed=config.seed, mesh=mesh)
+  step = training.make_train_step(module, method, tx, _task(config), seed=config.seed, mesh=mesh, split=True)
   start = time.perf_counter()
-  compiled = step.lower(state, frozen, batch).compile()
+  grad = step.grad.lower(state, frozen, batch).compile()
+  apply = step.apply.lower(state, *jax.tree.map(_struct, grad.out_info)).compile()
   compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, memory = 0.0, []
+  for compiled in (grad, apply):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops += float((cost or {}).get("flops", 0.0))
+    mem = compiled.memory_analysis()
+    if mem is not None:  # arguments + outputs + temporaries, less what donation aliases
+      memory.append(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                    - mem.alias_size_in_bytes)
   facts = {
       "compile_s": compile_s,
-      "xla_flops": float((cost or {}).get("flops", 0.0)),
-      # Arguments + outputs + temporaries, less what donation aliases.
-      "memory_mib": None if mem is None else (
-          mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes) / 2**20,
+      "xla_flops": flops,
+      # The larger of the two programs' (the gradient's holds the update's inputs as its outputs).
+      "memory_mib": max(memory) / 2**20 if memory else None,
       "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
   }
   holder = {"state": state}
   # An executable refuses sub-byte (nf4, int4) arguments: call the jitted step
-  # itself, which reuses the same compiled program from its own cache.
-  call = step if any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(frozen)) else compiled
+  # itself, which reuses the same compiled programs from its own cache.
+  if any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(frozen)):
+    call = step
+  else:
+    call = lambda state, frozen, batch: apply(state, *grad(state, frozen, batch))
 
   def run():
     holder["state"], metrics = call(holder["state"], frozen, batch)
     jax.block_until_ready(metrics)
 
   return run, facts
+
+
+def _struct(x) -> Any:
+  """A `jax.ShapeDtypeStruct` of ``x`` (an executable's output info) with its sharding and weak type."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
 
 
 def _torch_response_loss(logits, input_ids, loss_mask, weights):

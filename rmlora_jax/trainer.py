@@ -273,7 +273,7 @@ def train_and_evaluate(
   start = ckpt.latest_step() or 0
 
   train_step = training.make_train_step(module, method, tx, task, seed=settings.seed, mesh=mesh,
-                                        state_sharding=state_sh, frozen_sharding=frozen_sh)
+                                        state_sharding=state_sh, frozen_sharding=frozen_sh, split=True)
   eval_step = training.make_eval_step(module, method, task, mesh=mesh, trainable_sharding=state_sh.trainable,
                                       frozen_sharding=frozen_sh)
   put = lambda batch: partitioning.put_batch(batch, mesh)

@@ -62,6 +62,26 @@ data_sharded = partitioning.batch_sharding
 check_batch_size = partitioning.check_batch_size
 
 
+class TrainStep(NamedTuple):
+  """The train step as two jitted programs; called as the one-program step is.
+
+  ``grad(state, frozen, batch) -> (grads, losses)`` runs the forward and
+  backward pass and depends on the batch's shape; ``apply(state, grads,
+  losses) -> (state, metrics)`` runs the optimizer and the non-finite guard,
+  and compiles once whatever the batch shapes. A run whose batches come in
+  several padded lengths compiles the optimizer once instead of once per
+  length. The updates are those of the one-program step (`make_train_step`);
+  a step costs a second dispatch.
+  """
+
+  grad: Any
+  apply: Any
+
+  def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+    grads, losses = self.grad(state, frozen, batch)
+    return self.apply(state, grads, losses)
+
+
 def make_train_step(
     module,
     method: methods_lib.Method,
@@ -72,6 +92,7 @@ def make_train_step(
     mesh: Mesh,
     state_sharding: Any = None,
     frozen_sharding: Any = None,
+    split: bool = False,
 ) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted ``(state, frozen, batch) -> (state, metrics)`` step.
 
@@ -90,9 +111,12 @@ def make_train_step(
       for all leaves) of the state and the frozen weights, which the step
       keeps; None: replicated. The batch is split over the mesh's data axes
       and the metrics are replicated.
+    split: return a `TrainStep`, the gradient and the update as two programs
+      (what the trainer runs); else one `jax.jit` (what `experiments.plan`
+      compiles for a pod's memory).
   """
 
-  def step_fn(state: TrainState, frozen, batch):
+  def grad_fn(state: TrainState, frozen, batch):
     rng = jax.random.fold_in(stream_key(seed, DROPOUT_STREAM), state.step)
 
     def loss_fn(trainable):
@@ -103,24 +127,37 @@ def make_train_step(
       return loss + pen, (loss, pen)
 
     (total, (loss, pen)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    return grads, {"loss": total, "task_loss": loss, "penalty": pen}
+
+  def apply_fn(state: TrainState, grads, losses):
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.tree.norm(grads)
     # A nan/inf loss or gradient (a poisoned batch, a diverging rate) leaves the
     # parameters and optimizer state as they were; the step still counts, so
     # the data order, dropout and masks of later steps do not shift.
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(losses["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
     trainable = jax.tree.map(keep, trainable, state.trainable)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    metrics = {"loss": total, "task_loss": loss, "penalty": pen, "grad_norm": grad_norm, "finite": finite}
+    metrics = {**losses, "grad_norm": grad_norm, "finite": finite}
     return TrainState(state.step + 1, trainable, opt_state), metrics
+
+  def step_fn(state: TrainState, frozen, batch):
+    return apply_fn(state, *grad_fn(state, frozen, batch))
 
   rep, data = replicated(mesh), data_sharded(mesh)
   state_sh = rep if state_sharding is None else state_sharding
   frozen_sh = rep if frozen_sharding is None else frozen_sharding
-  return jax.jit(partitioning.under_mesh(mesh, step_fn), in_shardings=(state_sh, frozen_sh, data),
-                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+  if not split:
+    return jax.jit(partitioning.under_mesh(mesh, step_fn), in_shardings=(state_sh, frozen_sh, data),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+  grads_sh = state_sh.trainable if isinstance(state_sh, TrainState) else state_sh
+  grad = jax.jit(partitioning.under_mesh(mesh, grad_fn), in_shardings=(state_sh, frozen_sh, data),
+                 out_shardings=(grads_sh, rep))
+  apply = jax.jit(partitioning.under_mesh(mesh, apply_fn), in_shardings=(state_sh, grads_sh, rep),
+                  out_shardings=(state_sh, rep), donate_argnums=(0,))
+  return TrainStep(grad, apply)
 
 
 def make_eval_step(module, method: methods_lib.Method, task: Any, *, mesh: Mesh,
@@ -168,6 +205,10 @@ class AheadOfTime:
   the jitted function itself: an executable compiled ahead of time wants
   those packed, and XLA:CPU places them unpacked.
 
+  A `TrainStep` (``make_train_step(..., split=True)``) has its gradient
+  program built per shape and its update program once, right after the
+  first shape.
+
   Example::
 
     step = AheadOfTime(make_train_step(...), state, frozen, mesh=mesh)
@@ -176,7 +217,10 @@ class AheadOfTime:
   """
 
   def __init__(self, jitted: Any, *fixed: Any, mesh: Mesh):
-    self._jitted = jitted
+    self._step = jitted
+    self._split = isinstance(jitted, TrainStep)
+    self._jitted = jitted.grad if self._split else jitted
+    self._apply: concurrent.futures.Future | None = None  # a TrainStep's update program
     self._direct = any(jax.dtypes.itemsize_bits(x.dtype) < 8 for x in jax.tree.leaves(fixed))
     self._fixed = [jax.tree.map(_abstract, x) for x in fixed]
     self._sharding = data_sharded(mesh)
@@ -210,11 +254,14 @@ class AheadOfTime:
           self._thread.start()
         self._futures[key] = future = concurrent.futures.Future()
         self._queue.put((key, future))
+        if self._split and self._apply is None:
+          self._apply = concurrent.futures.Future()
+          self._queue.put((_APPLY, self._apply))
 
   def pending(self) -> list[concurrent.futures.Future]:
     """The futures of the shapes queued so far (done or not)."""
     with self._lock:
-      return list(self._futures.values())
+      return list(self._futures.values()) + ([self._apply] if self._apply is not None else [])
 
   def _work(self) -> None:
     while (item := self._queue.get()) is not None:
@@ -239,7 +286,7 @@ class AheadOfTime:
         self.close()
         self._direct = True
     if self._direct:
-      return self._jitted(*args)
+      return self._step(*args)
     key = _batch_key(args[-1])
     with self._lock:
       future = self._futures.get(key)
@@ -247,7 +294,21 @@ class AheadOfTime:
         future = concurrent.futures.Future()
         future.set_result(self._compile(key))
         self._futures[key] = future
-    return future.result()(*args)
+    out = future.result()(*args)
+    if not self._split:
+      return out
+    with self._lock:
+      future = self._apply
+      if future is None or future.cancel():
+        future = self._apply = concurrent.futures.Future()
+        future.set_result(None)
+    apply = future.result()
+    if apply is None:  # not built ahead (no gradient program was ready then): build it for these outputs
+      apply = self._step.apply.lower(self._fixed[0], *out).compile()
+      with self._lock:
+        self._apply = concurrent.futures.Future()
+        self._apply.set_result(apply)
+    return apply(args[0], *out)
 
   def close(self) -> None:
     """Drops the compilations not begun and waits for the one running, if any, to end the thread.
@@ -256,21 +317,39 @@ class AheadOfTime:
     thread is aborted mid-compile (SIGABRT, after its results were written).
     """
     with self._lock:
-      for future in self._futures.values():
-        future.cancel()
+      for future in [*self._futures.values(), self._apply]:
+        if future is not None:
+          future.cancel()
       if self._queue is not None:
         self._queue.put(None)
       thread = self._thread
     if thread is not None and thread is not threading.current_thread():
       thread.join()
 
-  def _compile(self, key: tuple) -> Any:
+  def _compile(self, key: Any) -> Any:
+    if key is _APPLY:
+      return self._compile_apply()
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding) for name, shape, dtype in key}
     return self._jitted.lower(*self._fixed, batch).compile()
 
 
-# A queue item of `AheadOfTime`: wait for these futures before the next shape.
+  def _compile_apply(self) -> Any:
+    """A `TrainStep`'s update program, for the outputs of a gradient program built; None if none is."""
+    with self._lock:
+      built = [f.result() for f in self._futures.values()
+               if f.done() and not f.cancelled() and f.exception() is None]
+    if not built:
+      return None
+    grads, losses = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
+        built[0].out_info)
+    return self._step.apply.lower(self._fixed[0], grads, losses).compile()
+
+
+# Queue items of `AheadOfTime`: wait for these futures before the next shape;
+# build a `TrainStep`'s update program.
 _AFTER = object()
+_APPLY = object()
 
 
 def _same_types(built: list[Any], given: Sequence[Any]) -> bool:

@@ -104,7 +104,8 @@ def ours(folder, batches, method_name, options):
   state, shardings = training.init_state(method, tx, params, key=jax.random.key(5), mesh=mesh,
                                          param_specs=jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params))
   start = jax.tree.map(np.asarray, state.trainable)
-  step = training.make_train_step(module, method, tx, task, seed=SEED, mesh=mesh, state_sharding=shardings)
+  step = training.make_train_step(module, method, tx, task, seed=SEED, mesh=mesh, state_sharding=shardings,
+                                  split=True)  # as the trainer runs it
   for batch in batches:
     state, _ = step(state, params, batch)
   return start, jax.tree.map(np.asarray, state.trainable)

@@ -157,3 +157,47 @@ def test_ahead_of_time_after_another_begins_once_its_shapes_are_built():
   assert float(state) == 12.0 and len(order) == 4  # the prepared executable, not a new trace
   first.close()
   second.close()
+
+
+def test_ahead_of_time_builds_a_split_steps_update_once():
+  # A TrainStep: the gradient program is built per shape, the update program
+  # once for them all; the results are those of calling the TrainStep itself.
+  mesh = training.make_mesh(1)
+  rep, data = training.replicated(mesh), training.data_sharded(mesh)
+
+  def make():
+    traces = {"grad": [], "apply": 0}
+
+    def grad(state, frozen, batch):
+      traces["grad"].append(batch["x"].shape)
+      return frozen * jnp.sum(batch["x"] * batch["w"][:, None]), {"loss": jnp.mean(batch["x"])}
+
+    def apply(state, grads, losses):
+      traces["apply"] += 1
+      return state + grads, {"loss": losses["loss"], "state": state}
+
+    return training.TrainStep(jax.jit(grad, in_shardings=(rep, rep, data), out_shardings=(rep, rep)),
+                              jax.jit(apply, in_shardings=(rep, rep, rep), out_shardings=(rep, rep),
+                                      donate_argnums=(0,))), traces
+
+  state, frozen = jax.device_put(jnp.float32(0.0), rep), jax.device_put(jnp.float32(2.0), rep)
+  expected = jax.device_put(jnp.float32(0.0), rep)
+  split, traces = make()
+  step, (plain, _) = training.AheadOfTime(split, state, frozen, mesh=mesh), make()
+  step.prepare([_batch(4, 8, 0), _batch(4, 16, 0)])
+  concurrent.futures.wait(step.pending())
+  assert traces == {"grad": [(4, 8), (4, 16)], "apply": 1}
+  for length, value in ((16, 1.0), (8, 2.0), (24, 0.5)):  # 24 was never prepared
+    batch = partitioning.put_batch(_batch(4, length, value), mesh)
+    state, out = step(state, frozen, batch)
+    expected, want = plain(expected, frozen, batch)
+    assert float(out["loss"]) == float(want["loss"]) and float(state) == float(expected)
+  assert traces == {"grad": [(4, 8), (4, 16), (4, 24)], "apply": 1}
+  step.close()
+
+  # Nothing prepared: the update program is built at the first call, for its outputs.
+  split, traces = make()
+  step = training.AheadOfTime(split, state, frozen, mesh=mesh)
+  state, out = step(state, frozen, partitioning.put_batch(_batch(4, 8, 1.0), mesh))
+  assert traces == {"grad": [(4, 8)], "apply": 1} and float(state) == float(expected) + 2 * 4 * 8
+  step.close()
