@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 
 Array = jax.Array
 
@@ -52,6 +53,11 @@ class RandomDirectionMaskState(NamedTuple):
 def adapter_pairs(tree: Any) -> dict[str, int]:
   """Finds the ``{"a", "b"}`` adapter pairs in ``tree``.
 
+  A scanned model's adapters stored stacked (`rmlora_jax.stacking.stack_adapters`:
+  ``a`` (layers, rank, d_in), ``b`` (layers, d_out, rank) at a path such as
+  ``.../layers/mlp/up_proj/kernel``) are one pair at that path; their masks
+  are drawn per layer, as for the layer's own pair (``.../layers_3/...``).
+
   Returns:
     ``{pair path: rank}``, where the pair path is the "/"-path of the dict that
     holds ``a`` and ``b`` within ``tree``.
@@ -59,19 +65,32 @@ def adapter_pairs(tree: Any) -> dict[str, int]:
   Raises:
     ValueError: a pair whose shapes disagree on the rank.
   """
+  return {path: rank for path, (rank, _) in _pairs(tree).items()}
+
+
+def _pairs(tree: Any) -> dict[str, tuple[int, int]]:
+  """``{pair path: (rank, layers)}``; ``layers`` is 0 for a 2-D pair, else its stack's length."""
   leaves = paths_lib.flatten_with_paths(tree)
   pairs = {}
   for parent, names in paths_lib.find_adapters(tree, ("a", "b"), exact=False).items():
     a, b = leaves[names["a"]], leaves[names["b"]]
-    if getattr(a, "ndim", 0) != 2 or getattr(b, "ndim", 0) != 2:
+    ndim = getattr(a, "ndim", 0)
+    stacked = ndim == 3 and getattr(b, "ndim", 0) == 3 and stacking.is_stacked_path(parent)
+    if not stacked and (ndim != 2 or getattr(b, "ndim", 0) != 2):
       continue
-    if a.shape[0] != b.shape[1]:
+    if stacked and a.shape[0] != b.shape[0]:
+      raise ValueError(f"adapter {parent!r}: a has shape {tuple(a.shape)} and b has shape {tuple(b.shape)}; "
+                       f"a stack's factors must have one length (the layer count) first")
+    if a.shape[-2] != b.shape[-1]:
       raise ValueError(
           f"adapter {parent!r}: a has shape {tuple(a.shape)} and b has shape "
           f"{tuple(b.shape)}; a is (rank, d_in) and b is (d_out, rank), so "
           f"a.shape[0] must equal b.shape[1]"
       )
-    pairs[parent] = int(a.shape[0])
+    if stacked:
+      pairs[parent] = (int(a.shape[1]), int(a.shape[0]))
+    else:
+      pairs[parent] = (int(a.shape[0]), 0)
   return pairs
 
 
@@ -112,25 +131,34 @@ def direction_mask(
   return jnp.any(chosen[:, None] == jnp.arange(rank)[None, :], axis=0).astype(jnp.float32)
 
 
-def _all_masks(seed, step, pairs: dict[str, int], num_directions: int, period: int,
+def _all_masks(seed, step, pairs: dict[str, tuple[int, int]], num_directions: int, period: int,
                independent: bool = False) -> dict[str, tuple[Array, Array]]:
   """``{path: (mask of a's rows, mask of b's columns)}`` by `direction_mask`, one vmapped draw per rank.
 
   Equal to calling `direction_mask` per path (random functions are
   vmap-invariant in their keys), but compiles to a handful of ops instead of
   a few per adapter, which matters with dozens of adapters and two masks a step.
+  A stacked pair (``pairs[path] = (rank, layers)`` with ``layers > 0``) gets
+  (layers, rank) masks, row ``i`` drawn for its layer ``i``'s path.
   """
   by_rank: dict[int, list[str]] = {}
-  for path, rank in pairs.items():
+  for path, (rank, _) in pairs.items():
     by_rank.setdefault(rank, []).append(path)
   masks = {}
   for rank, paths in by_rank.items():
-    hashes = jnp.asarray([paths_lib.path_hash(p) for p in paths], jnp.uint32)
+    rows_of = [[stacking.layer_path(p, i) for i in range(pairs[p][1])] if pairs[p][1] else [p] for p in paths]
+    hashes = jnp.asarray([paths_lib.path_hash(q) for qs in rows_of for q in qs], jnp.uint32)
     draw = lambda h, factor, rank=rank: direction_mask(seed, step, "", rank, num_directions, period, path_hash=h,
                                                        factor=factor, independent=independent)
     rows = jax.vmap(lambda h: draw(h, "a"))(hashes)
     cols = jax.vmap(lambda h: draw(h, "b"))(hashes) if independent else rows
-    masks.update(zip(paths, zip(rows, cols)))
+    start = 0
+    for path, qs in zip(paths, rows_of):
+      if pairs[path][1]:
+        masks[path] = (rows[start:start + len(qs)], cols[start:start + len(qs)])
+      else:
+        masks[path] = (rows[start], cols[start])
+      start += len(qs)
   return masks
 
 
@@ -230,8 +258,8 @@ def random_direction_mask(
 
   def update_fn(updates, state, params=None):
     del params
-    pairs = adapter_pairs(updates)
-    _check(pairs, num_directions)
+    pairs = _pairs(updates)
+    _check({path: rank for path, (rank, _) in pairs.items()}, num_directions)
     masks = _unfused_on_cpu(state.count, lambda count: _all_masks(
         seed, count, pairs, num_directions, period, independent))
     # Before start_step every update passes whole: a mask of ones.
@@ -245,7 +273,7 @@ def random_direction_mask(
       if start_step:
         m = jnp.where(started, m, jnp.ones_like(m))
       m = m.astype(u.dtype)
-      return u * (m[:, None] if name == "a" else m[None, :])
+      return u * (m[..., :, None] if name == "a" else m[..., None, :])
 
     updates = jax.tree_util.tree_map_with_path(apply, updates)
     return updates, RandomDirectionMaskState(count=optax.safe_increment(state.count))

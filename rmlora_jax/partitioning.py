@@ -387,7 +387,9 @@ def follow_spec(path: str, shape: Sequence[int], param_specs: Mapping[str, P],
   is ``w``'s path and its shape is ``w``'s (a head copy, a full fine-tuning
   param, Adam's moments of either), or when the suffix is ``w``'s path plus
   an adapter factor name of `FACTOR_LAYOUTS` with matching d_in / d_out (an
-  adapter factor or its moments).
+  adapter factor or its moments). A factor stacked over a scanned model's
+  layers (one more leading axis, at the stacked kernel's path) follows the
+  stacked kernel, the layer axis first.
   """
   parts = path.split("/")
   shape = tuple(shape)
@@ -397,11 +399,17 @@ def follow_spec(path: str, shape: Sequence[int], param_specs: Mapping[str, P],
       return param_specs[suffix]
     parent, factor = "/".join(parts[i:-1]), parts[-1]
     layout = FACTOR_LAYOUTS.get(factor)
-    if parent in param_shapes and layout is not None and len(layout) == len(shape) and len(param_shapes[parent]) == 2:
-      base = tuple(param_specs[parent]) + (None,) * (2 - len(param_specs[parent]))
-      dims = {"in": (param_shapes[parent][0], base[0]), "out": (param_shapes[parent][1], base[1])}
-      if all(role is None or dims[role][0] == n for role, n in zip(layout, shape)):
-        return P(*(None if role is None else dims[role][1] for role in layout))
+    if parent not in param_shapes or layout is None:
+      continue
+    kernel, spec, lead, own = param_shapes[parent], tuple(param_specs[parent]), (), shape
+    if len(kernel) == 3 and len(own) == len(layout) + 1 and own[0] == kernel[0]:  # stacked over layers
+      spec = spec + (None,) * (3 - len(spec))
+      kernel, spec, lead, own = kernel[1:], spec[1:], spec[:1], own[1:]
+    if len(layout) == len(own) and len(kernel) == 2:
+      base = spec + (None,) * (2 - len(spec))
+      dims = {"in": (kernel[0], base[0]), "out": (kernel[1], base[1])}
+      if all(role is None or dims[role][0] == n for role, n in zip(layout, own)):
+        return P(*lead, *(None if role is None else dims[role][1] for role in layout))
   return None
 
 

@@ -570,11 +570,13 @@ def start_from(loaded: PeftAdapter, method: methods_lib.MethodSettings) -> Calla
     return out
 
   def init(trainable: Mapping[str, Any]) -> dict[str, Any]:
-    missing = sorted(set(trainable["adapters"]) - set(scaled))
+    adapters = stacking.unstack_adapters(trainable["adapters"])  # per layer, if stored stacked
+    missing = sorted(set(adapters) - set(scaled))
     if missing:
       logging.warning("%s has no adapter for %d of the run's targets (e.g. %s): they start as usual",
                       where, len(missing), missing[0])
-    return {**trainable, "adapters": replace(trainable["adapters"], scaled, "an adapter on"),
+    adapters = stacking.restack_like(replace(adapters, scaled, "an adapter on"), trainable["adapters"])
+    return {**trainable, "adapters": adapters,
             "head": replace(trainable["head"], loaded.trained, "the trained weight")}
 
   return init

@@ -52,23 +52,29 @@ def gram_deviations(
   Factors of one shape and rank axis are stacked and go through one vmapped
   `gram_deviation`, so a model with dozens of adapters traces a few ops per
   shape rather than a few per factor (less to compile, fewer tiny kernels a
-  step). Equal to the sum (mean) of the per-factor values up to the order
+  step). A 3-D ``x`` is a stack of factors (a scanned model's layers,
+  `rmlora_jax.stacking.stack_adapters`), one term per entry of its first
+  axis. Equal to the sum (mean) of the per-factor values up to the order
   of the float sums; zero when there are no factors.
   """
   check_reduction(reduction)
   if not factors:
     return jnp.zeros((), jnp.float32)
   groups: dict[tuple, list[Array]] = {}
+  terms = 0
   for x, rank_axis in factors:
-    if rank_axis not in (0, 1) or jnp.ndim(x) != 2:
-      raise ValueError(f"gram_deviations: factors are 2-D with rank_axis 0 or 1, got shape {jnp.shape(x)} "
-                       f"and rank_axis {rank_axis!r}")
-    groups.setdefault((jnp.shape(x), jnp.result_type(x), rank_axis), []).append(x)
+    if rank_axis not in (0, 1) or jnp.ndim(x) not in (2, 3):
+      raise ValueError(f"gram_deviations: factors are 2-D (or stacks of them, 3-D) with rank_axis 0 or 1, "
+                       f"got shape {jnp.shape(x)} and rank_axis {rank_axis!r}")
+    x = x if jnp.ndim(x) == 3 else x[None]
+    terms += jnp.shape(x)[0]
+    groups.setdefault((jnp.shape(x)[1:], jnp.result_type(x), rank_axis), []).append(x)
   total = jnp.zeros((), jnp.float32)
   for (_, _, rank_axis), xs in groups.items():
-    each = jax.vmap(lambda x, k=rank_axis: gram_deviation(x, rank_axis=k, squared=squared))(jnp.stack(xs))
+    stacked = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    each = jax.vmap(lambda x, k=rank_axis: gram_deviation(x, rank_axis=k, squared=squared))(stacked)
     total = total + jnp.sum(each)
-  return total / len(factors) if reduction == "mean" else total
+  return total / terms if reduction == "mean" else total
 
 
 def ortho_penalty(
@@ -83,7 +89,8 @@ def ortho_penalty(
 
   Args:
     adapters: ``{path: {"a": (rank, d_in), "b": (d_out, rank), ...}}``, as made
-      by `init_lora`.
+      by `init_lora`; factors stacked over a scanned model's layers
+      (`rmlora_jax.stacking.stack_adapters`) give a term per layer.
     squared: ``True`` for the paper's squared Frobenius norm; ``False`` for the
       plain norm of the authors' released code.
     reduction: ``"sum"`` over all terms (the paper), or ``"mean"`` over the

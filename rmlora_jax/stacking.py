@@ -151,3 +151,65 @@ def layer_view(flat: Mapping[str, Any]) -> dict[str, Any]:
     for layer in layers:
       out[layer] = jax.ShapeDtypeStruct(shape[1:], leaf.dtype)
   return out
+
+
+def is_stacked_path(path: str) -> bool:
+  """Whether ``path`` names a stack's leaf or entry (``.../layers/...``, not ``.../layers_3/...``)."""
+  return _stack_part(path.split("/")) is not None
+
+
+def stack_adapters(adapters: Mapping[str, Mapping[str, Any]],
+                   stacks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+  """Per-layer adapters of a scanned model gathered into one adapter per stacked kernel.
+
+  ``adapters`` is a flat ``{path: {factor: array}}`` at the unrolled paths
+  (``model/layers_3/.../kernel``); ``stacks`` maps each stacked kernel's path
+  (``model/layers/.../kernel``) to its layer count. Where every layer of a
+  stacked kernel has an adapter, and all of one structure and shape, they
+  become one entry at the stacked path whose factors have the layer axis
+  first; any other adapter is kept as it is. `unstack_adapters` inverts it.
+  Stored this way, a step handles one adapter per matrix kind instead of one
+  per layer and matrix.
+  """
+  groups: dict[str, dict[int, str]] = {}
+  for path in adapters:
+    split = split_path(path)
+    if split is not None and split[0] in stacks:
+      groups.setdefault(split[0], {})[split[1]] = path
+  out = dict(adapters)
+  for stacked, layers in groups.items():
+    if sorted(layers) != list(range(stacks[stacked])):
+      continue
+    members = [adapters[layers[i]] for i in range(stacks[stacked])]
+    first = jax.tree.structure(members[0])
+    if any(jax.tree.structure(m) != first or [np.shape(x) for x in jax.tree.leaves(m)]
+           != [np.shape(x) for x in jax.tree.leaves(members[0])] for m in members[1:]):
+      continue
+    for path in layers.values():
+      del out[path]
+    out[stacked] = jax.tree.map(lambda *xs: _stack(list(xs)), *members)
+  return out
+
+
+def unstack_adapters(adapters: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The inverse of `stack_adapters`: each stacked entry becomes one adapter per layer, at its layer's path."""
+  out = {}
+  for path, ad in adapters.items():
+    if not is_stacked_path(path):
+      out[path] = ad
+      continue
+    for i in range(num_layers(ad)):
+      out[layer_path(path, i)] = jax.tree.map(lambda x, i=i: x[i], ad)
+  return out
+
+
+def restack_like(adapters: Mapping[str, Mapping[str, Any]],
+                 like: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per-layer ``adapters`` stacked as ``like`` (a `stack_adapters` result) is: the same entries stacked."""
+  out = dict(adapters)
+  for path, ad in like.items():
+    if is_stacked_path(path):
+      layers = [out.pop(layer_path(path, i)) for i in range(num_layers(ad))]
+      out[path] = jax.tree.map(lambda *xs: _stack(list(xs)), *layers)
+  return out
+

@@ -405,6 +405,18 @@ def test_every_decoder_both_ways_and_merged(model_type, scan, tmp_path):
   assert len(loaded.adapters) == 7 * hf_config.num_hidden_layers and not loaded.trained
   np.testing.assert_allclose(np.asarray(forward(rl.merge(params, loaded.adapters, loaded.spec))), expected,
                              atol=TOL, rtol=0)
+  if scan:
+    # The LoRA family keeps a scanned model's adapters stacked over the layers:
+    # a run started from PEFT's folder has PEFT's model, merged or low-rank.
+    settings = methods.MethodSettings(name="rm_lora", spec=rl.LoraSpec(
+        rank=2, alpha=4.0, targets=hub.default_lora_targets(hf_config)), options=methods.RmOptions(num_directions=1))
+    fresh = methods.make_method(settings).init(jax.random.key(0), params)
+    assert len(fresh["adapters"]) == 7  # one per matrix kind
+    started = peft_format.start_from(loaded, settings)(fresh)["adapters"]
+    assert len(started) == 7 and all(np.shape(ad["a"])[0] == hf_config.num_hidden_layers for ad in started.values())
+    for apply in (rl.merge, rl.attach):
+      np.testing.assert_allclose(np.asarray(forward(apply(params, started, settings.spec))), expected,
+                                 atol=TOL, rtol=0)
 
 
 def test_question_answering_merged_and_peft(tmp_path):

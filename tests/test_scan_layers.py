@@ -9,6 +9,8 @@ import rmlora_jax as rl
 from experiments import plan
 from rmlora_jax import methods, partitioning, quantize, stacking, training
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import penalty as penalty_lib
+from rmlora_jax.adapters import lora as lora_lib
 from rmlora_jax.models import llama
 
 # Three layers, the middle one with a sliding window shorter than the batch.
@@ -40,7 +42,7 @@ def settings(name):
                                 options=options)
 
 
-def train(name, scan, params):
+def train(name, scan, params, split=False):
   module = llama.LlamaForCausalLM(arch=ARCH, scan_layers=scan)
   params = stacking.stack_layers(params) if scan else params
   method = methods.make_method(settings(name))
@@ -48,7 +50,8 @@ def train(name, scan, params):
   mesh = training.make_mesh()
   specs = partitioning.match_partition_rules(params, partitioning.rules_for("qwen2"))
   state, shardings = training.init_state(method, tx, params, key=jax.random.key(5), mesh=mesh, param_specs=specs)
-  step = training.make_train_step(module, method, tx, plan.NextTokenTask(), seed=0, mesh=mesh, state_sharding=shardings)
+  step = training.make_train_step(module, method, tx, plan.NextTokenTask(), seed=0, mesh=mesh,
+                                  state_sharding=shardings, split=split)
   losses = []
   for batch in batches():
     state, metrics = step(state, params, batch)
@@ -74,10 +77,25 @@ def test_scanned_training_equals_unrolled(name, params):
     # One adapter per layer and matrix, at the unrolled paths, whatever the layout.
     adapters = methods.make_method(settings(name)).adapters(scanned)
     assert len(adapters) == 7 * ARCH.num_layers and all(p.startswith("model/layers_") for p in adapters)
+    # The LoRA family stores them stacked over the layers: one per matrix kind.
+    stored = 7 if name in ("lora", "r_lora", "gm_lora", "rm_lora") else 7 * ARCH.num_layers
+    assert len(scanned["adapters"]) == stored, sorted(scanned["adapters"])
+    scanned = {**scanned, "adapters": adapters}
   flat_s, flat_u = paths_lib.flatten_with_paths(scanned), paths_lib.flatten_with_paths(unrolled)
   assert flat_s.keys() == flat_u.keys()
   for path in flat_u:
     np.testing.assert_allclose(flat_s[path], flat_u[path], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_the_step_as_two_programs_trains_as_one(name, params):
+  # What the trainer runs (gradient, then update: `training.TrainStep`)
+  # against the one jitted step: the same losses and parameters, pruning
+  # (AdaLoRA, LoRA2) and the direction masks included.
+  one_losses, one = train(name, False, params)
+  two_losses, two = train(name, False, params, split=True)
+  np.testing.assert_allclose(two_losses, one_losses, rtol=1e-6, atol=1e-7)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), two, one)
 
 
 def test_stack_and_unstack_are_inverse_and_refuse_ragged_layers(params):
@@ -143,3 +161,70 @@ def test_adapters_on_some_layers_only_give_the_unrolled_logits(params):
     np.testing.assert_allclose(scanned.apply({"params": combine(stacked, adapters, spec)}, ids), unrolled, atol=1e-5)
   merged = rl.merge(stacked, adapters, spec)["model"]["layers"]["mlp"]["down_proj"]["kernel"]
   np.testing.assert_array_equal(merged[0], stacked["model"]["layers"]["mlp"]["down_proj"]["kernel"][0])
+
+
+def test_adapters_stacked_over_layers_round_trip_and_keep_partial_stacks(params):
+  stacked_params = stacking.stack_layers(params)
+  lengths = lora_lib.stack_lengths(stacked_params)
+  assert lengths["model/layers/self_attn/q_proj/kernel"] == ARCH.num_layers
+  rng = np.random.default_rng(0)
+  per_layer = {f"model/layers_{i}/self_attn/{m}_proj/kernel": {"a": rng.normal(size=(2, 16)),
+                                                               "b": rng.normal(size=(8 if m == "k" else 16, 2))}
+               for i in range(ARCH.num_layers) for m in ("q", "k")}
+  del per_layer["model/layers_1/self_attn/k_proj/kernel"]  # k_proj not on every layer: kept per layer
+  stacked = stacking.stack_adapters(per_layer, lengths)
+  assert sorted(stacked) == ["model/layers/self_attn/q_proj/kernel", "model/layers_0/self_attn/k_proj/kernel",
+                             "model/layers_2/self_attn/k_proj/kernel"]
+  np.testing.assert_array_equal(stacked["model/layers/self_attn/q_proj/kernel"]["b"][2],
+                                per_layer["model/layers_2/self_attn/q_proj/kernel"]["b"])
+  back = stacking.unstack_adapters(stacked)
+  assert back.keys() == per_layer.keys()
+  jax.tree.map(np.testing.assert_array_equal, back, per_layer)
+  again = stacking.restack_like(back, stacked)
+  assert again.keys() == stacked.keys()
+  jax.tree.map(np.testing.assert_array_equal, again, stacked)
+  # A stacked factor is sharded as its stacked kernel: the layer axis first, replicated.
+  specs = partitioning.match_partition_rules(stacked_params, partitioning.rules_for("qwen2"))
+  flat_specs = paths_lib.flatten_with_paths(specs)
+  shapes = {p: np.shape(x) for p, x in paths_lib.flatten_with_paths(stacked_params).items()}
+  kernel = "model/layers/self_attn/q_proj/kernel"
+  P = jax.sharding.PartitionSpec
+  d_in_spec = tuple(flat_specs[kernel])[1]
+  assert partitioning.follow_spec(f"adapters/{kernel}/a", (3, 2, 16), flat_specs, shapes) == P(None, None, d_in_spec)
+  assert partitioning.follow_spec(f"adapters/{kernel}/a", (4, 2, 16), flat_specs, shapes) is None  # not 3 layers
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_the_penalty_of_a_stack_is_its_layers_penalties(reduction):
+  rng = np.random.default_rng(1)
+  a, b, other = rng.normal(size=(3, 4, 10)), rng.normal(size=(3, 12, 4)), rng.normal(size=(4, 10))
+  def dev(x):  # ||x x^T - I||_F^2 in NumPy, rank on the first axis
+    g = x @ x.T
+    return np.sum((g - np.eye(len(g))) ** 2)
+  terms = [dev(a[i]) for i in range(3)] + [dev(b[i].T) for i in range(3)] + [dev(other)]
+  want = np.sum(terms) / (len(terms) if reduction == "mean" else 1)
+  got = penalty_lib.gram_deviations([(jnp.asarray(a), 0), (jnp.asarray(b), 1), (jnp.asarray(other), 0)],
+                           squared=True, reduction=reduction)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_a_stacks_masks_are_its_layers_draws():
+  from rmlora_jax import masking  # pylint: disable=g-import-not-at-top
+  rank, r_hat, layers = 6, 2, 3
+  tree = {"adapters": {"model/layers/mlp/up_proj/kernel": {"a": jnp.ones((layers, rank, 5)),
+                                                           "b": jnp.ones((layers, 7, rank))},
+                       "model/layers_0/other/kernel": {"a": jnp.ones((rank, 5)), "b": jnp.ones((7, rank))}}}
+  tx = masking.random_direction_mask(r_hat, seed=4, independent=True)
+  state = tx.init(tree)
+  for step in range(3):
+    out, state = tx.update(tree, state)
+    stack = out["adapters"]["model/layers/mlp/up_proj/kernel"]
+    for i in range(layers):
+      path = f"adapters/model/layers_{i}/mlp/up_proj/kernel"
+      rows = masking.direction_mask(4, step, path, rank, r_hat, factor="a", independent=True)
+      cols = masking.direction_mask(4, step, path, rank, r_hat, factor="b", independent=True)
+      np.testing.assert_array_equal(stack["a"][i], np.broadcast_to(np.asarray(rows)[:, None], (rank, 5)))
+      np.testing.assert_array_equal(stack["b"][i], np.broadcast_to(np.asarray(cols)[None, :], (7, rank)))
+    alone = masking.direction_mask(4, step, "adapters/model/layers_0/other/kernel", rank, r_hat, factor="a",
+                                   independent=True)
+    np.testing.assert_array_equal(out["adapters"]["model/layers_0/other/kernel"]["a"][:, 0], alone)

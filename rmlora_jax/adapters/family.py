@@ -135,14 +135,14 @@ def delta_factors(adapters: Adapters, spec: Any,
 
 
 def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
-  """Raises ValueError unless an update (d_out, d_in) fits the kernel at ``path``."""
+  """Raises ValueError unless an update (d_out, d_in), or (layers, d_out, d_in), fits the kernel at ``path``."""
   if path not in flat:
     raise ValueError(
         f"{where}: adapter path {path!r} is not a parameter path; adapters must "
         f"come from init_* on the same parameter tree"
     )
   w_shape = tuple(flat[path].shape)
-  if w_shape != update_shape[::-1]:
+  if w_shape != (*update_shape[:-2], update_shape[-1], update_shape[-2]):
     raise ValueError(
         f"{where}: adapter at {path!r} gives an update of shape (d_out, d_in)="
         f"{update_shape}, which does not fit the kernel of shape {w_shape}"
@@ -168,7 +168,8 @@ def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]
   update merged into it: the merged kernel is float, in the scale's dtype.
   Adapters at a layer's path (``model/layers_3/...``) of a scanned model's
   stacked kernel (``model/layers/...``, `rmlora_jax.stacking`) are merged
-  into that layer of it.
+  into that layer of it; an adapter at the stacked path itself, its factors
+  stacked over the layers (`stacking.stack_adapters`), into every layer.
 
   Raises:
     ValueError: an adapter of no family in ``families``, a path that is not
@@ -190,7 +191,7 @@ def merge(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family]
       return (low_rank.frozen_kernel(w) + jnp.swapaxes(stacks[path], 1, 2)).astype(w.dtype)
     if path not in deltas:
       return w
-    return (low_rank.frozen_kernel(w) + deltas[path].T).astype(w.dtype)
+    return (low_rank.frozen_kernel(w) + jnp.swapaxes(deltas[path], -1, -2)).astype(w.dtype)
 
   return quantize.map_kernels(merge_leaf, params)
 
@@ -221,7 +222,8 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
   A quantised ``W0`` (a `qwix.QArray`) stays quantised inside the
   `LowRankKernel`; the low-rank factors are float. A scanned model's stacked
   kernel gets one `LowRankKernel` holding its layers' factors stacked (zeros
-  for a layer without an adapter), which the scan hands to each layer.
+  for a layer without an adapter; as they are when stored stacked), which
+  the scan hands to each layer.
 
   Raises:
     ValueError: as `merge`.
@@ -233,7 +235,7 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
     family = family_of(ad, families, path=path)
     if family.factored is not None:
       left, right = family.factored(ad)
-      _check_fits(flat if path in flat else view, path, (left.shape[0], right.shape[-1]), where="attach")
+      _check_fits(flat if path in flat else view, path, (*left.shape[:-1], right.shape[-1]), where="attach")
       factors[path] = (spec.scale * left, right)
   for path, pair in factors.items():
     if path in flat:

@@ -30,11 +30,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmlora_jax import masking
 from rmlora_jax import paths as paths_lib
 from rmlora_jax import penalty as penalty_lib
+from rmlora_jax import quantize
 from rmlora_jax import stacking
 from rmlora_jax.adapters import base
 from rmlora_jax.adapters import family as family_lib
@@ -270,6 +272,12 @@ class RmOptions:
       raise ValueError(f"RmOptions.mask_period must be a positive integer, got {self.mask_period!r}")
 
 
+def stack_lengths(params: Any) -> dict[str, int]:
+  """``{stacked kernel path: layer count}`` of a scanned model's ``params`` (a quantised kernel counts as its kernel)."""
+  return {path: int(np.shape(leaf)[0]) for path, leaf in quantize.flatten_kernels(params).items()
+          if len(np.shape(leaf)) == 3 and stacking.is_stacked_path(path)}
+
+
 def adapter_method(
     settings: base.MethodSettings,
     *,
@@ -278,6 +286,7 @@ def adapter_method(
     penalty: Callable[[Adapters], Array] | None = None,
     optimizer: Callable[[Any], optax.GradientTransformation] | None = None,
     ranks: Callable[[Adapters], Mapping[str, int]] | None = None,
+    stack_layers: bool = False,
 ) -> base.Method:
   """A method that trains ``{"adapters": ..., "head": ...}`` over frozen weights.
 
@@ -290,6 +299,10 @@ def adapter_method(
       and AdamW from ``settings``.
     ranks: ``adapters -> {path: rank now}``; None: every adapter at
       ``settings.spec.rank``.
+    stack_layers: on a scanned model, keep the adapters of each stacked
+      kernel's layers as one adapter stacked over the layers
+      (`stacking.stack_adapters`), which ``penalty`` and ``optimizer`` must
+      accept; ``Method.adapters`` still gives them per layer.
   """
   s = settings
   if s.spec is None:
@@ -300,7 +313,12 @@ def adapter_method(
   def init(key, params):
     flat = paths_lib.flatten_with_paths(params)
     head = {p: flat[p] for p in base.head_paths(params, s.train_patterns)}
-    return {"adapters": init_adapters(key, params, spec), "head": head}
+    adapters = init_adapters(key, params, spec)
+    if stack_layers:
+      adapters = stacking.stack_adapters(adapters, stack_lengths(params))
+    return {"adapters": adapters, "head": head}
+
+  per_layer = stacking.unstack_adapters if stack_layers else (lambda adapters: adapters)
 
   def assemble(trainable, frozen):
     return combine(base.with_head(frozen, trainable["head"]), trainable["adapters"], spec, (family,))
@@ -313,9 +331,9 @@ def adapter_method(
       penalty=base.no_penalty if penalty is None else (lambda trainable: penalty(trainable["adapters"])),
       optimizer=optimizer or (lambda lr: base.settings_optimizer(s, lr)),
       frozen=lambda params: params,
-      adapters=lambda trainable: trainable["adapters"],
-      ranks=(lambda trainable: ranks(trainable["adapters"])) if ranks else
-      (lambda trainable: {p: full_rank for p in trainable["adapters"]}),
+      adapters=lambda trainable: per_layer(trainable["adapters"]),
+      ranks=(lambda trainable: ranks(per_layer(trainable["adapters"]))) if ranks else
+      (lambda trainable: {p: full_rank for p in per_layer(trainable["adapters"])}),
   )
 
 
@@ -348,7 +366,10 @@ def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Met
     tx = base.settings_optimizer(s, lr, between=(directions(),))  # clip, mask, AdamW
     return optax.chain(tx, directions()) if mask and opts.mask_mode == "update" else tx
 
-  return adapter_method(s, family=FAMILY, init_adapters=init_lora, penalty=penalty, optimizer=optimizer)
+  # On a scanned model, one adapter per matrix kind, stacked over the layers:
+  # the masks and the penalty are drawn and taken per layer all the same.
+  return adapter_method(s, family=FAMILY, init_adapters=init_lora, penalty=penalty, optimizer=optimizer,
+                        stack_layers=True)
 
 
 def _counts(ad: Adapter) -> tuple[int, int]:

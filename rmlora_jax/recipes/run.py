@@ -254,10 +254,17 @@ def _checkpoints(workdir: pathlib.Path):
 
 
 def trained_state(workdir: str | os.PathLike) -> tuple[Any, int]:
-  """The trainable tree (numpy) of a run's latest checkpoint, and its step; no optimizer is rebuilt."""
+  """The trainable tree (numpy) of a run's latest checkpoint, and its step; no optimizer is rebuilt.
+
+  Adapters come per layer, also where the run kept a scanned model's
+  adapters stacked (`stacking.stack_adapters`).
+  """
   with _checkpoints(pathlib.Path(workdir)) as (ckpt, step):
     state = ckpt.state_tree(step)
-  return jax.tree.map(np.asarray, state["trainable"]), step
+  trainable = jax.tree.map(np.asarray, state["trainable"])
+  if "adapters" in trainable:
+    trainable = {**trainable, "adapters": stacking.unstack_adapters(trainable["adapters"])}
+  return trainable, step
 
 
 def start(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
