@@ -227,12 +227,14 @@ def build(settings: base.MethodSettings) -> base.Method:
                        sora_proximal(xi, rule="released" if released else "soft"))
 
   init = lambda key, params, spec: init_sora(key, params, spec, gate_init="normal" if released else "ones")
-  return lora.adapter_method(s, family=FAMILY, init_adapters=init, optimizer=optimizer, ranks=sora_ranks)
+  # On a scanned model, stacked over the layers: the proximal step is elementwise.
+  return lora.adapter_method(s, family=FAMILY, init_adapters=init, optimizer=optimizer, ranks=sora_ranks,
+                             stack_layers=True)
 
 
 FAMILY = family_lib.Family(
-    name="sora", factors=SORA_FACTORS, product=lambda ad: (ad["b"] * ad["g"]) @ ad["a"],
-    factored=lambda ad: (ad["b"] * ad["g"], ad["a"]), counts=family_lib.gated_counts("g", "a", "b"),
+    name="sora", factors=SORA_FACTORS, product=lambda ad: (ad["b"] * ad["g"][..., None, :]) @ ad["a"],
+    factored=lambda ad: (ad["b"] * ad["g"][..., None, :], ad["a"]), counts=family_lib.gated_counts("g", "a", "b"),
     gate="g", options=SoraOptions, config_section="sora", methods={"sora": build},
 )
 
