@@ -517,6 +517,7 @@ def benchmark(config) -> dict[str, Any]:
           "backend": jax.default_backend(), "device": str(jax.devices()[0]),
           "cpu_count": os.cpu_count(), "threads": threads, "jax": jax.__version__,
           "torch": _version("torch"), "peft": _version("peft"), "machine": platform.machine(),
+          "cpu": cli.cpu_description(),
           "load_average": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       },
   }

@@ -30,6 +30,8 @@ import time
 
 from absl import app, flags
 
+from rmlora_jax import cli
+
 _TASKS = flags.DEFINE_list("tasks", ["cola", "sst2"], "GLUE tasks (configs/<task>.py).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs of each side per task.")
 _CACHES = flags.DEFINE_enum("caches", "warm", ["warm", "cold"], "Shared warm caches, or empty ones per run.")
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> None:
   print(table(summary))
   if _OUT.value:
     record = {"caches": _CACHES.value, "flags": extra, "runs": runs, "summary": summary,
-              "load_average": os.getloadavg()}
+              "load_average": os.getloadavg(), "cpu": cli.cpu_description()}
     pathlib.Path(_OUT.value).write_text(json.dumps(record, indent=2) + "\n")
 
 

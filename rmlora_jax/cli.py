@@ -195,3 +195,27 @@ def config_main(train: Callable[[Any, str | None], Any], config_flag: Any, *,
 
   return main
 
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name and its wide-vector extensions, for benchmark records.
+
+  Ratios against PyTorch depend on them: its oneDNN kernels use AVX-512 and
+  AMX where present. Linux reads ``/proc/cpuinfo``; elsewhere, what
+  `platform.processor` says.
+  """
+  import platform  # pylint: disable=g-import-not-at-top
+
+  try:
+    with open(cpuinfo, encoding="utf-8") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  fields = {}
+  for line in info.splitlines():  # the first processor's fields
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  name = " ".join(fields.get("model name", "").split()) or platform.machine()
+  have = set(fields.get("flags", "").split())
+  extensions = [e for e in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if e in have]
+  return f"{name} ({', '.join(extensions) or 'no AVX2'}; {os.cpu_count()} cores)"

@@ -35,6 +35,7 @@ _CALL = training.AheadOfTime.__call__
 def _timed(step, *args):
   start = time.perf_counter()
   out = jax.block_until_ready(_CALL(step, *args))
+  # A split train step (gradient, then update) is timed whole, under its gradient's name.
   _TIMES[(step._jitted.__name__ if hasattr(step._jitted, "__name__") else "step",  # pylint: disable=protected-access
           tuple(args[-1]["input_ids"].shape))].append(time.perf_counter() - start)
   return out

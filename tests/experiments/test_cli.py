@@ -180,3 +180,13 @@ def test_a_finished_run_exits_at_once_with_its_output_and_atexit_functions(mode,
     assert "torn down" not in proc.stderr  # ended by os._exit
   else:  # a live thread: the normal exit waits for it
     assert "thread done" in lines and "torn down" in proc.stderr
+
+
+def test_cpu_description_names_the_model_and_its_vector_extensions(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nmodel name\t: Example  CPU @ 2.0GHz\nflags\t\t: fpu avx2 avx512f amx_tile\n\n"
+                  "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+  assert cli.cpu_description(str(info)).startswith("Example CPU @ 2.0GHz (avx2, avx512f, amx_tile; ")
+  info.write_text("model name\t: Plain\nflags\t\t: fpu sse2\n")
+  assert cli.cpu_description(str(info)).startswith("Plain (no AVX2; ")
+  assert cli.cpu_description(str(tmp_path / "absent"))  # falls back to what platform reports
