@@ -189,7 +189,7 @@ def _unfused_on_cpu(count: Array, draw: Callable[[Array], Any]) -> Any:
 def _check(pairs: dict[str, int], num_directions: int) -> None:
   if not pairs:
     raise ValueError(
-        "random_direction_mask found no adapter pairs (dicts with 2-D 'a' and 'b') "
+        "random_direction_mask found no adapter pairs (dicts with 2-D 'a' and 'b', or 3-D stacked over layers) "
         "in the tree it was given; pass the adapters (and any head) it should mask"
     )
   for path, rank in pairs.items():

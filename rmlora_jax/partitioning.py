@@ -432,7 +432,8 @@ def follow_specs(tree: Any, params: Any, param_specs: Any, *, where: str) -> Any
   # A quantised kernel counts as its kernel: its path, its shape, its values' spec.
   specs = {p: s.qvalue if quantize.is_quantized(s) else s for p, s in quantize.flatten_kernels(param_specs).items()}
   shapes = {p: tuple(np.shape(x)) for p, x in quantize.flatten_kernels(params).items()}
-  # Adapters of a scanned model sit at its layers' paths: each layer of a stack counts as a parameter.
+  # Per-layer adapters of a scanned model sit at its layers' paths: each layer of a stack counts as a
+  # parameter (adapters stored stacked follow the stacked kernel, in `follow_spec`).
   for path, shape in list(shapes.items()):
     for layer in stacking.layer_paths(path, shape):
       specs[layer], shapes[layer] = P(*tuple(specs[path])[1:]), shape[1:]

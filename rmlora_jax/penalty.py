@@ -94,7 +94,8 @@ def ortho_penalty(
     squared: ``True`` for the paper's squared Frobenius norm; ``False`` for the
       plain norm of the authors' released code.
     reduction: ``"sum"`` over all terms (the paper), or ``"mean"`` over the
-      2 x (number of adapters) terms (the authors' code, with weight 0.1).
+      2 x (number of adapters, a stacked one counting once per layer) terms
+      (the authors' code, with weight 0.1).
 
   Returns:
     A scalar, differentiable with respect to ``adapters``.

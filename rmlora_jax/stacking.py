@@ -4,12 +4,15 @@ A scanned model (``scan_layers=True`` in `rmlora_jax.models`' decoders)
 keeps its layers as one subtree named ``layers`` whose leaves have the layer
 axis first: ``model/layers/self_attn/q_proj/kernel`` is (L, d_in, d_out)
 where the unrolled model has ``model/layers_{i}/self_attn/q_proj/kernel``,
-(d_in, d_out) each. Only the frozen base is stored that way. Adapters,
-heads, masks, penalties and budgets keep the unrolled paths
-(``model/layers_3/...``), one adapter per layer, so every layer's adapter has
-its own direction draw, penalty term and rank budget exactly as when the
-layers are unrolled; `rmlora_jax.attach` and `rmlora_jax.merge` stack them
-onto the stacked kernel for the forward pass.
+(d_in, d_out) each. Adapters are made per layer, at the unrolled paths
+(``model/layers_3/...``), so every layer's adapter has its own direction
+draw, penalty term and rank budget exactly as when the layers are unrolled.
+LoRA, R-, GM-, RM-LoRA and SoRA then store them stacked over the layers
+(`stack_adapters`: one adapter per matrix kind at the stacked kernel's
+path, factors with the layer axis first), and draw, penalise and count them
+per layer all the same; AdaLoRA and LoRA² keep them per layer, and
+`rmlora_jax.attach` and `rmlora_jax.merge` stack those onto the stacked
+kernel for the forward pass.
 
 The convention: a dict entry named ``layers`` whose own keys are not numbers
 (an NNX list's are ``0``, ``1``, ...) is a stack, and ``layers_{i}`` is its
@@ -158,6 +161,10 @@ def is_stacked_path(path: str) -> bool:
   return _stack_part(path.split("/")) is not None
 
 
+def _is_stacked_adapter(path: str, adapter: Any) -> bool:
+  return is_stacked_path(path) and any(len(np.shape(x)) == 3 for x in jax.tree.leaves(adapter))
+
+
 def stack_adapters(adapters: Mapping[str, Mapping[str, Any]],
                    stacks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
   """Per-layer adapters of a scanned model gathered into one adapter per stacked kernel.
@@ -192,10 +199,15 @@ def stack_adapters(adapters: Mapping[str, Mapping[str, Any]],
 
 
 def unstack_adapters(adapters: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-  """The inverse of `stack_adapters`: each stacked entry becomes one adapter per layer, at its layer's path."""
+  """The inverse of `stack_adapters`: each stacked entry becomes one adapter per layer, at its layer's path.
+
+  A stacked entry sits at a stack's path and has a 3-D factor (no family's
+  per-layer factor has more than two axes), so an adapter on a kernel that
+  merely lives under a module named ``layers`` is left as it is.
+  """
   out = {}
   for path, ad in adapters.items():
-    if not is_stacked_path(path):
+    if not _is_stacked_adapter(path, ad):
       out[path] = ad
       continue
     for i in range(num_layers(ad)):
@@ -208,7 +220,7 @@ def restack_like(adapters: Mapping[str, Mapping[str, Any]],
   """Per-layer ``adapters`` stacked as ``like`` (a `stack_adapters` result) is: the same entries stacked."""
   out = dict(adapters)
   for path, ad in like.items():
-    if is_stacked_path(path):
+    if _is_stacked_adapter(path, ad):
       layers = [out.pop(layer_path(path, i)) for i in range(num_layers(ad))]
       out[path] = jax.tree.map(lambda *xs: _stack(list(xs)), *layers)
   return out

@@ -259,7 +259,7 @@ class AheadOfTime:
           self._queue.put((_APPLY, self._apply))
 
   def pending(self) -> list[concurrent.futures.Future]:
-    """The futures of the shapes queued so far (done or not)."""
+    """The futures of the shapes queued so far (done or not), and of a `TrainStep`'s update program."""
     with self._lock:
       return list(self._futures.values()) + ([self._apply] if self._apply is not None else [])
 
@@ -302,7 +302,10 @@ class AheadOfTime:
       if future is None or future.cancel():
         future = self._apply = concurrent.futures.Future()
         future.set_result(None)
-    apply = future.result()
+    try:
+      apply = future.result()
+    except Exception:  # pylint: disable=broad-except  # failed on the thread: build it here, where its error shows
+      apply = None
     if apply is None:  # not built ahead (no gradient program was ready then): build it for these outputs
       apply = self._step.apply.lower(self._fixed[0], *out).compile()
       with self._lock:

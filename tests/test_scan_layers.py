@@ -174,6 +174,9 @@ def test_adapters_stacked_over_layers_round_trip_and_keep_partial_stacks(params)
   again = stacking.restack_like(back, stacked)
   assert again.keys() == stacked.keys()
   jax.tree.map(np.testing.assert_array_equal, again, stacked)
+  # A per-layer adapter under a module that is merely named "layers" is no stack.
+  plain = {"layers/Dense_0/kernel": {"a": np.ones((2, 4)), "b": np.ones((3, 2))}}
+  assert stacking.unstack_adapters(plain) == plain
   # A stacked factor is sharded as its stacked kernel: the layer axis first, replicated.
   specs = partitioning.match_partition_rules(stacked_params, partitioning.rules_for("qwen2"))
   flat_specs = paths_lib.flatten_with_paths(specs)

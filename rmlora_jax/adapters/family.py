@@ -81,13 +81,14 @@ def gated_counts(gate: str, row: str, col: str) -> Callable[[Adapter], tuple[int
   """Counts of a family with one gate per rank: ``r (d + 1)`` trained, ``kept (d + 1)`` at inference.
 
   ``row`` is the (r, d_in) factor, ``col`` the (d_out, r) one, ``gate`` the
-  (r,) diagonal whose nonzero entries are the kept ranks.
+  (r,) diagonal whose nonzero entries are the kept ranks (each with a
+  leading layer axis when stacked over a scanned model's layers).
   """
 
   def counts(ad: Adapter) -> tuple[int, int]:
-    r, d_in = ad[row].shape
-    per_rank = d_in + ad[col].shape[0] + 1
-    return r * per_rank, nonzero(ad[gate]) * per_rank
+    *layers, r, d_in = ad[row].shape
+    per_rank = d_in + ad[col].shape[-2] + 1
+    return int(np.prod(layers, dtype=np.int64)) * r * per_rank, nonzero(ad[gate]) * per_rank
 
   return counts
 

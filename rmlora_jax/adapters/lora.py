@@ -373,8 +373,8 @@ def build(settings: base.MethodSettings, *, ortho: bool, mask: bool) -> base.Met
 
 
 def _counts(ad: Adapter) -> tuple[int, int]:
-  r, d_in = ad["a"].shape
-  n = r * (d_in + ad["b"].shape[0])
+  *layers, r, d_in = ad["a"].shape  # (layers, r, d_in) when stacked over a scanned model's layers
+  n = math.prod(layers) * r * (d_in + ad["b"].shape[-2])
   return n, n
 
 

@@ -10,6 +10,7 @@ import transformers
 
 from configs import sft as sft_config
 from rmlora_jax import metrics as metrics_lib
+from rmlora_jax import training
 from rmlora_jax.data import sft
 from rmlora_jax.models import load_pretrained
 from rmlora_jax.tasks import causal_lm
@@ -265,3 +266,27 @@ def test_lora_from_peft_initialisation_trains_step_by_step_as_peft_does(
   for key, value in peft_trained.items():
     assert np.abs(value - start[key]).max() > 1e-2, key  # trained
     np.testing.assert_allclose(exported[key], value, atol=5e-4, err_msg=key)  # measured: <= 1e-4
+
+
+def test_a_scanned_rm_lora_run_trains_and_reports_as_the_unrolled_one(tiny_chat_llama, records_and_reference, tmp_path):
+  # Through the trainer, results.json included: the scanned model's adapters
+  # are stored stacked over the layers, yet the run, its counts and its ranks
+  # are those of the unrolled model's per-layer adapters.
+  path, *_ = records_and_reference
+  saved = {}
+  for scan in (False, True):
+    config = tiny_sft_config(tiny_chat_llama, path, tmp_path / f"scan_{scan}", method="rm_lora",
+                             **{"rm.num_directions": 1, "model.scan_layers": scan})
+    sft_task.train_and_evaluate(config, config.workdir)
+    saved[scan] = json.loads((tmp_path / f"scan_{scan}" / "results.json").read_text())
+    ckpt = training.Checkpointer(str(tmp_path / f"scan_{scan}" / "checkpoints"), create=False)
+    stored = ckpt.state_tree(ckpt.latest_step())["trainable"]["adapters"]
+    ckpt.close()
+    assert len(stored) == (7 if scan else 14), sorted(stored)  # two layers, seven matrices each
+  h, ff, kv = 32, 40, 2 * 8
+  per_layer = 2 * ((h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
+  for scan in (False, True):
+    assert saved[scan]["trainable_params"] == 2 * per_layer, scan
+  losses = {scan: [row["loss"] for row in saved[scan]["history"]["train"]] for scan in saved}
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  assert saved[True]["ranks"] == saved[False]["ranks"]
