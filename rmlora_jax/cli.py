@@ -196,7 +196,6 @@ def config_main(train: Callable[[Any, str | None], Any], config_flag: Any, *,
   return main
 
 
-
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU's model name and its wide-vector extensions, for benchmark records.
 

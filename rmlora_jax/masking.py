@@ -186,13 +186,13 @@ def _unfused_on_cpu(count: Array, draw: Callable[[Array], Any]) -> Any:
   return jax.lax.platform_dependent(count, cpu=on_cpu, default=draw)
 
 
-def _check(pairs: dict[str, int], num_directions: int) -> None:
+def _check(pairs: dict[str, tuple[int, int]], num_directions: int) -> None:
   if not pairs:
     raise ValueError(
         "random_direction_mask found no adapter pairs (dicts with 2-D 'a' and 'b', or 3-D stacked over layers) "
         "in the tree it was given; pass the adapters (and any head) it should mask"
     )
-  for path, rank in pairs.items():
+  for path, (rank, _) in pairs.items():
     if not 1 <= num_directions <= rank:
       raise ValueError(
           f"random_direction_mask: num_directions={num_directions} must be in "
@@ -253,13 +253,13 @@ def random_direction_mask(
     # An empty tree is `optax.tree_map_params`' stand-in when it reads the
     # state's layout; the real tree is checked here and at every update.
     if jax.tree.leaves(params):
-      _check(adapter_pairs(params), num_directions)
+      _check(_pairs(params), num_directions)
     return RandomDirectionMaskState(count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
     pairs = _pairs(updates)
-    _check({path: rank for path, (rank, _) in pairs.items()}, num_directions)
+    _check(pairs, num_directions)
     masks = _unfused_on_cpu(state.count, lambda count: _all_masks(
         seed, count, pairs, num_directions, period, independent))
     # Before start_step every update passes whole: a mask of ones.

@@ -299,14 +299,13 @@ class AheadOfTime:
       return out
     with self._lock:
       future = self._apply
-      if future is None or future.cancel():
-        future = self._apply = concurrent.futures.Future()
-        future.set_result(None)
+      if future is not None and future.cancel():  # queued and not begun: build it here
+        future = None
     try:
-      apply = future.result()
+      apply = None if future is None else future.result()
     except Exception:  # pylint: disable=broad-except  # failed on the thread: build it here, where its error shows
       apply = None
-    if apply is None:  # not built ahead (no gradient program was ready then): build it for these outputs
+    if apply is None:  # not built ahead (or no gradient program was ready then): build it for these outputs
       apply = self._step.apply.lower(self._fixed[0], *out).compile()
       with self._lock:
         self._apply = concurrent.futures.Future()
@@ -335,7 +334,6 @@ class AheadOfTime:
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding) for name, shape, dtype in key}
     return self._jitted.lower(*self._fixed, batch).compile()
 
-
   def _compile_apply(self) -> Any:
     """A `TrainStep`'s update program, for the outputs of a gradient program built; None if none is."""
     with self._lock:
@@ -343,9 +341,7 @@ class AheadOfTime:
                if f.done() and not f.cancelled() and f.exception() is None]
     if not built:
       return None
-    grads, losses = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
-        built[0].out_info)
+    grads, losses = jax.tree.map(_abstract, built[0].out_info)
     return self._step.apply.lower(self._fixed[0], grads, losses).compile()
 
 
