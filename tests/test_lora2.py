@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from tests.family_reference import RefPruner, check_pruned_regression, random_like
-from rmlora_jax import delta_weights, merge
+from rmlora_jax import attach, delta_weights, merge
 from rmlora_jax.budget import BudgetSchedule
 from rmlora_jax.adapters.lora2 import (Lora2Options, Lora2Spec, init_lora2, lora2_penalty, lora2_pruning, lora2_ranks,
                                       lora2_released_penalty)
@@ -63,6 +63,27 @@ def test_penalty_terms_match_numpy(terms, squared, reduction):
   ref = (np.sum(ref) if reduction == "sum" else np.mean(ref)) if ref else 0.0
   got = lora2_penalty(ad, terms=terms, squared=squared, reduction=reduction)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+# Three kernels of one shape: their adapters share batched products in the
+# penalty and in `attach` (Family.batch_factored).
+SHARED = {"a": {"kernel": jnp.ones((9, 7))}, "a2": {"kernel": jnp.zeros((9, 7))}, "a3": {"kernel": jnp.ones((9, 7))},
+          "b": {"kernel": jnp.ones((7, 8))}}
+SHARED_SPEC = Lora2Spec(k=2, r=3, alpha=6.0, targets=(r"(a\d?|b)/kernel",))
+
+
+def test_adapters_of_one_shape_give_numpys_penalty_and_low_rank_kernels():
+  ad = jax.tree.map(jnp.asarray, random_like(init_lora2(jax.random.key(4), SHARED, SHARED_SPEC), 4))
+  np.testing.assert_allclose(lora2_penalty(ad), np.sum(_ref_penalty(ad, ("UV", "uv", "PQ"), True)), rtol=1e-5)
+  np.testing.assert_allclose(lora2_penalty(ad, terms=("PQ",), squared=False, reduction="mean"),
+                             np.mean(_ref_penalty(ad, ("PQ",), False)), rtol=1e-5)
+  attached = attach(SHARED, ad, SHARED_SPEC)
+  for path, a in ad.items():
+    f = {n: np.asarray(x, np.float64) for n, x in a.items()}
+    kernel = attached[path.split("/")[0]]["kernel"]
+    np.testing.assert_allclose(np.asarray(kernel.left) @ np.asarray(kernel.right),
+                               6.0 / 3 * f["U"] @ f["u"] @ np.diag(f["lam"]) @ f["v"] @ f["V"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(kernel.w0, SHARED[path.split("/")[0]]["kernel"])
 
 
 def test_released_penalty_is_four_k_by_k_grams_in_numpy():

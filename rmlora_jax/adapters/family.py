@@ -49,6 +49,12 @@ class Family:
   # One adapter -> (left (d_out, r'), right (r', d_in)) with left @ right ==
   # product; None: the update is formed densely (`attach` then merges it).
   factored: Callable[[Adapter], tuple[Array, Array]] | None = None
+  # Whether ``factored`` multiplies factors (LoRA²'s ``U (u lam)``, ``v V``):
+  # `attach` then forms it once for each stack of same-shaped adapters, a few
+  # batched products instead of two per adapter (less to compile). False for
+  # a ``factored`` that only picks or scales factors, where stacking would
+  # add work.
+  batch_factored: bool = False
   # One adapter -> (trainable, needed at inference) parameter counts.
   counts: Callable[[Adapter], tuple[int, int]]
   # The factor whose nonzero entries are the adapter's rank now (AdaLoRA's
@@ -133,6 +139,33 @@ def delta_factors(adapters: Adapters, spec: Any,
       left, right = family.factored(ad)
       out[path] = (spec.scale * left, right)
   return out
+
+
+def _factored(adapters: Adapters, families: Sequence[Family]) -> dict[str, tuple[Array, Array]]:
+  """``{path: family.factored(adapter)}`` for the adapters whose family has a factored form.
+
+  A family with ``batch_factored`` has its adapters of equal factor shapes
+  and dtypes stacked and their factored forms computed by one vmapped call;
+  the values are those of one call per adapter.
+  """
+  out, groups = {}, {}
+  for path, ad in adapters.items():
+    family = family_of(ad, families, path=path)
+    if family.factored is None:
+      continue
+    if family.batch_factored:
+      key = (id(family), tuple((n, jnp.shape(x), jnp.result_type(x)) for n, x in sorted(ad.items())))
+      groups.setdefault(key, (family, []))[1].append(path)
+    else:
+      out[path] = family.factored(ad)
+  for family, paths in groups.values():
+    if len(paths) == 1:
+      out[paths[0]] = family.factored(adapters[paths[0]])
+      continue
+    stacked = {n: jnp.stack([adapters[p][n] for p in paths]) for n in adapters[paths[0]]}
+    lefts, rights = jax.vmap(family.factored)(stacked)
+    out.update({p: (lefts[i], rights[i]) for i, p in enumerate(paths)})
+  return {p: out[p] for p in adapters if p in out}  # the adapters' own order
 
 
 def _check_fits(flat: Mapping[str, Any], path: str, update_shape: tuple[int, ...], *, where: str) -> None:
@@ -232,12 +265,9 @@ def attach(params: Any, adapters: Adapters, spec: Any, families: Sequence[Family
   flat = quantize.flatten_kernels(params)
   view = stacking.layer_view(flat)
   kernels, factors = {}, {}
-  for path, ad in adapters.items():
-    family = family_of(ad, families, path=path)
-    if family.factored is not None:
-      left, right = family.factored(ad)
-      _check_fits(flat if path in flat else view, path, (*left.shape[:-1], right.shape[-1]), where="attach")
-      factors[path] = (spec.scale * left, right)
+  for path, (left, right) in _factored(adapters, families).items():
+    _check_fits(flat if path in flat else view, path, (*left.shape[:-1], right.shape[-1]), where="attach")
+    factors[path] = (spec.scale * left, right)
   for path, pair in factors.items():
     if path in flat:
       kernels[path] = LowRankKernel(flat[path], *pair)

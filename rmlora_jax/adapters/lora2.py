@@ -163,12 +163,34 @@ def lora2_penalty(
           f"lora2_penalty: adapter at {path!r} has factors {sorted(ad)}; expected {sorted(LORA2_FACTORS)}"
       )
     pairs = {"UV": (ad["U"], ad["V"]), "uv": (ad["u"], ad["v"])}
-    if "PQ" in terms:
-      pairs["PQ"] = (ad["U"] @ ad["u"], ad["v"] @ ad["V"])
     for t in terms:
-      x, y = pairs[t]
-      out += [(x, 1), (y, 0)]
+      if t != "PQ":
+        x, y = pairs[t]
+        out += [(x, 1), (y, 0)]
+  if "PQ" in terms:
+    out += _planes(adapters)
   return penalty.gram_deviations(out, squared=squared, reduction=reduction)
+
+
+def _planes(adapters: Mapping[str, Mapping[str, Array]]) -> list[tuple[Array, int]]:
+  """``[(P, 1), (Q, 0)]`` of every adapter, ``P = U u`` and ``Q = v V``, as stacks by shape.
+
+  Adapters whose factors have the same shapes and dtype share one batched
+  product: a model's dozens of adapters trace a few matmuls rather than
+  two each (less to compile).
+  """
+  groups: dict[tuple, list[Mapping[str, Array]]] = {}
+  for ad in adapters.values():
+    key = tuple((n, jnp.shape(ad[n]), jnp.result_type(ad[n])) for n in ("U", "u", "v", "V"))
+    groups.setdefault(key, []).append(ad)
+  out = []
+  for ads in groups.values():
+    if jnp.ndim(ads[0]["U"]) == 3 or len(ads) == 1:  # a stack over layers already, or alone
+      out += [(x, axis) for ad in ads for x, axis in ((ad["U"] @ ad["u"], 1), (ad["v"] @ ad["V"], 0))]
+      continue
+    stack = lambda name: jnp.stack([ad[name] for ad in ads])
+    out += [(jnp.matmul(stack("U"), stack("u")), 1), (jnp.matmul(stack("v"), stack("V")), 0)]
+  return out
 
 
 def lora2_released_penalty(
@@ -272,7 +294,8 @@ def _counts(ad) -> tuple[int, int]:
 
 FAMILY = family_lib.Family(
     name="lora2", factors=LORA2_FACTORS, product=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"]),
-    factored=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]), counts=_counts, gate="lam",
+    factored=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]), batch_factored=True, counts=_counts,
+    gate="lam",
     options=Lora2Options, config_section="lora2", methods={"lora2": build},
 )
 
