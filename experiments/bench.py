@@ -519,6 +519,7 @@ def benchmark(config) -> dict[str, Any]:
           "torch": _version("torch"), "peft": _version("peft"), "machine": platform.machine(),
           "cpu": cli.cpu_description(),
           "load_average": os.getloadavg(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       },
   }
 

@@ -111,7 +111,8 @@ def main(argv: list[str]) -> None:
   print(table(summary))
   if _OUT.value:
     record = {"caches": _CACHES.value, "flags": extra, "runs": runs, "summary": summary,
-              "load_average": os.getloadavg(), "cpu": cli.cpu_description()}
+              "load_average": os.getloadavg(), "cpu": cli.cpu_description(),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     pathlib.Path(_OUT.value).write_text(json.dumps(record, indent=2) + "\n")
 
 
