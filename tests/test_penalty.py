@@ -43,6 +43,19 @@ def test_matches_numpy(squared, reduction):
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_large_factors_beside_small_ones_match_numpy(reduction):
+  """Factors of `STACK_BELOW` elements or more get a Gram each; the small ones of one shape share one."""
+  rng = np.random.default_rng(5)
+  half = rl.penalty.STACK_BELOW // 2
+  np_ads = dict(_adapters(5))
+  for i in (4, 5):  # two large adapters of one shape, at the threshold and just above it
+    np_ads[f"l{i}/kernel"] = {"a": 0.05 * rng.normal(size=(2, half)), "b": 0.05 * rng.normal(size=(half + 1, 2))}
+  terms = _numpy_terms(np_ads) ** 2
+  got = jax.jit(lambda a: rl.ortho_penalty(a, reduction=reduction))(_as_jax(np_ads))
+  np.testing.assert_allclose(got, terms.sum() if reduction == "sum" else terms.mean(), rtol=1e-5)
+
+
 def test_zero_for_orthonormal_factors():
   rng = np.random.default_rng(1)
   q, _ = np.linalg.qr(rng.normal(size=(9, 4)))  # (9, 4) orthonormal columns
