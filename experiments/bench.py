@@ -278,7 +278,9 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
   step = training.make_train_step(module, method, tx, _task(config), seed=config.seed, mesh=mesh, split=True)
   start = time.perf_counter()
   grad = step.grad.lower(state, frozen, batch).compile()
-  apply = step.apply.lower(state, *jax.tree.map(_struct, grad.out_info)).compile()
+  # The update program for the gradient program's outputs, as `training.AheadOfTime` builds it.
+  abstract = training._abstract  # pylint: disable=protected-access
+  apply = step.apply.lower(state, *jax.tree.map(abstract, grad.out_info)).compile()
   compile_s = time.perf_counter() - start
   flops, memory = 0.0, []
   for compiled in (grad, apply):
@@ -309,13 +311,6 @@ def _jax_runner(config, module, params, method, batch) -> tuple[Callable[[], Non
     jax.block_until_ready(metrics)
 
   return run, facts
-
-
-def _struct(x) -> Any:
-  """A `jax.ShapeDtypeStruct` of ``x`` (an executable's output info) with its sharding and weak type."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
 
 
 def _torch_response_loss(logits, input_ids, loss_mask, weights):
