@@ -92,6 +92,11 @@ def table(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def order(repeat: int) -> list[str]:
+  """The sides in the order repeat ``repeat`` (0-based) runs them: ours first, then PEFT first, in turn."""
+  return list(SIDES) if repeat % 2 == 0 else list(SIDES)[::-1]
+
+
 def main(argv: list[str]) -> None:
   extra = argv[1:]
   runs = []
@@ -102,8 +107,7 @@ def main(argv: list[str]) -> None:
       if _CACHES.value == "warm":  # fill the shared caches once, untimed
         _run("ours", task, tmp / f"warmup-{task}", shared, extra)
       for i in range(_REPEATS.value):
-        order = list(SIDES) if i % 2 == 0 else list(SIDES)[::-1]
-        for side in order:
+        for side in order(i):
           caches = shared if _CACHES.value == "warm" else tmp / f"caches-{task}-{side}-{i}"
           runs.append(_run(side, task, tmp / f"{task}-{side}-{i}", caches, extra))
           print(json.dumps(runs[-1]), flush=True)

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from rmlora_jax import paths as paths_lib
+from rmlora_jax import stacking
 
 Array = jax.Array
 
@@ -194,18 +195,35 @@ def triplet_scores(ipt: Mapping[str, Array], unc: Mapping[str, Array], rank_axes
 
   Args:
     ipt, unc: ``{factor name: I}`` and ``{factor name: U}`` for ``lam`` and the
-      factors named in ``rank_axes``.
+      factors named in ``rank_axes``; an adapter stacked over a scanned
+      model's layers has a leading layer axis on each.
     rank_axes: ``{factor name: axis of the rank index}`` for each 2-D factor
       that contributes the mean score of its i-th slice (AdaLoRA: ``p`` 1,
-      ``q`` 0; LoRA²: ``u`` 1, ``v`` 0).
+      ``q`` 0; LoRA²: ``u`` 1, ``v`` 0), counted in the factor's last two axes.
 
   Returns:
-    ``score(lam_i) + sum_f mean_j score(f)[slice i]``.
+    ``score(lam_i) + sum_f mean_j score(f)[slice i]``: (r,), or (layers, r)
+    for a stacked adapter.
   """
   total = ipt["lam"] * unc["lam"]
   for name, axis in rank_axes.items():
-    total = total + jnp.mean(ipt[name] * unc[name], axis=1 - axis)
+    total = total + jnp.mean(ipt[name] * unc[name], axis=-1 - axis)  # over the other of the last two axes
   return total
+
+
+def _layer_rows(path: str, scores: Array) -> list[tuple[str, Array]]:
+  """``[(adapter path, (r,) scores)]``: one row, or a stacked adapter's rows at its layers' unrolled paths."""
+  if jnp.ndim(scores) == 1:
+    return [(path, scores)]
+  if jnp.ndim(scores) != 2 or not stacking.is_stacked_path(path):
+    raise ValueError(f"global_keep_mask: scores at {path!r} have shape {jnp.shape(scores)}; expected (r,), "
+                     f"or (layers, r) for an adapter stacked over a scanned model's layers")
+  return [(stacking.layer_path(path, i), scores[i]) for i in range(jnp.shape(scores)[0])]
+
+
+def _num_adapters(scores_or_gates: Mapping[str, Any]) -> int:
+  """How many adapters share the budget: one per entry, or one per layer of a stacked entry."""
+  return sum(int(np.prod(np.shape(x)[:-1], dtype=np.int64)) for x in scores_or_gates.values())
 
 
 def global_keep_mask(scores: Mapping[str, Array], budget: Array | int) -> dict[str, Array]:
@@ -213,22 +231,27 @@ def global_keep_mask(scores: Mapping[str, Array], budget: Array | int) -> dict[s
 
   Ties go to the earlier triplet in sorted-path, then index, order, so exactly
   ``min(budget, total)`` triplets are kept (PEFT's threshold ``<= kth value``
-  may keep fewer on ties). Jittable with a traced ``budget``.
+  may keep fewer on ties). Jittable with a traced ``budget``. An adapter
+  stacked over a scanned model's layers (scores (layers, r) at a stacked path,
+  `rmlora_jax.stacking`) counts as its layers' adapters at their unrolled
+  paths (``model/layers_3/...``), so the kept set is the unrolled model's.
 
   Returns:
-    ``{path: bool (r,)}``, True for the triplets kept.
+    ``{path: bool (r,)}`` (or (layers, r)), True for the triplets kept.
   """
-  names = sorted(scores)
-  sizes = [scores[n].shape[0] for n in names]
-  flat = jnp.concatenate([scores[n] for n in names])
+  rows = sorted((row for path in scores for row in _layer_rows(path, scores[path])), key=lambda row: row[0])
+  flat = jnp.concatenate([row for _, row in rows])
   # -s + 0.0 turns -0.0 into +0.0, so zero scores tie and keep index order.
   order = jnp.argsort(-flat + 0.0, stable=True)
   position = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.shape[0], dtype=jnp.int32))
   keep = position < budget
-  out, start = {}, 0
-  for n, size in zip(names, sizes):
-    out[n] = keep[start : start + size]
-    start += size
+  by_row, start = {}, 0
+  for name, row in rows:
+    by_row[name] = keep[start : start + row.shape[0]]
+    start += row.shape[0]
+  out = {}
+  for path, value in scores.items():
+    out[path] = by_row[path] if jnp.ndim(value) == 1 else jnp.stack([by_row[n] for n, _ in _layer_rows(path, value)])
   return out
 
 
@@ -314,7 +337,8 @@ def budget_pruning(
   Args:
     inner: the optimizer, e.g. ``optax.adamw(1e-3)``.
     schedule: the budget settings; every adapter's ``lam`` must have
-      ``schedule.initial_rank`` entries.
+      ``schedule.initial_rank`` entries ((layers, r) for an adapter stacked
+      over a scanned model's layers, which counts as one adapter per layer).
     family: the adapter family and its score.
 
   Returns:
@@ -329,12 +353,15 @@ def budget_pruning(
           f"{family.name} pruning found no adapters with factors {sorted(family.factors)} "
           f"in the tree it was given; pass the adapters (and any head) it should train"
       )
+    flat = paths_lib.flatten_with_paths(tree)
     for path, names in found.items():
-      lam = paths_lib.flatten_with_paths(tree)[names["lam"]]
-      if tuple(lam.shape) != (schedule.initial_rank,):
+      shape = tuple(flat[names["lam"]].shape)
+      stacked = len(shape) == 2 and stacking.is_stacked_path(path)  # (layers, r) on a scanned model
+      if shape[-1:] != (schedule.initial_rank,) or not (len(shape) == 1 or stacked):
         raise ValueError(
-            f"{family.name} pruning: adapter {path!r} has lam of shape {tuple(lam.shape)}, "
-            f"but BudgetSchedule.initial_rank={schedule.initial_rank}"
+            f"{family.name} pruning: adapter {path!r} has lam of shape {shape}, but "
+            f"BudgetSchedule.initial_rank={schedule.initial_rank} (lam must be (r,), or (layers, r) when "
+            f"stacked over a scanned model's layers)"
         )
     return found
 
@@ -351,12 +378,13 @@ def budget_pruning(
     found = locate(params) if jax.tree.leaves(params) else {}
     stats = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
                          scored_only(params, found))
-    ones = jnp.ones((schedule.initial_rank,), bool)
+    flat = paths_lib.flatten_with_paths(params)
     return BudgetPruningState(
         count=jnp.zeros((), jnp.int32),
         ipt_by_param=stats,
         unc_by_param=stats,
-        keep_by_param=_at_paths(params, {names["lam"]: ones for names in found.values()}),
+        keep_by_param=_at_paths(params, {names["lam"]: jnp.ones(flat[names["lam"]].shape, bool)
+                                         for names in found.values()}),
         inner_state=inner.init(params),
     )
 
@@ -382,7 +410,7 @@ def budget_pruning(
     def new_keep():
       ipt_of, unc_of = _by_adapter(ipt), _by_adapter(unc)
       scores = {p: triplet_scores(ipt_of[p], unc_of[p], family.rank_axes) for p in found}
-      keep = global_keep_mask(scores, budget_schedule(schedule, step, len(found)))
+      keep = global_keep_mask(scores, budget_schedule(schedule, step, _num_adapters(scores)))
       return _at_paths(params, {names["lam"]: keep[p] for p, names in found.items()})
 
     keep_by_param = jax.lax.cond(prune_now, new_keep, lambda: state.keep_by_param)
@@ -407,9 +435,15 @@ def budget_pruning(
 
 
 def nonzero_ranks(adapters: Any, factors: frozenset[str], gate: str) -> dict[str, int]:
-  """``{adapter path: number of nonzero entries of its gate vector}`` (host-side)."""
+  """``{adapter path: number of nonzero entries of its gate vector}`` (host-side).
+
+  An adapter stacked over a scanned model's layers gives one entry per layer,
+  at the layer's unrolled path.
+  """
   flat = paths_lib.flatten_with_paths(adapters)
-  return {
-      p: int(np.count_nonzero(np.asarray(flat[names[gate]])))
-      for p, names in paths_lib.find_adapters(adapters, factors).items()
-  }
+  out = {}
+  for p, names in paths_lib.find_adapters(adapters, factors).items():
+    gates = np.asarray(flat[names[gate]])
+    for name, row in _layer_rows(p, gates):
+      out[name] = int(np.count_nonzero(row))
+  return out

@@ -7,12 +7,12 @@ where the unrolled model has ``model/layers_{i}/self_attn/q_proj/kernel``,
 (d_in, d_out) each. Adapters are made per layer, at the unrolled paths
 (``model/layers_3/...``), so every layer's adapter has its own direction
 draw, penalty term and rank budget exactly as when the layers are unrolled.
-LoRA, R-, GM-, RM-LoRA and SoRA then store them stacked over the layers
+Every family's methods then store them stacked over the layers
 (`stack_adapters`: one adapter per matrix kind at the stacked kernel's
-path, factors with the layer axis first), and draw, penalise and count them
-per layer all the same; AdaLoRA and LoRA² keep them per layer, and
-`rmlora_jax.attach` and `rmlora_jax.merge` stack those onto the stacked
-kernel for the forward pass.
+path, factors with the layer axis first), and draw, penalise, prune and
+count them per layer all the same. Adapters on some layers only stay per
+layer, and `rmlora_jax.attach` and `rmlora_jax.merge` stack those onto the
+stacked kernel for the forward pass.
 
 The convention: a dict entry named ``layers`` whose own keys are not numbers
 (an NNX list's are ``0``, ``1``, ...) is a stack, and ``layers_{i}`` is its

@@ -154,6 +154,27 @@ def test_global_keep_mask_keeps_exactly_budget_with_ties():
   assert int(sum(k.sum() for k in zeros.values())) == 5
 
 
+def test_a_stacked_adapter_ranks_as_its_layers_at_their_unrolled_paths():
+  # Twelve layers stacked (a scanned model) beside a plain adapter, scores with many ties: the kept
+  # set is the unrolled model's, ties going by the layers' own paths in sorted order
+  # (model/layers_10 before model/layers_2), then by index.
+  rng = np.random.default_rng(0)
+  stacked = rng.choice([0.0, 0.5, 1.0], (12, 3)).astype(np.float32)
+  plain = rng.choice([0.0, 0.5, 1.0], 3).astype(np.float32)
+  budget = 17
+  keep = global_keep_mask({"model/layers/mlp/kernel": jnp.asarray(stacked), "model/norm_proj/kernel": jnp.asarray(plain)},
+                          budget)
+  entries = [(-stacked[i, j], f"model/layers_{i}/mlp/kernel", j) for i in range(12) for j in range(3)]
+  entries += [(-plain[j], "model/norm_proj/kernel", j) for j in range(3)]
+  kept = set(e[1:] for e in sorted(entries)[:budget])
+  want = np.array([[(f"model/layers_{i}/mlp/kernel", j) in kept for j in range(3)] for i in range(12)])
+  assert keep["model/layers/mlp/kernel"].shape == (12, 3)
+  np.testing.assert_array_equal(keep["model/layers/mlp/kernel"], want)
+  np.testing.assert_array_equal(keep["model/norm_proj/kernel"], [("model/norm_proj/kernel", j) in kept for j in range(3)])
+  with pytest.raises(ValueError, match=r"scores at 'enc/q' have shape \(2, 3\)"):
+    global_keep_mask({"enc/q": jnp.zeros((2, 3))}, 1)  # two rows, but not at a stacked path
+
+
 def test_pruning_step_under_jit_matches_reference():
   kw = dict(initial_rank=4, target_rank=2, total_steps=12, t_init=2, t_final=3, delta_t=2, beta1=0.8, beta2=0.9)
   schedule = BudgetSchedule(**kw)

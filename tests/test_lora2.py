@@ -178,3 +178,27 @@ def test_headline_setting_k1_r8_counts_and_trains():
   dw = np.asarray(delta_weights(adapters, spec)["w/kernel"])
   assert np.linalg.matrix_rank(dw, tol=1e-6 * np.abs(dw).max()) == 1
 
+
+
+def test_adapters_stacked_over_layers_give_each_layers_update_and_counts():
+  # A scanned model's three layers: factors with the layer axis first, one layer's lam all zero.
+  rng = np.random.default_rng(4)
+  L, d_in, d_out, k, r = 3, 9, 7, 5, 3
+  ad = {n: rng.standard_normal(s).astype(np.float32)
+        for n, s in {"U": (L, d_out, k), "u": (L, k, r), "v": (L, r, k), "V": (L, k, d_in)}.items()}
+  ad["lam"] = np.array([[0.5, 0.0, 2.0], [0.0, 0.0, 0.0], [1.0, -1.0, 3.0]], np.float32)
+  params = {"model": {"layers": {"w": {"kernel": jnp.zeros((L, d_in, d_out))}}}}
+  spec = Lora2Spec(k=k, r=r, alpha=6.0, targets=(r"model/layers_\d+/w/kernel",))
+  stacked = {"model/layers/w/kernel": jax.tree.map(jnp.asarray, ad)}
+  merged = merge(params, stacked, spec)["model"]["layers"]["w"]["kernel"]
+  f = {n: x.astype(np.float64) for n, x in ad.items()}
+  for i in range(L):
+    ref = 6.0 / 3 * f["U"][i] @ f["u"][i] @ np.diag(f["lam"][i]) @ f["v"][i] @ f["V"][i]
+    np.testing.assert_allclose(merged[i], ref.T, rtol=1e-4, atol=1e-5)
+  from rmlora_jax import accounting
+  counts = accounting.adapter_param_counts(stacked["model/layers/w/kernel"])
+  outer = k * (d_in + d_out)
+  assert counts.trainable == L * (outer + r * (2 * k + 1))
+  assert counts.inference == (outer + 2 * (2 * k + 1)) + 0 + (outer + 3 * (2 * k + 1))
+  assert lora2_ranks(stacked) == {"model/layers_0/w/kernel": 2, "model/layers_1/w/kernel": 0,
+                                  "model/layers_2/w/kernel": 3}

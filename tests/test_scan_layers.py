@@ -79,9 +79,8 @@ def test_scanned_training_equals_unrolled(name, params):
     # One adapter per layer and matrix, at the unrolled paths, whatever the layout.
     adapters = methods.make_method(settings(name)).adapters(scanned)
     assert len(adapters) == 7 * ARCH.num_layers and all(p.startswith("model/layers_") for p in adapters)
-    # The LoRA family and SoRA store them stacked over the layers: one per matrix kind.
-    stored = 7 if name in ("lora", "r_lora", "gm_lora", "rm_lora", "sora") else 7 * ARCH.num_layers
-    assert len(scanned["adapters"]) == stored, sorted(scanned["adapters"])
+    # Every family stores them stacked over the layers: one per matrix kind.
+    assert len(scanned["adapters"]) == 7, sorted(scanned["adapters"])
     scanned = {**scanned, "adapters": adapters}
   flat_s, flat_u = paths_lib.flatten_with_paths(scanned), paths_lib.flatten_with_paths(unrolled)
   assert flat_s.keys() == flat_u.keys()

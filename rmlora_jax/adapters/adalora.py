@@ -218,7 +218,7 @@ def budget_method(settings: base.MethodSettings, options: BudgetOptions, *, fami
       settings, family=family, init_adapters=init_adapters,
       penalty=lambda ads: options.ortho_weight * penalty(ads, squared=False, reduction="mean"),
       optimizer=lambda lr: base.settings_optimizer(settings, lr, wrap=lambda inner: pruning(inner, schedule)),
-      ranks=ranks)
+      ranks=ranks, stack_layers=True)
 
 
 def build(settings: base.MethodSettings) -> base.Method:
@@ -229,8 +229,8 @@ def build(settings: base.MethodSettings) -> base.Method:
 
 
 FAMILY = family_lib.Family(
-    name="adalora", factors=ADALORA_FACTORS, product=lambda ad: (ad["p"] * ad["lam"]) @ ad["q"],
-    factored=lambda ad: (ad["p"] * ad["lam"], ad["q"]), counts=family_lib.gated_counts("lam", "q", "p"),
+    name="adalora", factors=ADALORA_FACTORS, product=lambda ad: (ad["p"] * ad["lam"][..., None, :]) @ ad["q"],
+    factored=lambda ad: (ad["p"] * ad["lam"][..., None, :], ad["q"]), counts=family_lib.gated_counts("lam", "q", "p"),
     gate="lam", options=AdaLoraOptions, config_section="adalora", peft_type="ADALORA", methods={"adalora": build},
 )
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmlora_jax import budget as budget_lib
@@ -283,18 +284,23 @@ def build(settings: base.MethodSettings) -> base.Method:
 
 
 def _counts(ad) -> tuple[int, int]:
-  """k d + r (2k + 1) trained; k d + kept (2k + 1) at inference, 0 when nothing is kept."""
-  d_out, k = ad["U"].shape
-  d_in = ad["V"].shape[1]
-  r = ad["lam"].shape[0]
-  kept = family_lib.nonzero(ad["lam"])
+  """k d + r (2k + 1) trained; k d + kept (2k + 1) at inference, 0 when nothing is kept.
+
+  An adapter stacked over a scanned model's layers counts as its layers' adapters.
+  """
+  *_, d_out, k = ad["U"].shape
+  d_in = ad["V"].shape[-1]
+  lams = np.reshape(np.asarray(ad["lam"]), (-1, np.shape(ad["lam"])[-1]))  # (layers, r)
   outer = k * (d_in + d_out)
-  return outer + r * (2 * k + 1), outer + kept * (2 * k + 1) if kept else 0
+  trained = lams.shape[0] * (outer + lams.shape[1] * (2 * k + 1))
+  kept = [family_lib.nonzero(lam) for lam in lams]
+  return trained, sum(outer + n * (2 * k + 1) for n in kept if n)
 
 
 FAMILY = family_lib.Family(
-    name="lora2", factors=LORA2_FACTORS, product=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"])) @ (ad["v"] @ ad["V"]),
-    factored=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"]), ad["v"] @ ad["V"]), batch_factored=True, counts=_counts,
+    name="lora2", factors=LORA2_FACTORS,
+    product=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"][..., None, :])) @ (ad["v"] @ ad["V"]),
+    factored=lambda ad: (ad["U"] @ (ad["u"] * ad["lam"][..., None, :]), ad["v"] @ ad["V"]), batch_factored=True, counts=_counts,
     gate="lam",
     options=Lora2Options, config_section="lora2", methods={"lora2": build},
 )

