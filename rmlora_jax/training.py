@@ -543,10 +543,29 @@ class Checkpointer:
         f"free space or fix the folder, then run the same command to resume")
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    out = self._mngr.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
-    )
+    """The train state and side record of ``step``, restored into ``abstract_state``'s shapes and shardings.
+
+    Raises:
+      ValueError: the checkpoint's state is laid out otherwise than
+        ``abstract_state`` (other entries, e.g. written by another version of
+        the library); the message names the entries that differ.
+    """
+    try:
+      out = self._mngr.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
+      )
+    except ValueError as e:
+      if "tree structures do not match" not in str(e):
+        raise
+      # Orbax lists each differing entry as an unindented "path:" line.
+      entries = [line[:-1] for line in str(e).splitlines()[1:] if line.endswith(":") and not line[:1].isspace()]
+      shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+      raise ValueError(
+          f"the checkpoint of step {step} in {str(self.directory)!r} holds a train state laid out otherwise than "
+          f"this run's (entries {shown} differ): was it written by another version of rmlora_jax? (Scanned "
+          f"models' AdaLoRA and LoRA² adapters were once stored per layer, now stacked.) Resume it with the "
+          f"version that wrote it, or start in a new workdir") from None
     return TrainState(*out.state), dict(out.record)
 
   def state_tree(self, step: int) -> dict[str, Any]:

@@ -29,6 +29,23 @@ def test_record_is_a_snapshot_at_save_time(tmp_path):
   reopened.close()
 
 
+def test_a_state_laid_out_otherwise_is_refused_naming_the_entries(tmp_path):
+  # Per-layer adapters saved; the run now stores them stacked over the layers (a scanned model's).
+  ckpt = training.Checkpointer(str(tmp_path / "ckpt"))
+  per_layer = {f"model/layers_{i}/k": {"a": jnp.ones((2, 3))} for i in range(2)}
+  ckpt.save(1, training.TrainState(jnp.zeros((), jnp.int32), {"adapters": per_layer}, ()), {"history": {}})
+  ckpt.wait()
+  stacked = training.TrainState(jnp.zeros((), jnp.int32), {"adapters": {"model/layers/k": {"a": jnp.ones((2, 2, 3))}}}, ())
+  with pytest.raises(ValueError, match=r"checkpoint of step 1 in .* laid out otherwise than this run's \(entries "
+                                       r"trainable\.adapters\.model/layers/k, trainable\.adapters\.model/layers_0/k, "
+                                       r"trainable\.adapters\.model/layers_1/k differ\).*new workdir"):
+    ckpt.restore(1, training.abstract_like(stacked))
+  state, _ = ckpt.restore(1, training.abstract_like(training.TrainState(jnp.zeros((), jnp.int32),
+                                                                        {"adapters": per_layer}, ())))
+  np.testing.assert_array_equal(state.trainable["adapters"]["model/layers_1/k"]["a"], np.ones((2, 3)))
+  ckpt.close()
+
+
 def _counting_step(mesh):
   """A jitted (state, frozen, batch) step that counts its traces; state is donated as the train step's."""
   traces = []
