@@ -268,15 +268,17 @@ def test_lora_from_peft_initialisation_trains_step_by_step_as_peft_does(
     np.testing.assert_allclose(exported[key], value, atol=5e-4, err_msg=key)  # measured: <= 1e-4
 
 
-def test_a_scanned_rm_lora_run_trains_and_reports_as_the_unrolled_one(tiny_chat_llama, records_and_reference, tmp_path):
+@pytest.mark.parametrize("method", ["rm_lora", "lora2"])
+def test_a_scanned_run_trains_and_reports_as_the_unrolled_one(method, tiny_chat_llama, records_and_reference, tmp_path):
   # Through the trainer, results.json included: the scanned model's adapters
   # are stored stacked over the layers, yet the run, its counts and its ranks
-  # are those of the unrolled model's per-layer adapters.
+  # are those of the unrolled model's per-layer adapters (LoRA²'s pruned to its budget).
   path, *_ = records_and_reference
   saved = {}
+  options = {"rm.num_directions": 1} if method == "rm_lora" else {"lora2.delta_t": 1}
   for scan in (False, True):
-    config = tiny_sft_config(tiny_chat_llama, path, tmp_path / f"scan_{scan}", method="rm_lora",
-                             **{"rm.num_directions": 1, "model.scan_layers": scan})
+    config = tiny_sft_config(tiny_chat_llama, path, tmp_path / f"scan_{scan}", method=method,
+                             **{**options, "model.scan_layers": scan})
     sft_task.train_and_evaluate(config, config.workdir)
     saved[scan] = json.loads((tmp_path / f"scan_{scan}" / "results.json").read_text())
     ckpt = training.Checkpointer(str(tmp_path / f"scan_{scan}" / "checkpoints"), create=False)
@@ -285,8 +287,13 @@ def test_a_scanned_rm_lora_run_trains_and_reports_as_the_unrolled_one(tiny_chat_
     assert len(stored) == (7 if scan else 14), sorted(stored)  # two layers, seven matrices each
   h, ff, kv = 32, 40, 2 * 8
   per_layer = 2 * ((h + h) + (h + kv) + (h + kv) + (h + h) + 2 * (h + ff) + (ff + h))
-  for scan in (False, True):
-    assert saved[scan]["trainable_params"] == 2 * per_layer, scan
+  if method == "rm_lora":
+    for scan in (False, True):
+      assert saved[scan]["trainable_params"] == 2 * per_layer, scan
+  assert saved[True]["trainable_params"] == saved[False]["trainable_params"]
+  if method == "lora2":  # pruned from r = 8 to the budget's average of 4, over 14 per-layer adapters
+    assert len(saved[True]["ranks"]) == 14 and all(p.startswith("model/layers_") for p in saved[True]["ranks"])
+    assert saved[True]["total_rank"] == {"initial": 8 * 14, "final": 4 * 14}
   losses = {scan: [row["loss"] for row in saved[scan]["history"]["train"]] for scan in saved}
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
   assert saved[True]["ranks"] == saved[False]["ranks"]
