@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from rmlora_jax import methods as methods_lib
 from rmlora_jax import partitioning
+from rmlora_jax import stacking
 
 
 # Streams of a run's randomness, folded into key(seed) before anything else.
@@ -477,6 +478,46 @@ def abstract_like(tree: Any, sharding=None) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
 
 
+def restack_saved(saved: Any, abstract_state: Any) -> Any:
+  """``saved`` (a checkpoint's state as read back: dicts, lists, arrays) in the structure of ``abstract_state``.
+
+  Each leaf of ``abstract_state`` is looked up in ``saved`` by its path. Where
+  a dict entry at a stacked path (``model/layers/...``, `rmlora_jax.stacking`)
+  is missing but ``saved`` holds its layers' entries (``model/layers_0/...``
+  up to the leaf's leading axis), their values are stacked: a scanned
+  model's per-layer adapters, and every optimizer statistic that mirrors
+  them, become the stacked ones. The leaves are placed with
+  ``abstract_state``'s shardings and dtypes.
+
+  Raises:
+    KeyError: a leaf found neither way.
+  """
+
+  def lookup(node, keys, shape):
+    if not keys:
+      return np.asarray(node)
+    key, rest = keys[0], keys[1:]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+      return lookup(node[key.name], rest, shape)
+    if isinstance(key, jax.tree_util.SequenceKey):
+      return lookup(node[key.idx], rest, shape)
+    name = key.key
+    if name in node:
+      return lookup(node[name], rest, shape)
+    layers = [stacking.layer_path(name, i) for i in range(shape[0])] if shape else []
+    if not layers or layers[0] is None or any(layer not in node for layer in layers):
+      raise KeyError(name)
+    return np.stack([lookup(node[layer], rest, shape[1:]) for layer in layers])
+
+  def place(path, leaf):
+    value = lookup(saved, path, tuple(leaf.shape)).astype(leaf.dtype)
+    if value.shape != tuple(leaf.shape):
+      raise KeyError(jax.tree_util.keystr(path))
+    return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
 class CheckpointError(ValueError):
   """A checkpoint could not be written; the message says what is left and how to resume.
 
@@ -545,10 +586,15 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """The train state and side record of ``step``, restored into ``abstract_state``'s shapes and shardings.
 
+    A checkpoint that holds a scanned model's adapters per layer
+    (``.../layers_{i}/...``, as AdaLoRA and LoRA² stored them before they
+    were stacked) where the run stores them stacked over the layers is
+    restored stacked (`restack_saved`), optimizer statistics included.
+
     Raises:
       ValueError: the checkpoint's state is laid out otherwise than
-        ``abstract_state`` (other entries, e.g. written by another version of
-        the library); the message names the entries that differ.
+        ``abstract_state`` in another way (other entries); the message names
+        the entries that differ.
     """
     try:
       out = self._mngr.restore(
@@ -558,14 +604,21 @@ class Checkpointer:
     except ValueError as e:
       if "tree structures do not match" not in str(e):
         raise
+      try:
+        state = restack_saved(self.state_tree(step), abstract_state)
+      except KeyError:
+        state = None
+      if state is not None:
+        logging.warning("the checkpoint of step %d held a scanned model's adapters per layer: restored them "
+                        "stacked over the layers, as this run stores them", step)
+        return state, self.record(step)
       # Orbax lists each differing entry as an unindented "path:" line.
       entries = [line[:-1] for line in str(e).splitlines()[1:] if line.endswith(":") and not line[:1].isspace()]
       shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
       raise ValueError(
           f"the checkpoint of step {step} in {str(self.directory)!r} holds a train state laid out otherwise than "
-          f"this run's (entries {shown} differ): was it written by another version of rmlora_jax? (Scanned "
-          f"models' AdaLoRA and LoRA² adapters were once stored per layer, now stacked.) Resume it with the "
-          f"version that wrote it, or start in a new workdir") from None
+          f"this run's (entries {shown} differ): was it written by another version of rmlora_jax? Resume it "
+          f"with the version that wrote it, or start in a new workdir") from None
     return TrainState(*out.state), dict(out.record)
 
   def state_tree(self, step: int) -> dict[str, Any]:

@@ -7,10 +7,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from rmlora_jax import budget
 from rmlora_jax import partitioning
 from rmlora_jax import training
+from rmlora_jax.adapters import adalora
 
 
 def test_record_is_a_snapshot_at_save_time(tmp_path):
@@ -29,20 +32,52 @@ def test_record_is_a_snapshot_at_save_time(tmp_path):
   reopened.close()
 
 
-def test_a_state_laid_out_otherwise_is_refused_naming_the_entries(tmp_path):
-  # Per-layer adapters saved; the run now stores them stacked over the layers (a scanned model's).
+def test_per_layer_adapters_of_a_scanned_model_are_restored_stacked_with_their_optimizer_state(tmp_path):
+  # A checkpoint of two layers' AdaLoRA adapters stored per layer (as before they were stacked), with
+  # AdamW's moments and the budget's statistics: restored into the stacked layout, each stacked leaf
+  # is the layers' saved values stacked in layer order.
+  rng = np.random.default_rng(0)
+  per_layer = {f"model/layers_{i}/k": {"p": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                                       "lam": jnp.asarray(rng.normal(size=2), jnp.float32),
+                                       "q": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)} for i in range(2)}
+  trainable = {"adapters": per_layer, "head": {"w": jnp.ones(3)}}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), adalora.adalora_pruning(optax.adamw(0.1), budget.BudgetSchedule(
+      initial_rank=2, target_rank=1, total_steps=10, t_init=0, t_final=1, delta_t=1)))
+  state = training.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)  # moments and statistics off zero
+  state = training.TrainState(jnp.ones((), jnp.int32), optax.apply_updates(trainable, updates), opt_state)
   ckpt = training.Checkpointer(str(tmp_path / "ckpt"))
-  per_layer = {f"model/layers_{i}/k": {"a": jnp.ones((2, 3))} for i in range(2)}
-  ckpt.save(1, training.TrainState(jnp.zeros((), jnp.int32), {"adapters": per_layer}, ()), {"history": {}})
+  ckpt.save(1, state, {"history": {"train": [1]}})
   ckpt.wait()
-  stacked = training.TrainState(jnp.zeros((), jnp.int32), {"adapters": {"model/layers/k": {"a": jnp.ones((2, 2, 3))}}}, ())
+
+  stacked_trainable = {"adapters": {"model/layers/k": {"p": jnp.zeros((2, 3, 2)), "lam": jnp.zeros((2, 2)),
+                                                       "q": jnp.zeros((2, 2, 4))}}, "head": {"w": jnp.zeros(3)}}
+  like = training.TrainState(jnp.zeros((), jnp.int32), stacked_trainable, tx.init(stacked_trainable))
+  restored, record = ckpt.restore(1, training.abstract_like(like))
+  assert record["history"] == {"train": [1]} and int(restored.step) == 1
+  inner = state.opt_state[1]
+  adam = inner.inner_state[0]
+  got_inner = restored.opt_state[1]
+  pairs = [(restored.trainable["adapters"], state.trainable["adapters"]),
+           (got_inner.inner_state[0].mu["adapters"], adam.mu["adapters"]),
+           (got_inner.inner_state[0].nu["adapters"], adam.nu["adapters"]),
+           (got_inner.ipt_by_param["adapters"], inner.ipt_by_param["adapters"]),
+           (got_inner.unc_by_param["adapters"], inner.unc_by_param["adapters"])]
+  for got, saved in pairs:
+    for name in ("p", "lam", "q"):
+      want = np.stack([np.asarray(saved[f"model/layers_{i}/k"][name]) for i in range(2)])
+      np.testing.assert_array_equal(got["model/layers/k"][name], want)
+  np.testing.assert_array_equal(got_inner.keep_by_param["adapters"]["model/layers/k"]["lam"],
+                                np.stack([inner.keep_by_param["adapters"][f"model/layers_{i}/k"]["lam"] for i in range(2)]))
+  np.testing.assert_array_equal(restored.trainable["head"]["w"], state.trainable["head"]["w"])
+  assert int(got_inner.count) == int(inner.count) == 1
+
+  # Entries that are neither the run's nor its layers': refused, naming them.
+  other = training.TrainState(jnp.zeros((), jnp.int32), {"adapters": {"model/other/k": {"a": jnp.ones((2, 3))}}}, ())
   with pytest.raises(ValueError, match=r"checkpoint of step 1 in .* laid out otherwise than this run's \(entries "
-                                       r"trainable\.adapters\.model/layers/k, trainable\.adapters\.model/layers_0/k, "
-                                       r"trainable\.adapters\.model/layers_1/k differ\).*new workdir"):
-    ckpt.restore(1, training.abstract_like(stacked))
-  state, _ = ckpt.restore(1, training.abstract_like(training.TrainState(jnp.zeros((), jnp.int32),
-                                                                        {"adapters": per_layer}, ())))
-  np.testing.assert_array_equal(state.trainable["adapters"]["model/layers_1/k"]["a"], np.ones((2, 3)))
+                                       r".*trainable\.adapters\.model/other/k.* differ\).*new workdir"):
+    ckpt.restore(1, training.abstract_like(other))
   ckpt.close()
 
 
