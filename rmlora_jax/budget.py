@@ -221,9 +221,9 @@ def _layer_rows(path: str, scores: Array) -> list[tuple[str, Array]]:
   return [(stacking.layer_path(path, i), scores[i]) for i in range(jnp.shape(scores)[0])]
 
 
-def _num_adapters(scores_or_gates: Mapping[str, Any]) -> int:
+def _num_adapters(scores: Mapping[str, Any]) -> int:
   """How many adapters share the budget: one per entry, or one per layer of a stacked entry."""
-  return sum(int(np.prod(np.shape(x)[:-1], dtype=np.int64)) for x in scores_or_gates.values())
+  return sum(int(np.prod(np.shape(x)[:-1], dtype=np.int64)) for x in scores.values())
 
 
 def global_keep_mask(scores: Mapping[str, Array], budget: Array | int) -> dict[str, Array]:
@@ -239,7 +239,8 @@ def global_keep_mask(scores: Mapping[str, Array], budget: Array | int) -> dict[s
   Returns:
     ``{path: bool (r,)}`` (or (layers, r)), True for the triplets kept.
   """
-  rows = sorted((row for path in scores for row in _layer_rows(path, scores[path])), key=lambda row: row[0])
+  rows_of = {path: _layer_rows(path, value) for path, value in scores.items()}
+  rows = sorted((row for own in rows_of.values() for row in own), key=lambda row: row[0])
   flat = jnp.concatenate([row for _, row in rows])
   # -s + 0.0 turns -0.0 into +0.0, so zero scores tie and keep index order.
   order = jnp.argsort(-flat + 0.0, stable=True)
@@ -249,10 +250,8 @@ def global_keep_mask(scores: Mapping[str, Array], budget: Array | int) -> dict[s
   for name, row in rows:
     by_row[name] = keep[start : start + row.shape[0]]
     start += row.shape[0]
-  out = {}
-  for path, value in scores.items():
-    out[path] = by_row[path] if jnp.ndim(value) == 1 else jnp.stack([by_row[n] for n, _ in _layer_rows(path, value)])
-  return out
+  return {path: by_row[path] if jnp.ndim(scores[path]) == 1 else jnp.stack([by_row[n] for n, _ in own])
+          for path, own in rows_of.items()}
 
 
 # ---------------------------------------------------------------------------

@@ -607,8 +607,8 @@ class Checkpointer:
       try:
         state = restack_saved(self.state_tree(step), abstract_state)
       except KeyError:
-        state = None
-      if state is not None:
+        pass  # not a layout that stacking explains: refused below
+      else:
         logging.warning("the checkpoint of step %d held a scanned model's adapters per layer: restored them "
                         "stacked over the layers, as this run stores them", step)
         return state, self.record(step)
